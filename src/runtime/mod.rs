@@ -1,0 +1,185 @@
+//! ONNX Runtime: loading the native library once per process and opening sessions on the
+//! configured execution providers.
+
+pub mod library;
+pub mod providers;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep::ExecutionProvider;
+use ort::session::Session;
+use serde::{Deserialize, Serialize};
+
+pub use library::{LibraryChoice, LibrarySource, PINNED_ORT_VERSION};
+pub use providers::{ProviderKind, ProviderPlan};
+
+/// Runtime settings, the `[runtime]` table of the device config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeOptions {
+    /// Path to libonnxruntime.so; overrides ORT_DYLIB_PATH and the cache.
+    pub ort_library: Option<PathBuf>,
+    /// Execution providers in order of preference.
+    pub providers: Vec<ProviderKind>,
+    /// Fail at start-up instead of falling back to the CPU.
+    pub require_gpu: bool,
+    /// CUDA device used by the CUDA and TensorRT providers.
+    pub gpu_device: i32,
+    /// Threads for one inference (0: ONNX Runtime's default, one per core).
+    pub intra_threads: usize,
+    pub tensorrt: TensorrtOptions,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TensorrtOptions {
+    pub fp16: bool,
+    /// Engine and timing caches; a subfolder per model hash keeps engines of different models apart.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            ort_library: None,
+            providers: vec![ProviderKind::Cpu],
+            require_gpu: false,
+            gpu_device: 0,
+            intra_threads: 0,
+            tensorrt: TensorrtOptions::default(),
+        }
+    }
+}
+
+impl Default for TensorrtOptions {
+    fn default() -> Self {
+        TensorrtOptions { fp16: true, cache_dir: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    NotFound(#[from] library::LibraryNotFound),
+    #[error(
+        "cannot load ONNX Runtime from {path} (found via {source_kind}): {problem}\n  fix: use ONNX Runtime >= 1.20 (pinned: {PINNED_ORT_VERSION}, fetched by `python3 tools/fetch-onnxruntime.py`)"
+    )]
+    Load { path: PathBuf, source_kind: LibrarySource, problem: String },
+    #[error("ONNX Runtime was already loaded from {loaded}; cannot switch to {requested} in the same process")]
+    AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
+    #[error(transparent)]
+    Providers(#[from] providers::ProviderError),
+    #[error("{model}: no execution provider could open the model: {attempts}")]
+    Session { model: PathBuf, attempts: String },
+    #[error("{model}: {problem}")]
+    Model { model: PathBuf, problem: String },
+}
+
+/// The loaded library and its environment; lives for the whole process.
+pub struct Runtime {
+    pub library: LibraryChoice,
+    pub version: String,
+    environment: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Loads ONNX Runtime (first call) or returns the already loaded one.
+pub fn init(ort_library: Option<&Path>) -> Result<&'static Runtime, RuntimeError> {
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cached = library::cached_library_path(&library::cache_dir());
+    let environment = std::env::var_os("ORT_DYLIB_PATH");
+    let choice = library::resolve(ort_library, environment.as_deref(), &cached, Path::exists)?;
+    if let Some(runtime) = RUNTIME.get() {
+        if ort_library.is_some() && runtime.library.path != choice.path {
+            return Err(RuntimeError::AlreadyLoaded { loaded: runtime.library.path.clone(), requested: choice.path });
+        }
+        return Ok(runtime);
+    }
+    let load_error = |problem: String| RuntimeError::Load { path: choice.path.clone(), source_kind: choice.source, problem };
+    let builder = ort::init_from(&choice.path).map_err(|e| load_error(e.to_string()))?;
+    let environment = builder.with_name("edgeadapt").build().map_err(|e| load_error(e.to_string()))?;
+    let version = ort::info()
+        .split(", ")
+        .find_map(|part| part.strip_prefix("git-branch=rel-"))
+        .unwrap_or("unknown")
+        .to_string();
+    tracing::info!(library = %choice.path.display(), source = %choice.source, %version, "loaded ONNX Runtime");
+    Ok(RUNTIME.get_or_init(|| Runtime { library: choice, version, environment: environment }))
+}
+
+fn is_available(kind: ProviderKind) -> bool {
+    let available = match kind {
+        ProviderKind::Tensorrt => ort::ep::TensorRT::is_available(),
+        ProviderKind::Cuda => ort::ep::CUDA::is_available(),
+        ProviderKind::Cpu => ort::ep::CPU::is_available(),
+    };
+    available.unwrap_or(false)
+}
+
+/// An open ONNX Runtime session and the provider that actually runs it.
+pub struct ModelSession {
+    pub session: Session,
+    pub provider: ProviderKind,
+    pub model: PathBuf,
+}
+
+/// Opens `model` on the first provider of the plan that accepts it.
+///
+/// `model_sha256` keys the TensorRT engine cache so that an engine built for another model is
+/// never reused.
+pub fn open_session(model: &Path, model_sha256: &str, options: &RuntimeOptions) -> Result<ModelSession, RuntimeError> {
+    let runtime = init(options.ort_library.as_deref())?;
+    let plan = providers::plan(&options.providers, is_available, options.require_gpu)?;
+    for (kind, why) in &plan.skipped {
+        tracing::warn!(provider = %kind, reason = %why, "execution provider skipped");
+    }
+    let mut failures = plan.skipped.clone();
+    for &kind in &plan.attempts {
+        match build_session(runtime, model, model_sha256, kind, options) {
+            Ok(session) => {
+                tracing::info!(model = %model.display(), provider = %kind, "session running");
+                return Ok(ModelSession { session, provider: kind, model: model.to_path_buf() });
+            }
+            Err(problem) => {
+                tracing::warn!(provider = %kind, %problem, "execution provider failed");
+                failures.push((kind, problem));
+            }
+        }
+    }
+    Err(RuntimeError::Session { model: model.to_path_buf(), attempts: providers::describe(&failures) })
+}
+
+fn build_session(
+    runtime: &Runtime,
+    model: &Path, model_sha256: &str, kind: ProviderKind, options: &RuntimeOptions) -> Result<Session, String> {
+    let provider = match kind {
+        ProviderKind::Tensorrt => {
+            let mut trt = ort::ep::TensorRT::default().with_device_id(options.gpu_device).with_fp16(options.tensorrt.fp16);
+            if let Some(dir) = &options.tensorrt.cache_dir {
+                let engines = dir.join(&model_sha256[..16.min(model_sha256.len())]);
+                std::fs::create_dir_all(&engines).map_err(|e| format!("cannot create {}: {e}", engines.display()))?;
+                let engines = engines.display().to_string();
+                trt = trt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&engines)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&engines);
+            }
+            trt.build().error_on_failure()
+        }
+        ProviderKind::Cuda => ort::ep::CUDA::default().with_device_id(options.gpu_device).build().error_on_failure(),
+        ProviderKind::Cpu => ort::ep::CPU::default().build().error_on_failure(),
+    };
+    let mut builder = Session::builder(&runtime.environment).map_err(|e| e.to_string())?;
+    if options.intra_threads > 0 {
+        builder = builder.with_intra_threads(options.intra_threads).map_err(|e| e.to_string())?;
+    }
+    builder
+        .with_execution_providers([provider])
+        .map_err(|e| e.to_string())?
+        .commit_from_file(model)
+        .map_err(|e| e.to_string())
+}
