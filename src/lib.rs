@@ -1,6 +1,11 @@
 //! edgeadapt: an on-device agent that classifies images with an ONNX model and adapts a
 //! lightweight part of it to the site it runs at, keeping the classifier itself safe.
 
+pub mod cli;
+pub mod config;
+pub mod dataset;
 pub mod imaging;
+pub mod inference;
+pub mod metrics;
 pub mod model;
 pub mod runtime;

@@ -2,7 +2,7 @@
 
 pub mod bundle;
 pub mod head;
-pub mod import;
+pub mod onnx;
 pub mod manifest;
 pub mod tail;
 pub mod tensors;

@@ -1,0 +1,72 @@
+//! Command-line interface: argument types and dispatch. Each command lives in its own file.
+
+mod classify;
+mod demo;
+mod import;
+mod table;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DeviceConfig;
+use crate::model::Bundle;
+use crate::runtime::RuntimeOptions;
+
+/// Default bundle when neither --bundle nor a config names one.
+pub const DEFAULT_BUNDLE: &str = "models/efficientnet-lite0-fonts36";
+
+#[derive(Debug, Parser)]
+#[command(name = "edgeadapt", version, about = "Classify images with an ONNX model and adapt it on device")]
+pub struct Cli {
+    /// Device config (TOML); its bundle and [runtime] settings are used unless overridden.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Classify image files or folders.
+    Classify(classify::ClassifyArgs),
+    /// Turn a single-file ONNX classifier into a bundle.
+    ImportOnnx(import::ImportArgs),
+    /// Write a bundle out as one ONNX model (trunk + tail + head).
+    ExportOnnx(import::ExportArgs),
+    /// Classify the bundled benchmark samples with the bundled model and print a report.
+    Demo(demo::DemoArgs),
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let config = cli.config.as_deref().map(DeviceConfig::load).transpose()?;
+    match cli.command {
+        Command::Classify(args) => classify::run(args, config.as_ref()),
+        Command::ImportOnnx(args) => import::run_import(args, config.as_ref()),
+        Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
+        Command::Demo(args) => demo::run(args, config.as_ref()),
+    }
+}
+
+/// The bundle folder and runtime options from flags, config and defaults, in that order.
+fn bundle_and_runtime(bundle: Option<PathBuf>, config: Option<&DeviceConfig>) -> (PathBuf, RuntimeOptions) {
+    let runtime = config.map(|c| c.runtime.clone()).unwrap_or_default();
+    let bundle = bundle
+        .or_else(|| config.map(|c| c.bundle.clone()))
+        .or_else(|| std::env::var_os("EDGEADAPT_BUNDLE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE));
+    (bundle, runtime)
+}
+
+fn load_bundle(dir: &std::path::Path) -> anyhow::Result<Bundle> {
+    Bundle::load(dir).map_err(|e| anyhow::anyhow!("cannot load bundle {}: {e}", dir.display()))
+}
+
+fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let style = indicatif::ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}, {{per_sec}}]"))
+        .expect("static template");
+    bar.set_style(style);
+    bar
+}

@@ -1,0 +1,150 @@
+//! The device config: one typed TOML file, validated in one place.
+//!
+//! Relative paths in the file are taken relative to the file's own folder, so a config works
+//! the same whichever directory the agent is started from.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::RuntimeOptions;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Identifies the device to the fleet.
+    pub device_id: String,
+    /// Model bundle folder.
+    pub bundle: PathBuf,
+    #[serde(default)]
+    pub runtime: RuntimeOptions,
+}
+
+/// A config error; the message names the file and, where known, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {problem}")]
+    Parse { file: PathBuf, problem: String },
+    #[error("{file}: key `{key}`: {problem}")]
+    Invalid { file: PathBuf, key: String, problem: String },
+}
+
+impl DeviceConfig {
+    pub fn load(file: &Path) -> Result<DeviceConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io { file: file.to_path_buf(), source })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        DeviceConfig::parse(&text, base).map_err(|error| match error {
+            ParseError::Syntax(problem) => ConfigError::Parse { file: file.to_path_buf(), problem },
+            ParseError::Invalid { key, problem } => ConfigError::Invalid { file: file.to_path_buf(), key, problem },
+        })
+    }
+
+    /// Parses and validates config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<DeviceConfig, ParseError> {
+        let mut config: DeviceConfig = toml::from_str(text).map_err(|e| ParseError::Syntax(e.to_string()))?;
+        config.validate()?;
+        config.bundle = resolve(base, &config.bundle);
+        config.runtime.ort_library = config.runtime.ort_library.as_deref().map(|p| resolve(base, p));
+        config.runtime.tensorrt.cache_dir = config.runtime.tensorrt.cache_dir.as_deref().map(|p| resolve(base, p));
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ParseError> {
+        let invalid = |key: &str, problem: &str| ParseError::Invalid { key: key.into(), problem: problem.into() };
+        let id_ok = !self.device_id.is_empty()
+            && self.device_id.len() <= 64
+            && self.device_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !id_ok {
+            return Err(invalid("device_id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_' (it becomes an MQTT topic level)"));
+        }
+        if self.bundle.as_os_str().is_empty() {
+            return Err(invalid("bundle", "is empty"));
+        }
+        crate::runtime::providers::plan(&self.runtime.providers, |_| true, self.runtime.require_gpu)
+            .map_err(|e| ParseError::Invalid { key: "runtime.providers".into(), problem: e.to_string() })?;
+        if self.runtime.gpu_device < 0 {
+            return Err(invalid("runtime.gpu_device", "must be >= 0"));
+        }
+        if self.runtime.intra_threads > 256 {
+            return Err(invalid("runtime.intra_threads", "must be at most 256 (0 = one per core)"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    Syntax(String),
+    Invalid { key: String, problem: String },
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::ProviderKind;
+
+    const MINIMAL: &str = "device_id = \"dev-1\"\nbundle = \"../models/m\"\n";
+
+    #[test]
+    fn defaults_run_on_the_cpu_and_paths_are_relative_to_the_file() {
+        let config = DeviceConfig::parse(MINIMAL, Path::new("/etc/edgeadapt")).unwrap();
+        assert_eq!(config.bundle, PathBuf::from("/etc/edgeadapt/../models/m"));
+        assert_eq!(config.runtime.providers, vec![ProviderKind::Cpu]);
+        assert!(!config.runtime.require_gpu);
+    }
+
+    #[test]
+    fn gpu_settings_parse() {
+        let text = format!(
+            "{MINIMAL}[runtime]\nproviders = [\"tensorrt\", \"cuda\", \"cpu\"]\nrequire_gpu = false\ngpu_device = 1\n\
+             ort_library = \"/usr/lib/libonnxruntime.so\"\n[runtime.tensorrt]\nfp16 = false\ncache_dir = \"trt\"\n"
+        );
+        let config = DeviceConfig::parse(&text, Path::new("/cfg")).unwrap();
+        assert_eq!(config.runtime.providers, vec![ProviderKind::Tensorrt, ProviderKind::Cuda, ProviderKind::Cpu]);
+        assert_eq!(config.runtime.gpu_device, 1);
+        assert_eq!(config.runtime.tensorrt.cache_dir, Some(PathBuf::from("/cfg/trt")));
+        assert!(!config.runtime.tensorrt.fp16);
+    }
+
+    #[test]
+    fn unknown_keys_and_providers_are_named() {
+        let error = DeviceConfig::parse(&format!("{MINIMAL}[runtime]\nprovider = [\"cpu\"]\n"), Path::new(".")).unwrap_err();
+        let ParseError::Syntax(text) = error else { panic!("{error:?}") };
+        assert!(text.contains("provider"), "{text}");
+        let error = DeviceConfig::parse(&format!("{MINIMAL}[runtime]\nproviders = [\"gpu\"]\n"), Path::new(".")).unwrap_err();
+        let ParseError::Syntax(text) = error else { panic!("{error:?}") };
+        assert!(text.contains("gpu") && text.contains("tensorrt"), "{text}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let cases = [
+            ("device_id = \"a b\"\nbundle = \"m\"\n", "device_id"),
+            ("device_id = \"a\"\nbundle = \"\"\n", "bundle"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\nproviders = []\n", "runtime.providers"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\nproviders = [\"cpu\"]\nrequire_gpu = true\n", "runtime.providers"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\ngpu_device = -1\n", "runtime.gpu_device"),
+        ];
+        for (text, key) in cases {
+            match DeviceConfig::parse(text, Path::new(".")) {
+                Err(ParseError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "device_id = 3\n").unwrap();
+        let text = DeviceConfig::load(&file).unwrap_err().to_string();
+        assert!(text.contains("bad.toml") && text.contains("device_id"), "{text}");
+    }
+}

@@ -1,0 +1,255 @@
+//! Classification with a bundle: the trunk runs in ONNX Runtime, tail and head in Rust.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayView4, ArrayViewD, Axis};
+use serde::Serialize;
+
+use crate::imaging::{self, DecodeLimits, ImageInputError};
+use crate::model::{Activations, Bundle};
+use crate::runtime::{self, ModelSession, ProviderKind, RuntimeError, RuntimeOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{model}: the model has no {what} named '{name}' (it has: {available})")]
+    MissingTensor { model: PathBuf, what: &'static str, name: String, available: String },
+    #[error("{model}: inference failed: {problem}")]
+    Run { model: PathBuf, problem: String },
+    #[error("{0}")]
+    Tail(#[from] crate::model::tail::TailError),
+}
+
+/// A bundle opened for inference.
+pub struct Classifier {
+    pub bundle: Bundle,
+    trunk: ModelSession,
+}
+
+impl Classifier {
+    pub fn open(bundle: Bundle, options: &RuntimeOptions) -> Result<Classifier, InferenceError> {
+        let trunk = runtime::open_session(&bundle.trunk_path(), bundle.trunk_sha256(), options)?;
+        let contract = &bundle.manifest.input;
+        check_names(&trunk, "input", &contract.tensor, trunk.session.inputs().iter().map(|o| o.name()))?;
+        check_names(&trunk, "output", &bundle.manifest.trunk.output, trunk.session.outputs().iter().map(|o| o.name()))?;
+        Ok(Classifier { bundle, trunk })
+    }
+
+    /// The execution provider the trunk actually runs on.
+    pub fn provider(&self) -> ProviderKind {
+        self.trunk.provider
+    }
+
+    /// Runs the trunk: a batch in the contract's layout to split tensors `[N, ...]`.
+    pub fn split(&mut self, batch: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, InferenceError> {
+        let run_error = |problem: String| InferenceError::Run { model: self.trunk.model.clone(), problem };
+        let batch = batch.as_standard_layout();
+        let input = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| run_error(e.to_string()))?;
+        let input_name = self.bundle.manifest.input.tensor.as_str();
+        let outputs = self.trunk.session.run(ort::inputs![input_name => input]).map_err(|e| run_error(e.to_string()))?;
+        let output = outputs
+            .get(self.bundle.manifest.trunk.output.as_str())
+            .ok_or_else(|| run_error(format!("output '{}' missing from the results", self.bundle.manifest.trunk.output)))?;
+        let array = output.try_extract_array::<f32>().map_err(|e| run_error(e.to_string()))?;
+        Ok(array.to_owned())
+    }
+
+    /// Tail and head on split tensors: `[N, ...]` to penultimate features `[N, d]`.
+    pub fn features_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+        Ok(self.bundle.tail.forward(Activations::from_onnx(split)?)?)
+    }
+
+    pub fn logits_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+        let features = self.features_from_split(split)?;
+        Ok(self.bundle.head.logits(features.view()))
+    }
+
+    pub fn logits(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+        let split = self.split(batch)?;
+        self.logits_from_split(split.view())
+    }
+
+    /// Classifies files in batches. A file that cannot be read or decoded gets its own error and
+    /// the rest of the batch still runs.
+    pub fn classify_files(
+        &mut self,
+        files: &[PathBuf],
+        batch_size: usize,
+        top_k: usize,
+        limits: &DecodeLimits,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<FileResult>, InferenceError> {
+        let mut results = Vec::with_capacity(files.len());
+        for chunk in files.chunks(batch_size.max(1)) {
+            let prepared = prepare_files(chunk, &self.bundle.manifest.input, limits);
+            let mut ok_positions = Vec::new();
+            let mut tensors = Vec::new();
+            for (position, outcome) in prepared.iter().enumerate() {
+                if let Ok(tensor) = outcome {
+                    ok_positions.push(position);
+                    tensors.push(tensor.view());
+                }
+            }
+            let mut predictions = Vec::new();
+            if !tensors.is_empty() {
+                let batch = imaging::stack(&tensors);
+                let logits = self.logits(batch.view())?;
+                predictions = predict(logits.view(), &self.bundle.head.classes, top_k);
+            }
+            let mut predictions = predictions.into_iter();
+            for (file, outcome) in chunk.iter().zip(prepared) {
+                let outcome = match outcome {
+                    Ok(_) => Ok(predictions.next().expect("one prediction per decoded image")),
+                    Err(error) => Err(error.to_string()),
+                };
+                results.push(FileResult { file: file.clone(), outcome });
+            }
+            debug_assert!(ok_positions.len() <= chunk.len());
+            progress(chunk.len());
+        }
+        Ok(results)
+    }
+}
+
+fn check_names<'a>(
+    session: &ModelSession,
+    what: &'static str,
+    wanted: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<(), InferenceError> {
+    let names: Vec<&str> = names.collect();
+    if names.contains(&wanted) {
+        Ok(())
+    } else {
+        Err(InferenceError::MissingTensor {
+            model: session.model.clone(),
+            what,
+            name: wanted.to_string(),
+            available: names.join(", "),
+        })
+    }
+}
+
+/// Decodes and prepares files on all cores; order is preserved.
+pub fn prepare_files(
+    files: &[PathBuf],
+    contract: &crate::model::manifest::InputContract,
+    limits: &DecodeLimits,
+) -> Vec<Result<ndarray::Array3<f32>, ImageInputError>> {
+    let prepare = |path: &PathBuf| imaging::decode_file(path, limits).map(|image| imaging::to_model_input(&image, contract));
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
+    if workers <= 1 {
+        return files.iter().map(prepare).collect();
+    }
+    let per_worker = files.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(per_worker)
+            .map(|part| scope.spawn(move || part.iter().map(prepare).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("image preparation does not panic")).collect()
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub class_index: usize,
+    pub class: String,
+    /// Softmax probability of the predicted class.
+    pub confidence: f32,
+    /// The `k` most probable classes with their probabilities, best first.
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileResult {
+    pub file: PathBuf,
+    #[serde(serialize_with = "serialize_outcome")]
+    pub outcome: Result<Prediction, String>,
+}
+
+fn serialize_outcome<S: serde::Serializer>(outcome: &Result<Prediction, String>, serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = serializer.serialize_map(Some(1))?;
+    match outcome {
+        Ok(prediction) => map.serialize_entry("prediction", prediction)?,
+        Err(error) => map.serialize_entry("error", error)?,
+    }
+    map.end()
+}
+
+/// Softmax and top-k over each row of logits.
+pub fn predict(logits: ArrayView2<'_, f32>, classes: &[String], k: usize) -> Vec<Prediction> {
+    logits
+        .axis_iter(Axis(0))
+        .map(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f32> = row.iter().map(|&z| (z - max).exp()).collect();
+            let total: f32 = exps.iter().sum();
+            let mut order: Vec<usize> = (0..exps.len()).collect();
+            order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]).then(a.cmp(&b)));
+            let top = order.iter().take(k.max(1)).map(|&i| (classes[i].clone(), exps[i] / total)).collect::<Vec<_>>();
+            Prediction { class_index: order[0], class: classes[order[0]].clone(), confidence: exps[order[0]] / total, top }
+        })
+        .collect()
+}
+
+/// Image files under `paths` (folders are walked recursively, in sorted order). Files named
+/// explicitly are kept whatever their extension so that a wrong file gets a clear error.
+pub fn collect_image_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            walk(path, &mut files)?;
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            walk(&entry, files)?;
+        } else if is_image_name(&entry) {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+pub fn is_image_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn predictions_rank_classes_by_probability() {
+        let classes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let predictions = predict(array![[1.0, 3.0, 2.0], [0.0, 0.0, 0.0]].view(), &classes, 2);
+        assert_eq!(predictions[0].class, "b");
+        assert_eq!(predictions[0].top.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
+        let expected = 3f32.exp() / (1f32.exp() + 2f32.exp() + 3f32.exp());
+        assert!((predictions[0].confidence - expected).abs() < 1e-6);
+        // Ties go to the lower class index, and probabilities of a uniform row are equal.
+        assert_eq!(predictions[1].class_index, 0);
+        assert!((predictions[1].confidence - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn large_logits_do_not_overflow() {
+        let classes: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let prediction = &predict(array![[1000.0, 990.0]].view(), &classes, 1)[0];
+        assert!(prediction.confidence.is_finite() && prediction.confidence > 0.99);
+    }
+}
