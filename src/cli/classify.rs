@@ -41,7 +41,8 @@ pub fn run(args: ClassifyArgs, config: Option<&DeviceConfig>) -> anyhow::Result<
     if args.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let results = classifier.classify_files(&files, args.batch, top, &DecodeLimits::default(), |n| bar.inc(n as u64))?;
+    let results =
+        classifier.classify_files(&files, args.batch, top, &DecodeLimits::default(), |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let failures = results.iter().filter(|r| r.outcome.is_err()).count();
     if args.json {
@@ -63,12 +64,7 @@ pub fn run(args: ClassifyArgs, config: Option<&DeviceConfig>) -> anyhow::Result<
             }
         }
         println!("{}", table.render());
-        eprintln!(
-            "{} images, {} failed; provider {}",
-            results.len(),
-            failures,
-            classifier.provider()
-        );
+        eprintln!("{} images, {} failed; provider {}", results.len(), failures, classifier.provider());
     }
     Ok(if failures > 0 { 2 } else { 0 })
 }

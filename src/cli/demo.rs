@@ -51,7 +51,10 @@ pub fn run(args: DemoArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32>
     for (name, folder) in [("source (printed fonts)", "source/test"), ("target (handwriting)", "target/test")] {
         let root = args.data.join(folder);
         if !root.is_dir() {
-            anyhow::bail!("{} is missing: extract the benchmark data first (`tar -xzf benches/data/fonts36.tar.gz -C target/data`)", root.display());
+            anyhow::bail!(
+                "{} is missing: extract the benchmark data first (`tar -xzf benches/data/fonts36.tar.gz -C target/data`)",
+                root.display()
+            );
         }
         let mut images = read_image_folder(&root, &classes)?;
         if args.per_class > 0 {
@@ -70,7 +73,8 @@ pub fn run(args: DemoArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32>
             if let Ok(prediction) = &result.outcome {
                 labels.push(image.label);
                 predicted.push(prediction.class_index);
-                if examples.len() < 6 && image.label % 6 == examples.len() % 6 && prediction.class_index != image.label {
+                if examples.len() < 6 && image.label % 6 == examples.len() % 6 && prediction.class_index != image.label
+                {
                     examples.push([
                         image.path.strip_prefix(&args.data).unwrap_or(&image.path).display().to_string(),
                         classes[image.label].clone(),

@@ -106,7 +106,15 @@ pub fn run_import(args: ImportArgs, config: Option<&DeviceConfig>) -> anyhow::Re
     options.runtime = config.map(|c| c.runtime.clone()).unwrap_or_default();
     let report = import_onnx(&options)?;
     println!("bundle      {}", report.bundle.display());
-    println!("input       '{}' {:?} {}x{}x{} {:?}", report.input.tensor, report.input.layout, report.input.channels, report.input.height, report.input.width, report.input.color);
+    println!(
+        "input       '{}' {:?} {}x{}x{} {:?}",
+        report.input.tensor,
+        report.input.layout,
+        report.input.channels,
+        report.input.height,
+        report.input.width,
+        report.input.color
+    );
     println!("split       {:?} per sample", report.split_shape);
     println!("tail        {}", if report.tail.is_empty() { "(empty)".to_string() } else { report.tail.join(" -> ") });
     println!("head        {} -> {} classes", report.feature_dim, report.classes);
@@ -119,7 +127,8 @@ pub fn run_export(args: ExportArgs, config: Option<&DeviceConfig>) -> anyhow::Re
     let bundle = super::load_bundle(&bundle_dir)?;
     let trunk_bytes = std::fs::read(bundle.trunk_path())?;
     let trunk = decode_model(&trunk_bytes)?;
-    let model = export::full_model(&trunk, &bundle.manifest.trunk.output, &bundle.tail, &bundle.head).map_err(anyhow::Error::msg)?;
+    let model = export::full_model(&trunk, &bundle.manifest.trunk.output, &bundle.tail, &bundle.head)
+        .map_err(anyhow::Error::msg)?;
     std::fs::write(&args.out, encode_model(&model))?;
     println!("wrote {} (input '{}', output '{}')", args.out.display(), bundle.manifest.input.tensor, export::LOGITS);
     Ok(0)

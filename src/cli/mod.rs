@@ -65,8 +65,10 @@ fn load_bundle(dir: &std::path::Path) -> anyhow::Result<Bundle> {
 
 fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);
-    let style = indicatif::ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}, {{per_sec}}]"))
-        .expect("static template");
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}}, {{per_sec}}]"
+    ))
+    .expect("static template");
     bar.set_style(style);
     bar
 }

@@ -17,7 +17,12 @@ impl Table {
     pub fn render(&self) -> String {
         let columns = self.header.len();
         let width = |c: usize| {
-            self.rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).chain([self.header[c].chars().count(), 3]).max().unwrap_or(3)
+            self.rows
+                .iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .chain([self.header[c].chars().count(), 3])
+                .max()
+                .unwrap_or(3)
         };
         let widths: Vec<usize> = (0..columns).map(width).collect();
         let line = |cells: &[String]| {

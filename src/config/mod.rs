@@ -33,7 +33,8 @@ pub enum ConfigError {
 
 impl DeviceConfig {
     pub fn load(file: &Path) -> Result<DeviceConfig, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Io { file: file.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(file).map_err(|source| ConfigError::Io { file: file.to_path_buf(), source })?;
         let base = file.parent().unwrap_or(Path::new("."));
         DeviceConfig::parse(&text, base).map_err(|error| match error {
             ParseError::Syntax(problem) => ConfigError::Parse { file: file.to_path_buf(), problem },
@@ -57,7 +58,10 @@ impl DeviceConfig {
             && self.device_id.len() <= 64
             && self.device_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !id_ok {
-            return Err(invalid("device_id", "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_' (it becomes an MQTT topic level)"));
+            return Err(invalid(
+                "device_id",
+                "must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_' (it becomes an MQTT topic level)",
+            ));
         }
         if self.bundle.as_os_str().is_empty() {
             return Err(invalid("bundle", "is empty"));
@@ -114,10 +118,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_providers_are_named() {
-        let error = DeviceConfig::parse(&format!("{MINIMAL}[runtime]\nprovider = [\"cpu\"]\n"), Path::new(".")).unwrap_err();
+        let error =
+            DeviceConfig::parse(&format!("{MINIMAL}[runtime]\nprovider = [\"cpu\"]\n"), Path::new(".")).unwrap_err();
         let ParseError::Syntax(text) = error else { panic!("{error:?}") };
         assert!(text.contains("provider"), "{text}");
-        let error = DeviceConfig::parse(&format!("{MINIMAL}[runtime]\nproviders = [\"gpu\"]\n"), Path::new(".")).unwrap_err();
+        let error =
+            DeviceConfig::parse(&format!("{MINIMAL}[runtime]\nproviders = [\"gpu\"]\n"), Path::new(".")).unwrap_err();
         let ParseError::Syntax(text) = error else { panic!("{error:?}") };
         assert!(text.contains("gpu") && text.contains("tensorrt"), "{text}");
     }
@@ -128,7 +134,10 @@ mod tests {
             ("device_id = \"a b\"\nbundle = \"m\"\n", "device_id"),
             ("device_id = \"a\"\nbundle = \"\"\n", "bundle"),
             ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\nproviders = []\n", "runtime.providers"),
-            ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\nproviders = [\"cpu\"]\nrequire_gpu = true\n", "runtime.providers"),
+            (
+                "device_id = \"a\"\nbundle = \"m\"\n[runtime]\nproviders = [\"cpu\"]\nrequire_gpu = true\n",
+                "runtime.providers",
+            ),
             ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\ngpu_device = -1\n", "runtime.gpu_device"),
         ];
         for (text, key) in cases {

@@ -75,7 +75,9 @@ pub fn decode_bytes(name: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<D
     reader.limits(image_limits);
     reader.decode().map_err(|error| match error {
         image::ImageError::Limits(problem) => ImageInputError::TooLarge { file, problem: problem.to_string() },
-        other => ImageInputError::Decode { file, format: format!("{format:?}").to_uppercase(), problem: other.to_string() },
+        other => {
+            ImageInputError::Decode { file, format: format!("{format:?}").to_uppercase(), problem: other.to_string() }
+        }
     })
 }
 
@@ -93,8 +95,7 @@ pub fn to_model_input(image: &DynamicImage, contract: &InputContract) -> Array3<
         }
         ColorMode::Rgb | ColorMode::Bgr => {
             let rgb = fit(image.to_rgb8(), contract);
-            let mut planes: Vec<Vec<u8>> =
-                (0..3).map(|c| rgb.pixels().map(|p| p.channels()[c]).collect()).collect();
+            let mut planes: Vec<Vec<u8>> = (0..3).map(|c| rgb.pixels().map(|p| p.channels()[c]).collect()).collect();
             if contract.color == ColorMode::Bgr {
                 planes.reverse();
             }
@@ -198,7 +199,9 @@ mod tests {
     #[test]
     fn center_crop_keeps_the_middle() {
         // Left third black, middle white, right third black: the crop of a 12x4 image to 4x4 sees white.
-        let image = DynamicImage::ImageLuma8(GrayImage::from_fn(12, 4, |x, _| Luma([if (4..8).contains(&x) { 255 } else { 0 }])));
+        let image = DynamicImage::ImageLuma8(GrayImage::from_fn(12, 4, |x, _| {
+            Luma([if (4..8).contains(&x) { 255 } else { 0 }])
+        }));
         let tensor = to_model_input(&image, &contract(ColorMode::Grayscale, 1, Layout::Nchw, ResizePolicy::CenterCrop));
         let white = (1.0 - 0.5) / 0.25;
         assert!(tensor.iter().all(|v| (v - white).abs() < 1e-6));

@@ -47,10 +47,11 @@ impl Classifier {
         let batch = batch.as_standard_layout();
         let input = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| run_error(e.to_string()))?;
         let input_name = self.bundle.manifest.input.tensor.as_str();
-        let outputs = self.trunk.session.run(ort::inputs![input_name => input]).map_err(|e| run_error(e.to_string()))?;
-        let output = outputs
-            .get(self.bundle.manifest.trunk.output.as_str())
-            .ok_or_else(|| run_error(format!("output '{}' missing from the results", self.bundle.manifest.trunk.output)))?;
+        let outputs =
+            self.trunk.session.run(ort::inputs![input_name => input]).map_err(|e| run_error(e.to_string()))?;
+        let output = outputs.get(self.bundle.manifest.trunk.output.as_str()).ok_or_else(|| {
+            run_error(format!("output '{}' missing from the results", self.bundle.manifest.trunk.output))
+        })?;
         let array = output.try_extract_array::<f32>().map_err(|e| run_error(e.to_string()))?;
         Ok(array.to_owned())
     }
@@ -137,7 +138,8 @@ pub fn prepare_files(
     contract: &crate::model::manifest::InputContract,
     limits: &DecodeLimits,
 ) -> Vec<Result<ndarray::Array3<f32>, ImageInputError>> {
-    let prepare = |path: &PathBuf| imaging::decode_file(path, limits).map(|image| imaging::to_model_input(&image, contract));
+    let prepare =
+        |path: &PathBuf| imaging::decode_file(path, limits).map(|image| imaging::to_model_input(&image, contract));
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
     if workers <= 1 {
         return files.iter().map(prepare).collect();
@@ -169,7 +171,10 @@ pub struct FileResult {
     pub outcome: Result<Prediction, String>,
 }
 
-fn serialize_outcome<S: serde::Serializer>(outcome: &Result<Prediction, String>, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_outcome<S: serde::Serializer>(
+    outcome: &Result<Prediction, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut map = serializer.serialize_map(Some(1))?;
     match outcome {
@@ -190,7 +195,12 @@ pub fn predict(logits: ArrayView2<'_, f32>, classes: &[String], k: usize) -> Vec
             let mut order: Vec<usize> = (0..exps.len()).collect();
             order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]).then(a.cmp(&b)));
             let top = order.iter().take(k.max(1)).map(|&i| (classes[i].clone(), exps[i] / total)).collect::<Vec<_>>();
-            Prediction { class_index: order[0], class: classes[order[0]].clone(), confidence: exps[order[0]] / total, top }
+            Prediction {
+                class_index: order[0],
+                class: classes[order[0]].clone(),
+                confidence: exps[order[0]] / total,
+                top,
+            }
         })
         .collect()
 }

@@ -21,7 +21,9 @@ pub enum BundleError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: invalid manifest: {problem}")]
     Manifest { path: PathBuf, problem: String },
-    #[error("{path}: checksum mismatch (manifest says sha256 {expected}, file has {actual}); the file is corrupted or does not belong to this bundle")]
+    #[error(
+        "{path}: checksum mismatch (manifest says sha256 {expected}, file has {actual}); the file is corrupted or does not belong to this bundle"
+    )]
     Checksum { path: PathBuf, expected: String, actual: String },
     #[error(transparent)]
     Tensor(#[from] TensorFileError),
@@ -43,8 +45,8 @@ impl Bundle {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&manifest_path)
             .map_err(|source| BundleError::Io { path: manifest_path.clone(), source })?;
-        let manifest = Manifest::parse(&text)
-            .map_err(|problem| BundleError::Manifest { path: manifest_path.clone(), problem })?;
+        let manifest =
+            Manifest::parse(&text).map_err(|problem| BundleError::Manifest { path: manifest_path.clone(), problem })?;
         manifest
             .validate()
             .map_err(|problem| BundleError::Manifest { path: manifest_path.clone(), problem: problem.to_string() })?;
@@ -127,7 +129,10 @@ impl Bundle {
         let mut indices = Vec::with_capacity(labels.len());
         for &label in labels.iter() {
             if label < 0.0 || label.fract() != 0.0 || label as usize >= classes {
-                return Err(BundleError::Weights { path, problem: format!("reference label {label} is not a class index") });
+                return Err(BundleError::Weights {
+                    path,
+                    problem: format!("reference label {label} is not a class index"),
+                });
             }
             indices.push(label as usize);
         }

@@ -49,8 +49,12 @@ mod tests {
 
     #[test]
     fn logits_are_features_times_weight_transposed_plus_bias() {
-        let head = Head::new(array![[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], array![0.0, 0.5, -1.0], vec!["a".into(), "b".into(), "c".into()])
-            .unwrap();
+        let head = Head::new(
+            array![[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]],
+            array![0.0, 0.5, -1.0],
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap();
         let logits = head.logits(array![[3.0, 4.0]].view());
         assert_eq!(logits, array![[3.0, 8.5, 6.0]]);
         assert_eq!(head.class_index("b"), Some(1));

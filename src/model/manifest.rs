@@ -217,7 +217,10 @@ impl Manifest {
             if layer.kind.has_weights() {
                 for (key, value) in [("weights", &layer.weights), ("weight", &layer.weight), ("bias", &layer.bias)] {
                     if value.as_deref().is_none_or(str::is_empty) {
-                        return Err(problem(format!("{field}.{key}"), format!("is required for a {:?} layer", layer.kind)));
+                        return Err(problem(
+                            format!("{field}.{key}"),
+                            format!("is required for a {:?} layer", layer.kind),
+                        ));
                     }
                 }
             } else if layer.weights.is_some() || layer.weight.is_some() || layer.bias.is_some() {
@@ -257,7 +260,10 @@ impl Manifest {
             return Err(problem("input.tensor", "is empty"));
         }
         if input.height == 0 || input.width == 0 || input.height > 4096 || input.width > 4096 {
-            return Err(problem("input.height/width", format!("{}x{} is out of range 1..=4096", input.height, input.width)));
+            return Err(problem(
+                "input.height/width",
+                format!("{}x{} is out of range 1..=4096", input.height, input.width),
+            ));
         }
         if input.channels != 1 && input.channels != 3 {
             return Err(problem("input.channels", format!("must be 1 or 3, got {}", input.channels)));
@@ -312,8 +318,20 @@ mod tests {
                     weight: Some("tail.0.weight".into()),
                     bias: Some("tail.0.bias".into()),
                 },
-                TailLayerSpec { kind: TailLayerKind::GlobalAvgPool, name: String::new(), weights: None, weight: None, bias: None },
-                TailLayerSpec { kind: TailLayerKind::Flatten, name: String::new(), weights: None, weight: None, bias: None },
+                TailLayerSpec {
+                    kind: TailLayerKind::GlobalAvgPool,
+                    name: String::new(),
+                    weights: None,
+                    weight: None,
+                    bias: None,
+                },
+                TailLayerSpec {
+                    kind: TailLayerKind::Flatten,
+                    name: String::new(),
+                    weights: None,
+                    weight: None,
+                    bias: None,
+                },
             ],
             head: HeadSpec { file: "head.safetensors".into(), classes: vec!["a".into(), "b".into()] },
             reference: None,

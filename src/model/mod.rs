@@ -2,8 +2,8 @@
 
 pub mod bundle;
 pub mod head;
-pub mod onnx;
 pub mod manifest;
+pub mod onnx;
 pub mod tail;
 pub mod tensors;
 

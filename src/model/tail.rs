@@ -22,9 +22,7 @@ impl Activations {
     /// Takes a batch in ONNX layout: `[N, C, H, W]` or `[N, D]`.
     pub fn from_onnx(tensor: ArrayViewD<'_, f32>) -> Result<Activations, TailError> {
         match tensor.ndim() {
-            2 => Ok(Activations::Flat(
-                tensor.into_dimensionality::<ndarray::Ix2>().expect("checked rank").to_owned(),
-            )),
+            2 => Ok(Activations::Flat(tensor.into_dimensionality::<ndarray::Ix2>().expect("checked rank").to_owned())),
             4 => {
                 let tensor = tensor.into_dimensionality::<Ix4>().expect("checked rank");
                 let (batch, channels, height, width) = tensor.dim();
@@ -71,9 +69,15 @@ impl Activations {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TailLayer {
     /// `y = x · weightᵀ + bias` on `[N, in]`; weight is `[out, in]`.
-    Linear { weight: Array2<f32>, bias: Array1<f32> },
+    Linear {
+        weight: Array2<f32>,
+        bias: Array1<f32>,
+    },
     /// The same map applied at every spatial position.
-    Conv1x1 { weight: Array2<f32>, bias: Array1<f32> },
+    Conv1x1 {
+        weight: Array2<f32>,
+        bias: Array1<f32>,
+    },
     Relu,
     Relu6,
     Silu,
@@ -196,9 +200,11 @@ impl Tail {
     pub fn new(layers: Vec<TailLayer>, input_shape: Vec<usize>) -> Result<Tail, TailError> {
         let mut shape = input_shape.clone();
         for (index, layer) in layers.iter().enumerate() {
-            shape = layer
-                .output_shape(&shape)
-                .map_err(|problem| TailError::Layer { index, kind: layer.kind(), problem })?;
+            shape = layer.output_shape(&shape).map_err(|problem| TailError::Layer {
+                index,
+                kind: layer.kind(),
+                problem,
+            })?;
             if let TailLayer::Linear { weight, bias } | TailLayer::Conv1x1 { weight, bias } = layer {
                 if bias.len() != weight.nrows() {
                     return Err(TailError::Layer {
@@ -290,8 +296,7 @@ mod tests {
             for h in 0..2 {
                 for w in 0..2 {
                     for o in 0..2 {
-                        let expected: f32 =
-                            (0..3).map(|c| weight[[o, c]] * input[[n, c, h, w]]).sum::<f32>() + bias[o];
+                        let expected: f32 = (0..3).map(|c| weight[[o, c]] * input[[n, c, h, w]]).sum::<f32>() + bias[o];
                         let got = data[[n, h * 2 + w, o]];
                         assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
                     }

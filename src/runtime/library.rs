@@ -96,6 +96,27 @@ pub fn resolve(
     })
 }
 
+/// The version string the library reports through the ONNX Runtime C API.
+pub fn version_of(path: &Path) -> Option<String> {
+    // SAFETY: `path` is the library ort has already loaded, so opening it again only raises its
+    // reference count; `OrtGetApiBase` and `GetVersionString` are side-effect-free C API entry
+    // points that return static data.
+    unsafe {
+        let library = libloading::Library::new(path).ok()?;
+        let get_api_base: libloading::Symbol<'_, unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+            library.get(b"OrtGetApiBase").ok()?;
+        let base = get_api_base();
+        if base.is_null() {
+            return None;
+        }
+        let version = ((*base).GetVersionString)();
+        if version.is_null() {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,15 +129,20 @@ mod tests {
 
     #[test]
     fn the_config_wins_over_the_environment_and_the_cache() {
-        let choice =
-            resolve(Some(Path::new("/cfg/lib.so")), Some(OsStr::new("/env/lib.so")), Path::new(CACHED), only(&["/cfg/lib.so", "/env/lib.so", CACHED]))
-                .unwrap();
+        let choice = resolve(
+            Some(Path::new("/cfg/lib.so")),
+            Some(OsStr::new("/env/lib.so")),
+            Path::new(CACHED),
+            only(&["/cfg/lib.so", "/env/lib.so", CACHED]),
+        )
+        .unwrap();
         assert_eq!(choice, LibraryChoice { path: "/cfg/lib.so".into(), source: LibrarySource::Config });
     }
 
     #[test]
     fn the_environment_wins_over_the_cache() {
-        let choice = resolve(None, Some(OsStr::new("/env/lib.so")), Path::new(CACHED), only(&["/env/lib.so", CACHED])).unwrap();
+        let choice =
+            resolve(None, Some(OsStr::new("/env/lib.so")), Path::new(CACHED), only(&["/env/lib.so", CACHED])).unwrap();
         assert_eq!(choice.source, LibrarySource::Environment);
     }
 

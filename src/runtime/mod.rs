@@ -98,14 +98,11 @@ pub fn init(ort_library: Option<&Path>) -> Result<&'static Runtime, RuntimeError
         }
         return Ok(runtime);
     }
-    let load_error = |problem: String| RuntimeError::Load { path: choice.path.clone(), source_kind: choice.source, problem };
+    let load_error =
+        |problem: String| RuntimeError::Load { path: choice.path.clone(), source_kind: choice.source, problem };
     let builder = ort::init_from(&choice.path).map_err(|e| load_error(e.to_string()))?;
     let environment = builder.with_name("edgeadapt").build().map_err(|e| load_error(e.to_string()))?;
-    let version = ort::info()
-        .split(", ")
-        .find_map(|part| part.strip_prefix("git-branch=rel-"))
-        .unwrap_or("unknown")
-        .to_string();
+    let version = library::version_of(&choice.path).unwrap_or_else(|| "unknown".into());
     tracing::info!(library = %choice.path.display(), source = %choice.source, %version, "loaded ONNX Runtime");
     Ok(RUNTIME.get_or_init(|| Runtime { library: choice, version, environment: environment }))
 }
@@ -154,10 +151,15 @@ pub fn open_session(model: &Path, model_sha256: &str, options: &RuntimeOptions) 
 
 fn build_session(
     runtime: &Runtime,
-    model: &Path, model_sha256: &str, kind: ProviderKind, options: &RuntimeOptions) -> Result<Session, String> {
+    model: &Path,
+    model_sha256: &str,
+    kind: ProviderKind,
+    options: &RuntimeOptions,
+) -> Result<Session, String> {
     let provider = match kind {
         ProviderKind::Tensorrt => {
-            let mut trt = ort::ep::TensorRT::default().with_device_id(options.gpu_device).with_fp16(options.tensorrt.fp16);
+            let mut trt =
+                ort::ep::TensorRT::default().with_device_id(options.gpu_device).with_fp16(options.tensorrt.fp16);
             if let Some(dir) = &options.tensorrt.cache_dir {
                 let engines = dir.join(&model_sha256[..16.min(model_sha256.len())]);
                 std::fs::create_dir_all(&engines).map_err(|e| format!("cannot create {}: {e}", engines.display()))?;

@@ -14,15 +14,32 @@ use crate::model::{Head, Tail, TailLayer};
 pub const LOGITS: &str = "logits";
 
 fn int_attribute(name: &str, value: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(value), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
+    }
 }
 
 fn float_attribute(name: &str, value: f32) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(value), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(value),
+        ..Default::default()
+    }
 }
 
 fn node(name: String, op: &str, inputs: Vec<String>, output: String, attribute: Vec<AttributeProto>) -> NodeProto {
-    NodeProto { name: Some(name), op_type: Some(op.into()), input: inputs, output: vec![output], attribute, ..Default::default() }
+    NodeProto {
+        name: Some(name),
+        op_type: Some(op.into()),
+        input: inputs,
+        output: vec![output],
+        attribute,
+        ..Default::default()
+    }
 }
 
 /// Appends the tail and head to a trunk model whose output is `split`.
@@ -51,7 +68,8 @@ pub fn full_model(trunk: &ModelProto, split: &str, tail: &Tail, head: &Head) -> 
             }
             TailLayer::Conv1x1 { weight, bias } => {
                 let (out, inp) = weight.dim();
-                let kernel = weight.clone().into_shape_with_order(IxDyn(&[out, inp, 1, 1])).map_err(|e| e.to_string())?;
+                let kernel =
+                    weight.clone().into_shape_with_order(IxDyn(&[out, inp, 1, 1])).map_err(|e| e.to_string())?;
                 weighted("Conv", kernel, bias.clone().into_dyn(), vec![])
             }
             TailLayer::Relu => node(prefix.clone(), "Relu", vec![current.clone()], output.clone(), vec![]),
@@ -71,11 +89,21 @@ pub fn full_model(trunk: &ModelProto, split: &str, tail: &Tail, head: &Head) -> 
             TailLayer::Sigmoid => node(prefix.clone(), "Sigmoid", vec![current.clone()], output.clone(), vec![]),
             TailLayer::Silu => {
                 let gate = format!("{prefix}_gate");
-                graph.node.push(node(format!("{prefix}_sigmoid"), "Sigmoid", vec![current.clone()], gate.clone(), vec![]));
+                graph.node.push(node(
+                    format!("{prefix}_sigmoid"),
+                    "Sigmoid",
+                    vec![current.clone()],
+                    gate.clone(),
+                    vec![],
+                ));
                 node(prefix.clone(), "Mul", vec![current.clone(), gate], output.clone(), vec![])
             }
-            TailLayer::GlobalAvgPool => node(prefix.clone(), "GlobalAveragePool", vec![current.clone()], output.clone(), vec![]),
-            TailLayer::Flatten => node(prefix.clone(), "Flatten", vec![current.clone()], output.clone(), vec![int_attribute("axis", 1)]),
+            TailLayer::GlobalAvgPool => {
+                node(prefix.clone(), "GlobalAveragePool", vec![current.clone()], output.clone(), vec![])
+            }
+            TailLayer::Flatten => {
+                node(prefix.clone(), "Flatten", vec![current.clone()], output.clone(), vec![int_attribute("axis", 1)])
+            }
         };
         graph.node.push(new_node);
         current = output;

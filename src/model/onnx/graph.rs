@@ -20,9 +20,13 @@ pub enum GraphError {
     AmbiguousHead { features: String, candidates: String },
     #[error("--head {0}: {1}")]
     BadHead(String, String),
-    #[error("the head's output '{output}' is not a model output (it feeds: {readers}); the classifier must be the last layer")]
+    #[error(
+        "the head's output '{output}' is not a model output (it feeds: {readers}); the classifier must be the last layer"
+    )]
     HeadNotLast { output: String, readers: String },
-    #[error("between '{split}' and '{features}' these nodes are outside the supported tail layers (1x1 Conv, Gemm, MatMul+Add, Relu, Clip(0,6), Sigmoid, x*Sigmoid(x), GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape to [N,-1], Dropout, Identity): {nodes}")]
+    #[error(
+        "between '{split}' and '{features}' these nodes are outside the supported tail layers (1x1 Conv, Gemm, MatMul+Add, Relu, Clip(0,6), Sigmoid, x*Sigmoid(x), GlobalAveragePool, ReduceMean over H,W, Flatten, Reshape to [N,-1], Dropout, Identity): {nodes}"
+    )]
     Unsupported { split: String, features: String, nodes: String },
     #[error("the tail must be a chain: tensor '{tensor}' feeds several nodes ({readers})")]
     Branch { tensor: String, readers: String },
@@ -123,7 +127,11 @@ impl<'g> GraphIndex<'g> {
 }
 
 pub fn describe_node(node: &NodeProto) -> String {
-    format!("{} ({})", node.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("<unnamed>"), node.op_type.as_deref().unwrap_or("?"))
+    format!(
+        "{} ({})",
+        node.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("<unnamed>"),
+        node.op_type.as_deref().unwrap_or("?")
+    )
 }
 
 fn node_error(node: &NodeProto, problem: impl Into<String>) -> GraphError {
@@ -224,7 +232,8 @@ pub fn find_head(index: &GraphIndex<'_>, features: &str, head: Option<&str>) -> 
         .copied()
         .filter(|&i| {
             let node = index.node(i);
-            matches!(node.op_type.as_deref(), Some("Gemm" | "MatMul")) && node.input.first().map(String::as_str) == Some(features)
+            matches!(node.op_type.as_deref(), Some("Gemm" | "MatMul"))
+                && node.input.first().map(String::as_str) == Some(features)
         })
         .collect();
     let chosen = match head {
@@ -236,7 +245,10 @@ pub fn find_head(index: &GraphIndex<'_>, features: &str, head: Option<&str>) -> 
             if !linear.contains(&found) {
                 return Err(GraphError::BadHead(
                     name.into(),
-                    format!("{} does not map '{features}' linearly (Gemm or MatMul with '{features}' as first input)", describe_node(index.node(found))),
+                    format!(
+                        "{} does not map '{features}' linearly (Gemm or MatMul with '{features}' as first input)",
+                        describe_node(index.node(found))
+                    ),
                 ));
             }
             found
@@ -250,7 +262,10 @@ pub fn find_head(index: &GraphIndex<'_>, features: &str, head: Option<&str>) -> 
                 });
             }
             several => {
-                return Err(GraphError::AmbiguousHead { features: features.into(), candidates: index.describe(several) });
+                return Err(GraphError::AmbiguousHead {
+                    features: features.into(),
+                    candidates: index.describe(several),
+                });
             }
         },
     };
@@ -277,7 +292,8 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
     if !index.exists(split) {
         return Err(GraphError::TensorNotFound(split.to_string()));
     }
-    let unreachable = |problem: String| GraphError::Unreachable { split: split.into(), features: features.into(), problem };
+    let unreachable =
+        |problem: String| GraphError::Unreachable { split: split.into(), features: features.into(), problem };
     let mut layers = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
     let mut current = split.to_string();
@@ -335,7 +351,10 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
             "Clip" => match clip_bounds(index, node)? {
                 (Some(min), Some(max)) if min == 0.0 && max == 6.0 => push(TailLayer::Relu6),
                 (Some(min), None) if min == 0.0 => push(TailLayer::Relu),
-                bounds => unsupported.push(format!("{} (bounds {bounds:?}; only [0, 6] and [0, inf) are supported)", describe_node(node))),
+                bounds => unsupported.push(format!(
+                    "{} (bounds {bounds:?}; only [0, 6] and [0, inf) are supported)",
+                    describe_node(node)
+                )),
             },
             "GlobalAveragePool" => push(TailLayer::GlobalAvgPool),
             "ReduceMean" => match reduce_mean_axes(index, node)? {
@@ -345,7 +364,9 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
                         push(TailLayer::Flatten);
                     }
                 }
-                None => unsupported.push(format!("{} (only a mean over axes [2, 3] is supported)", describe_node(node))),
+                None => {
+                    unsupported.push(format!("{} (only a mean over axes [2, 3] is supported)", describe_node(node)))
+                }
             },
             "Flatten" if attr_int(node, "axis").unwrap_or(1) == 1 => push(TailLayer::Flatten),
             "Reshape" if is_batch_flatten(index, node) => push(TailLayer::Flatten),
@@ -355,7 +376,11 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
         current = next;
     }
     if !unsupported.is_empty() {
-        return Err(GraphError::Unsupported { split: split.into(), features: features.into(), nodes: unsupported.join("; ") });
+        return Err(GraphError::Unsupported {
+            split: split.into(),
+            features: features.into(),
+            nodes: unsupported.join("; "),
+        });
     }
     Ok(layers)
 }
@@ -504,7 +529,9 @@ pub fn trunk_graph(graph: &GraphProto, split: &str) -> Result<GraphProto, GraphE
 
 /// A float tensor value-info; `dims` of `None` leaves the shape unknown.
 pub fn float_value_info(name: &str, dims: Option<&[Option<i64>]>) -> super::proto::ValueInfoProto {
-    use super::proto::{TensorShapeProto, TypeProto, ValueInfoProto, tensor_proto::DataType, tensor_shape_proto, type_proto};
+    use super::proto::{
+        TensorShapeProto, TypeProto, ValueInfoProto, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    };
     let shape = dims.map(|dims| TensorShapeProto {
         dim: dims
             .iter()
@@ -512,7 +539,11 @@ pub fn float_value_info(name: &str, dims: Option<&[Option<i64>]>) -> super::prot
             .map(|(axis, d)| tensor_shape_proto::Dimension {
                 value: Some(match d {
                     Some(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
-                    None => tensor_shape_proto::dimension::Value::DimParam(if axis == 0 { "N".into() } else { format!("d{axis}") }),
+                    None => tensor_shape_proto::dimension::Value::DimParam(if axis == 0 {
+                        "N".into()
+                    } else {
+                        format!("d{axis}")
+                    }),
                 }),
                 ..Default::default()
             })
@@ -521,7 +552,10 @@ pub fn float_value_info(name: &str, dims: Option<&[Option<i64>]>) -> super::prot
     ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: Some(DataType::Float as i32), shape })),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape,
+            })),
             ..Default::default()
         }),
         ..Default::default()

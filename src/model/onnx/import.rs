@@ -86,7 +86,9 @@ pub enum ImportError {
     Runtime(#[from] runtime::RuntimeError),
     #[error("{path}: running the model failed: {problem}")]
     Run { path: PathBuf, problem: String },
-    #[error("the bundle's logits differ from the original model's by up to {max_diff:e} (tolerance {IMPORT_TOLERANCE:e}); the bundle was not kept")]
+    #[error(
+        "the bundle's logits differ from the original model's by up to {max_diff:e} (tolerance {IMPORT_TOLERANCE:e}); the bundle was not kept"
+    )]
     Mismatch { max_diff: f32 },
 }
 
@@ -147,7 +149,8 @@ pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError>
     let tail_bytes = if tail_tensors.is_empty() {
         None
     } else {
-        let refs: Vec<(&str, &ArrayD<f32>, StoredAs)> = tail_tensors.iter().map(|(n, a)| (n.as_str(), a, StoredAs::F32)).collect();
+        let refs: Vec<(&str, &ArrayD<f32>, StoredAs)> =
+            tail_tensors.iter().map(|(n, a)| (n.as_str(), a, StoredAs::F32)).collect();
         Some(to_safetensors(&refs).map_err(|problem| ImportError::Decode { path: path.clone(), problem })?)
     };
 
@@ -205,7 +208,8 @@ fn input_contract(model: &ModelProto, options: &ImportOptions) -> Result<InputCo
     let input_error = |problem: String| ImportError::Input { path: options.model.clone(), problem };
     let graph = model.graph.as_ref().expect("checked by the caller");
     let initializers: Vec<&str> = graph.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
-    let inputs: Vec<_> = graph.input.iter().filter(|i| !initializers.contains(&i.name.as_deref().unwrap_or(""))).collect();
+    let inputs: Vec<_> =
+        graph.input.iter().filter(|i| !initializers.contains(&i.name.as_deref().unwrap_or(""))).collect();
     let [input] = inputs.as_slice() else {
         let names: Vec<&str> = inputs.iter().filter_map(|i| i.name.as_deref()).collect();
         return Err(input_error(format!("expected one image input, found {}: {}", names.len(), names.join(", "))));
@@ -218,7 +222,10 @@ fn input_contract(model: &ModelProto, options: &ImportOptions) -> Result<InputCo
     }
     let dims = graph::value_info_dims(input).unwrap_or_default();
     if dims.len() != 4 {
-        return Err(input_error(format!("'{name}' must be an image batch of rank 4, the model declares rank {}", dims.len())));
+        return Err(input_error(format!(
+            "'{name}' must be an image batch of rank 4, the model declares rank {}",
+            dims.len()
+        )));
     }
     let is_channels = |d: Option<i64>| matches!(d, Some(1 | 3));
     let (layout, declared_channels, h, w) = if is_channels(dims[1]) || (!is_channels(dims[3]) && dims[1].is_none()) {
@@ -270,7 +277,10 @@ fn input_contract(model: &ModelProto, options: &ImportOptions) -> Result<InputCo
         head: HeadSpec { file: HEAD_FILE.into(), classes: vec!["c".into()] },
         reference: None,
         provenance: None,
-        checksums: [(TRUNK_FILE, "0".repeat(64)), (HEAD_FILE, "0".repeat(64))].into_iter().map(|(k, v)| (k.into(), v)).collect(),
+        checksums: [(TRUNK_FILE, "0".repeat(64)), (HEAD_FILE, "0".repeat(64))]
+            .into_iter()
+            .map(|(k, v)| (k.into(), v))
+            .collect(),
     };
     probe.validate().map_err(|p| input_error(p.to_string()))?;
     Ok(contract)
@@ -298,7 +308,12 @@ fn batch_shape(input: &InputContract, batch: usize) -> [usize; 4] {
 }
 
 /// Runs the trunk once to learn the per-sample shape of the split tensor.
-fn split_shape(trunk: &[u8], input: &InputContract, output: &str, options: &RuntimeOptions) -> Result<Vec<usize>, String> {
+fn split_shape(
+    trunk: &[u8],
+    input: &InputContract,
+    output: &str,
+    options: &RuntimeOptions,
+) -> Result<Vec<usize>, String> {
     let scratch = std::env::temp_dir().join(format!("edgeadapt-trunk-{}-{}.onnx", std::process::id(), unique()));
     std::fs::write(&scratch, trunk).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let result = (|| {
@@ -328,7 +343,8 @@ fn verify(bundle_dir: &Path, original: &Path, logits_name: &str, options: &Runti
     let mut session = runtime::open_session(original, "import-original", options)?;
     let tensor = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| run_error(e.to_string()))?;
     let input_name = classifier.bundle.manifest.input.tensor.clone();
-    let outputs = session.session.run(ort::inputs![input_name.as_str() => tensor]).map_err(|e| run_error(e.to_string()))?;
+    let outputs =
+        session.session.run(ort::inputs![input_name.as_str() => tensor]).map_err(|e| run_error(e.to_string()))?;
     let theirs = outputs
         .get(logits_name)
         .ok_or_else(|| run_error(format!("no output '{logits_name}'")))?
@@ -350,4 +366,3 @@ pub fn pseudo_random_batch(shape: [usize; 4], seed: u64) -> Array4<f32> {
         ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
     })
 }
-

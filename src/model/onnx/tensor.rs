@@ -76,7 +76,10 @@ fn dims(tensor: &TensorProto) -> Result<Vec<usize>, String> {
     tensor
         .dims
         .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("negative dimension {d} in '{}'", tensor.name.as_deref().unwrap_or(""))))
+        .map(|&d| {
+            usize::try_from(d)
+                .map_err(|_| format!("negative dimension {d} in '{}'", tensor.name.as_deref().unwrap_or("")))
+        })
         .collect()
 }
 
