@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use edgeadapt::runtime::{self, RuntimeOptions};
+use ndarray::{ArrayD, IxDyn};
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(relative: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(relative)
+}
+
+pub fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A nested JSON array of numbers as an f32 array of the given shape.
+pub fn array(value: &Value, shape: &[usize]) -> ArrayD<f32> {
+    fn flatten(value: &Value, out: &mut Vec<f32>) {
+        match value {
+            Value::Array(items) => items.iter().for_each(|item| flatten(item, out)),
+            Value::Number(n) => out.push(n.as_f64().expect("a number") as f32),
+            other => panic!("not a number: {other}"),
+        }
+    }
+    let mut data = Vec::new();
+    flatten(value, &mut data);
+    ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape matches the data")
+}
+
+pub fn shape(value: &Value) -> Vec<usize> {
+    value.as_array().expect("a shape list").iter().map(|d| d.as_u64().expect("a dimension") as usize).collect()
+}
+
+pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Runs a plain ONNX model on one input and returns one output.
+pub fn run_onnx(model: &Path, input_name: &str, input: &ArrayD<f32>, output: &str) -> ArrayD<f32> {
+    let mut session = runtime::open_session(model, "test", &RuntimeOptions::default()).expect("session opens");
+    let tensor = ort::value::TensorRef::from_array_view(input.view()).expect("input tensor");
+    let outputs = session.session.run(ort::inputs![input_name => tensor]).expect("model runs");
+    outputs[output].try_extract_array::<f32>().expect("f32 output").to_owned()
+}
+
+/// Copies a folder (non-recursive: bundles are flat).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
