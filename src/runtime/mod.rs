@@ -107,7 +107,8 @@ pub fn init(ort_library: Option<&Path>) -> Result<&'static Runtime, RuntimeError
     Ok(RUNTIME.get_or_init(|| Runtime { library: choice, version, environment: environment }))
 }
 
-fn is_available(kind: ProviderKind) -> bool {
+/// Whether the loaded ONNX Runtime build carries `kind` (call after [`init`]).
+pub fn is_available(kind: ProviderKind) -> bool {
     let available = match kind {
         ProviderKind::Tensorrt => ort::ep::TensorRT::is_available(),
         ProviderKind::Cuda => ort::ep::CUDA::is_available(),
