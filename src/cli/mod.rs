@@ -3,6 +3,7 @@
 mod classify;
 mod demo;
 mod import;
+mod reference;
 mod table;
 
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ pub enum Command {
     ImportOnnx(import::ImportArgs),
     /// Write a bundle out as one ONNX model (trunk + tail + head).
     ExportOnnx(import::ExportArgs),
+    /// Store source-domain reference samples in a bundle (for label-free health estimates).
+    AddReference(reference::ReferenceArgs),
     /// Classify the bundled benchmark samples with the bundled model and print a report.
     Demo(demo::DemoArgs),
 }
@@ -45,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Classify(args) => classify::run(args, config.as_ref()),
         Command::ImportOnnx(args) => import::run_import(args, config.as_ref()),
         Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
+        Command::AddReference(args) => reference::run(args, config.as_ref()),
         Command::Demo(args) => demo::run(args, config.as_ref()),
     }
 }

@@ -140,7 +140,7 @@ pub struct HeadSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceSpec {
-    /// Safetensors file with `split` `[n, ...]` (f16) and `labels` `[n]` (i64 class index).
+    /// Safetensors file with `split` `[n, ...]` (f16) and `labels` `[n]` (class indices, f32).
     pub file: String,
     #[serde(default)]
     pub description: String,

@@ -4,6 +4,7 @@ pub mod bundle;
 pub mod head;
 pub mod manifest;
 pub mod onnx;
+pub mod reference;
 pub mod tail;
 pub mod tensors;
 
