@@ -59,7 +59,7 @@ fn main() {
     let bundle = Bundle::load(&bundle_dir).expect("bundle loads");
     let mut classifier = Classifier::open(bundle.clone(), &options).expect("classifier opens");
     let files: Vec<PathBuf> =
-        collect_image_files(&[data.clone()]).expect("data folder").into_iter().take(256).collect();
+        collect_image_files(std::slice::from_ref(&data)).expect("data folder").into_iter().take(256).collect();
     assert!(files.len() >= 32, "need at least 32 images under {}", data.display());
     let limits = DecodeLimits::default();
     let first = prepare_files(&files[..1], &bundle.manifest.input, &limits);

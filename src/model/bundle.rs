@@ -31,6 +31,9 @@ pub enum BundleError {
     Weights { path: PathBuf, problem: String },
 }
 
+/// Reference split tensors `[n, ...]` and the class index of each.
+pub type ReferenceSet = (ndarray::ArrayD<f32>, Vec<usize>);
+
 /// A verified bundle, ready to build a classifier from.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -119,7 +122,7 @@ impl Bundle {
     }
 
     /// Reads the optional source reference samples: split tensors `[n, ...]` and class indices.
-    pub fn reference(&self) -> Result<Option<(ndarray::ArrayD<f32>, Vec<usize>)>, BundleError> {
+    pub fn reference(&self) -> Result<Option<ReferenceSet>, BundleError> {
         let Some(spec) = &self.manifest.reference else { return Ok(None) };
         let path = self.dir.join(&spec.file);
         let file = TensorFile::read(&path)?;

@@ -205,14 +205,14 @@ impl Tail {
                 kind: layer.kind(),
                 problem,
             })?;
-            if let TailLayer::Linear { weight, bias } | TailLayer::Conv1x1 { weight, bias } = layer {
-                if bias.len() != weight.nrows() {
-                    return Err(TailError::Layer {
-                        index,
-                        kind: layer.kind(),
-                        problem: format!("bias has {} values for {} outputs", bias.len(), weight.nrows()),
-                    });
-                }
+            if let TailLayer::Linear { weight, bias } | TailLayer::Conv1x1 { weight, bias } = layer
+                && bias.len() != weight.nrows()
+            {
+                return Err(TailError::Layer {
+                    index,
+                    kind: layer.kind(),
+                    problem: format!("bias has {} values for {} outputs", bias.len(), weight.nrows()),
+                });
             }
         }
         let feature_dim = match shape.as_slice() {

@@ -104,7 +104,7 @@ pub fn init(ort_library: Option<&Path>) -> Result<&'static Runtime, RuntimeError
     let environment = builder.with_name("edgeadapt").build().map_err(|e| load_error(e.to_string()))?;
     let version = library::version_of(&choice.path).unwrap_or_else(|| "unknown".into());
     tracing::info!(library = %choice.path.display(), source = %choice.source, %version, "loaded ONNX Runtime");
-    Ok(RUNTIME.get_or_init(|| Runtime { library: choice, version, environment: environment }))
+    Ok(RUNTIME.get_or_init(|| Runtime { library: choice, version, environment }))
 }
 
 /// Whether the loaded ONNX Runtime build carries `kind` (call after [`init`]).

@@ -185,12 +185,15 @@ fn broadcast_bias(node: &NodeProto, bias: ArrayD<f32>, outputs: usize) -> Result
     }
 }
 
-/// The MatMul's `[in, out]` weight, and the Add that supplies the bias if there is one.
-fn matmul_parts(
-    index: &GraphIndex<'_>,
-    node: &NodeProto,
-    input: &str,
-) -> Result<(Array2<f32>, Array1<f32>, Option<usize>), GraphError> {
+/// A MatMul(+Add) read as a linear map; `add` is the node that supplies the bias, if any.
+struct MatMulParts {
+    weight: Array2<f32>,
+    bias: Array1<f32>,
+    add: Option<usize>,
+}
+
+/// The MatMul's weight as `[out, in]`, and the Add that supplies the bias if there is one.
+fn matmul_parts(index: &GraphIndex<'_>, node: &NodeProto, input: &str) -> Result<MatMulParts, GraphError> {
     if node.input.first().map(String::as_str) != Some(input) {
         return Err(node_error(node, "the activation must be the first MatMul input"));
     }
@@ -218,7 +221,7 @@ fn matmul_parts(
         }
         None => Array1::zeros(weight.nrows()),
     };
-    Ok((weight, bias, add))
+    Ok(MatMulParts { weight, bias, add })
 }
 
 /// Finds the classifier: the Gemm or MatMul(+Add) that maps `features` to a model output.
@@ -274,7 +277,7 @@ pub fn find_head(index: &GraphIndex<'_>, features: &str, head: Option<&str>) -> 
         let (weight, bias) = linear_from_gemm(index, node)?;
         (weight, bias, node.output[0].clone())
     } else {
-        let (weight, bias, add) = matmul_parts(index, node, features)?;
+        let MatMulParts { weight, bias, add } = matmul_parts(index, node, features)?;
         let output = match add {
             Some(add) => index.node(add).output[0].clone(),
             None => node.output[0].clone(),
@@ -340,7 +343,7 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
                 push(TailLayer::Linear { weight, bias });
             }
             "MatMul" => {
-                let (weight, bias, add) = matmul_parts(index, node, &current)?;
+                let MatMulParts { weight, bias, add } = matmul_parts(index, node, &current)?;
                 push(TailLayer::Linear { weight, bias });
                 if let Some(add) = add {
                     next = index.node(add).output[0].clone();
@@ -350,7 +353,7 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
             "Sigmoid" => push(TailLayer::Sigmoid),
             "Clip" => match clip_bounds(index, node)? {
                 (Some(min), Some(max)) if min == 0.0 && max == 6.0 => push(TailLayer::Relu6),
-                (Some(min), None) if min == 0.0 => push(TailLayer::Relu),
+                (Some(0.0), None) => push(TailLayer::Relu),
                 bounds => unsupported.push(format!(
                     "{} (bounds {bounds:?}; only [0, 6] and [0, inf) are supported)",
                     describe_node(node)
@@ -474,10 +477,10 @@ pub fn trunk_graph(graph: &GraphProto, split: &str) -> Result<GraphProto, GraphE
         if !needed_tensors.insert(tensor.clone()) {
             continue;
         }
-        if let Some(&producer) = index.producer.get(tensor.as_str()) {
-            if needed_nodes.insert(producer) {
-                queue.extend(index.node(producer).input.iter().filter(|i| !i.is_empty()).cloned());
-            }
+        if let Some(&producer) = index.producer.get(tensor.as_str())
+            && needed_nodes.insert(producer)
+        {
+            queue.extend(index.node(producer).input.iter().filter(|i| !i.is_empty()).cloned());
         }
     }
     let mut trunk = GraphProto {

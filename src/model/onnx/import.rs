@@ -215,10 +215,10 @@ fn input_contract(model: &ModelProto, options: &ImportOptions) -> Result<InputCo
         return Err(input_error(format!("expected one image input, found {}: {}", names.len(), names.join(", "))));
     };
     let name = input.name.clone().unwrap_or_default();
-    if let Some(type_proto::Value::TensorType(t)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        if t.elem_type != Some(DataType::Float as i32) {
-            return Err(input_error(format!("'{name}' must be a float32 tensor (element type {:?})", t.elem_type)));
-        }
+    if let Some(type_proto::Value::TensorType(t)) = input.r#type.as_ref().and_then(|t| t.value.as_ref())
+        && t.elem_type != Some(DataType::Float as i32)
+    {
+        return Err(input_error(format!("'{name}' must be a float32 tensor (element type {:?})", t.elem_type)));
     }
     let dims = graph::value_info_dims(input).unwrap_or_default();
     if dims.len() != 4 {
