@@ -42,14 +42,20 @@ pub struct ImportArgs {
     #[arg(long, default_value = "stretch", value_parser = parse_resize)]
     pub resize: ResizePolicy,
     /// Mean per channel (or one for all), applied after scaling pixels to [0, 1].
-    #[arg(long, value_name = "M[,M,M]", value_parser = parse_floats)]
+    #[arg(long, value_name = "M[,M,M]", value_delimiter = ',')]
     pub mean: Option<Vec<f32>>,
     /// Standard deviation per channel (or one for all).
-    #[arg(long, value_name = "S[,S,S]", value_parser = parse_floats)]
+    #[arg(long, value_name = "S[,S,S]", value_delimiter = ',')]
     pub std: Option<Vec<f32>>,
     /// Bundle name (default: the model file's stem).
     #[arg(long)]
     pub name: Option<String>,
+    /// Where the model comes from (recorded in the manifest's provenance).
+    #[arg(long, value_name = "TEXT")]
+    pub source: Option<String>,
+    /// The model's licence (recorded in the manifest's provenance).
+    #[arg(long, value_name = "TEXT")]
+    pub licence: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -68,10 +74,6 @@ fn parse_size(text: &str) -> Result<(u32, u32), String> {
         Some((h, w)) => Ok((parse(h)?, parse(w)?)),
         None => parse(text).map(|h| (h, h)),
     }
-}
-
-fn parse_floats(text: &str) -> Result<Vec<f32>, String> {
-    text.split(',').map(|v| v.trim().parse::<f32>().map_err(|_| format!("'{v}' is not a number"))).collect()
 }
 
 fn parse_color(text: &str) -> Result<ColorMode, String> {
@@ -103,6 +105,13 @@ pub fn run_import(args: ImportArgs, config: Option<&DeviceConfig>) -> anyhow::Re
     options.mean = args.mean;
     options.std = args.std;
     options.name = args.name;
+    if args.source.is_some() || args.licence.is_some() {
+        options.provenance = Some(crate::model::manifest::Provenance {
+            source: args.source.unwrap_or_default(),
+            licence: args.licence.unwrap_or_default(),
+            notes: String::new(),
+        });
+    }
     options.runtime = config.map(|c| c.runtime.clone()).unwrap_or_default();
     let report = import_onnx(&options)?;
     println!("bundle      {}", report.bundle.display());
@@ -143,9 +152,51 @@ mod tests {
         assert_eq!(parse_size("96").unwrap(), (96, 96));
         assert_eq!(parse_size("64x128").unwrap(), (64, 128));
         assert!(parse_size("big").is_err());
-        assert_eq!(parse_floats("0.5, 0.25,1").unwrap(), vec![0.5, 0.25, 1.0]);
-        assert!(parse_floats("0.5,x").is_err());
         assert_eq!(parse_color("bgr").unwrap(), ColorMode::Bgr);
         assert!(parse_resize("squash").is_err());
+    }
+
+    #[test]
+    fn an_import_command_line_parses_into_typed_options() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "edgeadapt",
+            "import-onnx",
+            "m.onnx",
+            "--features",
+            "f",
+            "--out",
+            "o",
+            "--size",
+            "96",
+            "--mean",
+            "0.485,0.456,0.406",
+            "--std",
+            "0.25",
+            "--color",
+            "grayscale",
+            "--resize",
+            "center-crop",
+        ])
+        .unwrap();
+        let crate::cli::Command::ImportOnnx(args) = cli.command else { panic!("wrong command") };
+        assert_eq!(args.mean, Some(vec![0.485, 0.456, 0.406]));
+        assert_eq!(args.std, Some(vec![0.25]));
+        assert_eq!(args.size, Some((96, 96)));
+        assert_eq!(args.resize, ResizePolicy::CenterCrop);
+        assert!(
+            crate::cli::Cli::try_parse_from([
+                "edgeadapt",
+                "import-onnx",
+                "m.onnx",
+                "--features",
+                "f",
+                "--out",
+                "o",
+                "--mean",
+                "x"
+            ])
+            .is_err()
+        );
     }
 }

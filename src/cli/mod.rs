@@ -76,3 +76,12 @@ fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
     bar.set_style(style);
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
