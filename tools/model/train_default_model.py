@@ -621,6 +621,19 @@ def main():
     log(f"onnxruntime vs PyTorch on {len(probe)} test images: max |diff| {ort_diff:.3e} "
         f"(vs unfolded model {ort_diff_unfolded:.3e}), same argmax: {same_argmax}")
 
+    # ---- the exported model on the full evaluation splits (what the Rust agent runs)
+    acc_ort, ort_vs_torch = {}, {}
+    for split in ("source/test", "target/adapt", "target/test"):
+        imgs, labels, _ = data[split]
+        lg = np.concatenate([sess.run(["logits"], {"image": to_input(imgs[i:i + 128]).numpy()})[0]
+                             for i in range(0, len(imgs), 128)])
+        acc_ort[split] = float((lg.argmax(1) == labels).mean())
+        ort_vs_torch[split] = {
+            "max_abs_logit_diff": float(np.abs(lg - logits_ref[split]).max()),
+            "argmax_disagreements": int((lg.argmax(1) != logits_ref[split].argmax(1)).sum())}
+        log(f"onnxruntime accuracy {split}: {acc_ort[split]:.4f}; vs PyTorch: "
+            f"{ort_vs_torch[split]}")
+
     # ---- fixtures for the Rust tests
     import onnx as onnx_mod
     tmp = args.onnx.with_name(args.onnx.stem + ".debug_outputs.onnx")
@@ -673,6 +686,7 @@ def main():
         "opset": args.opset,
         "classes": CLASSES,
         "accuracy": {k: round(v, 4) for k, v in acc.items()},
+        "accuracy_onnxruntime": {k: round(v, 4) for k, v in acc_ort.items()},
         "num_images": {k: int(len(v[1])) for k, v in data.items()},
         "target_test_per_class_accuracy": {k: round(v, 4) for k, v in per_class.items()},
         "train_time_s": round(train_time, 1),
@@ -683,7 +697,8 @@ def main():
                             "image_size": IMAGE_SIZE, "limit_per_class": args.limit_per_class},
         "onnx_check": {"images": int(len(probe)), "max_abs_diff_vs_pytorch": ort_diff,
                        "max_abs_diff_vs_pytorch_unfolded_bn": ort_diff_unfolded,
-                       "same_argmax": same_argmax, "conv_head_bn_fold_max_abs_diff": fold_diff},
+                       "same_argmax": same_argmax, "conv_head_bn_fold_max_abs_diff": fold_diff,
+                       "full_splits": ort_vs_torch},
         "head_graph": [{k: n[k] for k in ("op", "input", "output", "in_shape", "out_shape")} for n in head],
         "hardware": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
         "versions": versions,
