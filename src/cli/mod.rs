@@ -32,7 +32,7 @@ pub enum Command {
     /// Classify image files or folders.
     Classify(classify::ClassifyArgs),
     /// Turn a single-file ONNX classifier into a bundle.
-    ImportOnnx(import::ImportArgs),
+    ImportOnnx(Box<import::ImportArgs>),
     /// Write a bundle out as one ONNX model (trunk + tail + head).
     ExportOnnx(import::ExportArgs),
     /// Store source-domain reference samples in a bundle (for label-free health estimates).
@@ -46,7 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let config = cli.config.as_deref().map(DeviceConfig::load).transpose()?;
     match cli.command {
         Command::Classify(args) => classify::run(args, config.as_ref()),
-        Command::ImportOnnx(args) => import::run_import(args, config.as_ref()),
+        Command::ImportOnnx(args) => import::run_import(*args, config.as_ref()),
         Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
         Command::AddReference(args) => reference::run(args, config.as_ref()),
         Command::Demo(args) => demo::run(args, config.as_ref()),

@@ -176,7 +176,12 @@ fn build_session(
         ProviderKind::Cuda => ort::ep::CUDA::default().with_device_id(options.gpu_device).build().error_on_failure(),
         ProviderKind::Cpu => ort::ep::CPU::default().build().error_on_failure(),
     };
-    let mut builder = Session::builder(&runtime.environment).map_err(|e| e.to_string())?;
+    // Idle ONNX Runtime workers would otherwise spin after each run and take the cores from the
+    // tail and head, which run in Rust right after the trunk.
+    let mut builder = Session::builder(&runtime.environment)
+        .map_err(|e| e.to_string())?
+        .with_intra_op_spinning(false)
+        .map_err(|e| e.to_string())?;
     if options.intra_threads > 0 {
         builder = builder.with_intra_threads(options.intra_threads).map_err(|e| e.to_string())?;
     }
