@@ -1,6 +1,7 @@
 //! edgeadapt: an on-device agent that classifies images with an ONNX model and adapts a
 //! lightweight part of it to the site it runs at, keeping the classifier itself safe.
 
+pub mod adapt;
 pub mod cli;
 pub mod config;
 pub mod dataset;

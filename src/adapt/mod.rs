@@ -1,0 +1,5 @@
+//! On-device adaptation: training the tail (and optionally a feature adapter) on cached split
+//! tensors of locally labelled samples, with the classifier head kept safe.
+
+pub mod loss;
+pub mod network;

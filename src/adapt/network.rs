@@ -1,0 +1,458 @@
+//! The trainable part of a classifier (tail layers, optional feature adapter, head) with a
+//! forward pass that records what the backward pass needs and hand-derived gradients.
+//!
+//! Parameters live in one flat list of tensors so that optimisers, parameter averaging
+//! (leave-out local SGD) and interpolation with the source (WiSE) treat every method alike.
+
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2};
+
+use crate::model::tail::{TailLayer, sigmoid};
+use crate::model::{Bundle, Head};
+
+/// Elementwise activation functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    Relu6,
+    Silu,
+    Sigmoid,
+}
+
+impl Activation {
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Relu => v.max(0.0),
+            Activation::Relu6 => v.clamp(0.0, 6.0),
+            Activation::Silu => v * sigmoid(v),
+            Activation::Sigmoid => sigmoid(v),
+        }
+    }
+
+    /// Derivative at the pre-activation value `v`.
+    fn derivative(self, v: f32) -> f32 {
+        match self {
+            Activation::Relu => (v > 0.0) as u8 as f32,
+            Activation::Relu6 => (v > 0.0 && v < 6.0) as u8 as f32,
+            Activation::Silu => {
+                let s = sigmoid(v);
+                s * (1.0 + v * (1.0 - s))
+            }
+            Activation::Sigmoid => {
+                let s = sigmoid(v);
+                s * (1.0 - s)
+            }
+        }
+    }
+}
+
+/// One layer; weighted layers refer to slots in [`Network::params`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// Affine map on rows: `[rows, in] -> [rows, out]`, weight slot `[out, in]`, bias slot `[out]`.
+    /// Covers both linear layers (one row per sample) and 1x1 convolutions (one row per position).
+    Affine {
+        weight: usize,
+        bias: usize,
+    },
+    Act(Activation),
+    /// Mean over the positions of each sample.
+    GlobalAvgPool,
+    /// Positions folded into features in ONNX's channel-major order.
+    Flatten,
+    /// Residual bottleneck on flat features: `f + B·act(A·f + a)`; B starts at zero.
+    Adapter {
+        down: usize,
+        down_bias: usize,
+        up: usize,
+        act: Activation,
+    },
+}
+
+/// A batch inside the network: `rows = samples * positions`, channels last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub data: Array2<f32>,
+    pub positions: usize,
+}
+
+impl Batch {
+    pub fn samples(&self) -> usize {
+        self.data.nrows() / self.positions
+    }
+}
+
+/// Tail, optional adapter and head as one differentiable function from split tensors to logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Network {
+    pub layers: Vec<Layer>,
+    /// Head weight `[C, d]` and bias `[C]` slots.
+    pub head: (usize, usize),
+    pub params: Vec<ArrayD<f32>>,
+    /// What each slot is, for messages and for choosing what trains.
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Tail,
+    Adapter,
+    Head,
+}
+
+/// What the backward pass needs from the forward pass.
+pub struct Tape {
+    /// Input of each layer, and the adapter's pre-activation where there is one.
+    inputs: Vec<Batch>,
+    adapter_pre: Vec<Option<Array2<f32>>>,
+    features: Array2<f32>,
+}
+
+impl Network {
+    /// The bundle's tail and head; `adapter_rank` adds a zero-initialised residual adapter on the
+    /// features (so the network still equals the source model exactly).
+    pub fn from_bundle(bundle: &Bundle, adapter_rank: Option<usize>, seed: u64) -> Network {
+        let mut network = Network { layers: Vec::new(), head: (0, 0), params: Vec::new(), roles: Vec::new() };
+        for layer in bundle.tail.layers() {
+            let layer = match layer {
+                TailLayer::Linear { weight, bias } | TailLayer::Conv1x1 { weight, bias } => {
+                    let weight = network.push(weight.clone().into_dyn(), Role::Tail);
+                    let bias = network.push(bias.clone().into_dyn(), Role::Tail);
+                    Layer::Affine { weight, bias }
+                }
+                TailLayer::Relu => Layer::Act(Activation::Relu),
+                TailLayer::Relu6 => Layer::Act(Activation::Relu6),
+                TailLayer::Silu => Layer::Act(Activation::Silu),
+                TailLayer::Sigmoid => Layer::Act(Activation::Sigmoid),
+                TailLayer::GlobalAvgPool => Layer::GlobalAvgPool,
+                TailLayer::Flatten => Layer::Flatten,
+            };
+            network.layers.push(layer);
+        }
+        if let Some(rank) = adapter_rank {
+            let d = bundle.tail.feature_dim();
+            let down = network.push(init_down(rank, d, seed).into_dyn(), Role::Adapter);
+            let down_bias = network.push(Array1::<f32>::zeros(rank).into_dyn(), Role::Adapter);
+            let up = network.push(Array2::<f32>::zeros((d, rank)).into_dyn(), Role::Adapter);
+            network.layers.push(Layer::Adapter { down, down_bias, up, act: Activation::Relu });
+        }
+        network.head = (
+            network.push(bundle.head.weight.clone().into_dyn(), Role::Head),
+            network.push(bundle.head.bias.clone().into_dyn(), Role::Head),
+        );
+        network
+    }
+
+    fn push(&mut self, tensor: ArrayD<f32>, role: Role) -> usize {
+        self.params.push(tensor);
+        self.roles.push(role);
+        self.params.len() - 1
+    }
+
+    fn matrix(&self, slot: usize) -> ArrayView2<'_, f32> {
+        self.params[slot].view().into_dimensionality::<Ix2>().expect("weight slots hold matrices")
+    }
+
+    fn vector(&self, slot: usize) -> ndarray::ArrayView1<'_, f32> {
+        self.params[slot].view().into_dimensionality::<Ix1>().expect("bias slots hold vectors")
+    }
+
+    /// The tail layers with current weights, for writing an adapted bundle.
+    pub fn tail_weights(&self) -> Vec<(Array2<f32>, Array1<f32>)> {
+        self.layers
+            .iter()
+            .filter_map(|layer| match layer {
+                Layer::Affine { weight, bias } => {
+                    Some((self.matrix(*weight).to_owned(), self.vector(*bias).to_owned()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn head(&self, classes: Vec<String>) -> Head {
+        Head { weight: self.matrix(self.head.0).to_owned(), bias: self.vector(self.head.1).to_owned(), classes }
+    }
+
+    /// Logits, and the tape for [`Network::backward`].
+    pub fn forward(&self, input: Batch) -> (Array2<f32>, Tape) {
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut adapter_pre = Vec::with_capacity(self.layers.len());
+        let mut current = input;
+        for layer in &self.layers {
+            let (next, pre) = self.layer_forward(layer, &current);
+            inputs.push(current);
+            adapter_pre.push(pre);
+            current = next;
+        }
+        let features = to_flat(current);
+        let logits = affine(features.view(), self.matrix(self.head.0), self.vector(self.head.1));
+        (logits, Tape { inputs, adapter_pre, features })
+    }
+
+    /// Logits only, without keeping a tape.
+    pub fn logits(&self, input: Batch) -> Array2<f32> {
+        let mut current = input;
+        for layer in &self.layers {
+            current = self.layer_forward(layer, &current).0;
+        }
+        let features = to_flat(current);
+        affine(features.view(), self.matrix(self.head.0), self.vector(self.head.1))
+    }
+
+    fn layer_forward(&self, layer: &Layer, x: &Batch) -> (Batch, Option<Array2<f32>>) {
+        match *layer {
+            Layer::Affine { weight, bias } => (
+                Batch { data: affine(x.data.view(), self.matrix(weight), self.vector(bias)), positions: x.positions },
+                None,
+            ),
+            Layer::Act(act) => (Batch { data: x.data.mapv(|v| act.apply(v)), positions: x.positions }, None),
+            Layer::GlobalAvgPool => (Batch { data: pool(&x.data, x.positions), positions: 1 }, None),
+            Layer::Flatten => (Batch { data: flatten(&x.data, x.positions), positions: 1 }, None),
+            Layer::Adapter { down, down_bias, up, act } => {
+                let pre = affine(x.data.view(), self.matrix(down), self.vector(down_bias));
+                let hidden = pre.mapv(|v| act.apply(v));
+                let out = &x.data + &hidden.dot(&self.matrix(up).t());
+                (Batch { data: out, positions: x.positions }, Some(pre))
+            }
+        }
+    }
+
+    /// Gradients of the loss for every parameter slot where `wanted[slot]` is true, given the
+    /// loss gradient with respect to the logits.
+    pub fn backward(&self, tape: &Tape, dlogits: &Array2<f32>, wanted: &[bool]) -> Vec<Option<ArrayD<f32>>> {
+        let mut grads: Vec<Option<ArrayD<f32>>> = vec![None; self.params.len()];
+        let (head_w, head_b) = self.head;
+        if wanted[head_w] {
+            grads[head_w] = Some(dlogits.t().dot(&tape.features).into_dyn());
+        }
+        if wanted[head_b] {
+            grads[head_b] = Some(dlogits.sum_axis(Axis(0)).into_dyn());
+        }
+        // Walk back only as far as the earliest layer with something to train.
+        let first_trained = self.layers.iter().position(|layer| self.layer_slots(layer).iter().any(|&s| wanted[s]));
+        let Some(first_trained) = first_trained else { return grads };
+        let mut upstream = dlogits.dot(&self.matrix(head_w));
+        for index in (first_trained..self.layers.len()).rev() {
+            let x = &tape.inputs[index];
+            let need_input_grad = index > first_trained;
+            upstream = match self.layers[index] {
+                Layer::Affine { weight, bias } => {
+                    if wanted[weight] {
+                        grads[weight] = Some(upstream.t().dot(&x.data).into_dyn());
+                    }
+                    if wanted[bias] {
+                        grads[bias] = Some(upstream.sum_axis(Axis(0)).into_dyn());
+                    }
+                    if need_input_grad { upstream.dot(&self.matrix(weight)) } else { upstream }
+                }
+                Layer::Act(act) => {
+                    let mut dx = upstream;
+                    dx.zip_mut_with(&x.data, |g, &v| *g *= act.derivative(v));
+                    dx
+                }
+                Layer::GlobalAvgPool => unpool(&upstream, x.positions),
+                Layer::Flatten => unflatten(&upstream, x.positions),
+                Layer::Adapter { down, down_bias, up, act } => {
+                    let pre = tape.adapter_pre[index].as_ref().expect("adapter layers record their pre-activation");
+                    let hidden = pre.mapv(|v| act.apply(v));
+                    if wanted[up] {
+                        grads[up] = Some(upstream.t().dot(&hidden).into_dyn());
+                    }
+                    let mut dpre = upstream.dot(&self.matrix(up));
+                    dpre.zip_mut_with(pre, |g, &v| *g *= act.derivative(v));
+                    if wanted[down] {
+                        grads[down] = Some(dpre.t().dot(&x.data).into_dyn());
+                    }
+                    if wanted[down_bias] {
+                        grads[down_bias] = Some(dpre.sum_axis(Axis(0)).into_dyn());
+                    }
+                    if need_input_grad { upstream + dpre.dot(&self.matrix(down)) } else { upstream }
+                }
+            };
+        }
+        grads
+    }
+
+    fn layer_slots(&self, layer: &Layer) -> Vec<usize> {
+        match *layer {
+            Layer::Affine { weight, bias } => vec![weight, bias],
+            Layer::Adapter { down, down_bias, up, .. } => vec![down, down_bias, up],
+            _ => vec![],
+        }
+    }
+}
+
+fn init_down(rank: usize, d: usize, seed: u64) -> Array2<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xada9);
+    let scale = (1.0 / d as f32).sqrt();
+    Array2::from_shape_simple_fn((rank, d), || (rng.random::<f32>() * 2.0 - 1.0) * scale)
+}
+
+fn affine(x: ArrayView2<'_, f32>, weight: ArrayView2<'_, f32>, bias: ndarray::ArrayView1<'_, f32>) -> Array2<f32> {
+    let mut out = x.dot(&weight.t());
+    out += &bias;
+    out
+}
+
+fn to_flat(batch: Batch) -> Array2<f32> {
+    if batch.positions == 1 { batch.data } else { flatten(&batch.data, batch.positions) }
+}
+
+fn pool(data: &Array2<f32>, positions: usize) -> Array2<f32> {
+    let (rows, channels) = data.dim();
+    let samples = rows / positions;
+    data.view()
+        .into_shape_with_order((samples, positions, channels))
+        .expect("rows = samples * positions")
+        .mean_axis(Axis(1))
+        .expect("positions > 0")
+}
+
+fn unpool(grad: &Array2<f32>, positions: usize) -> Array2<f32> {
+    let (samples, channels) = grad.dim();
+    let scale = 1.0 / positions as f32;
+    Array2::from_shape_fn((samples * positions, channels), |(row, c)| grad[[row / positions, c]] * scale)
+}
+
+fn flatten(data: &Array2<f32>, positions: usize) -> Array2<f32> {
+    let (rows, channels) = data.dim();
+    let samples = rows / positions;
+    Array2::from_shape_fn((samples, channels * positions), |(n, j)| {
+        data[[n * positions + j % positions, j / positions]]
+    })
+}
+
+fn unflatten(grad: &Array2<f32>, positions: usize) -> Array2<f32> {
+    let (samples, width) = grad.dim();
+    let channels = width / positions;
+    Array2::from_shape_fn((samples * positions, channels), |(row, c)| {
+        grad[[row / positions, c * positions + row % positions]]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapt::loss::cross_entropy;
+    use rand::{Rng, SeedableRng};
+
+    fn random(shape: &[usize], rng: &mut rand_chacha::ChaCha8Rng, scale: f32) -> ArrayD<f32> {
+        ArrayD::from_shape_simple_fn(ndarray::IxDyn(shape), || (rng.random::<f32>() * 2.0 - 1.0) * scale)
+    }
+
+    /// conv1x1 (3 -> 5 channels, 4 positions) -> act -> pool or flatten -> linear -> act ->
+    /// adapter -> head (4 classes).
+    fn network(spatial: Layer, act: Activation) -> Network {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let features_in = if spatial == Layer::Flatten { 20 } else { 5 };
+        let params = vec![
+            random(&[5, 3], &mut rng, 0.8),
+            random(&[5], &mut rng, 0.3),
+            random(&[6, features_in], &mut rng, 0.6),
+            random(&[6], &mut rng, 0.3),
+            random(&[2, 6], &mut rng, 0.7),
+            random(&[2], &mut rng, 0.3),
+            random(&[6, 2], &mut rng, 0.7),
+            random(&[4, 6], &mut rng, 0.7),
+            random(&[4], &mut rng, 0.3),
+        ];
+        Network {
+            layers: vec![
+                Layer::Affine { weight: 0, bias: 1 },
+                Layer::Act(act),
+                spatial,
+                Layer::Affine { weight: 2, bias: 3 },
+                Layer::Act(act),
+                Layer::Adapter { down: 4, down_bias: 5, up: 6, act },
+            ],
+            head: (7, 8),
+            roles: vec![
+                Role::Tail,
+                Role::Tail,
+                Role::Tail,
+                Role::Tail,
+                Role::Adapter,
+                Role::Adapter,
+                Role::Adapter,
+                Role::Head,
+                Role::Head,
+            ],
+            params,
+        }
+    }
+
+    fn input() -> Batch {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let data = random(&[3 * 4, 3], &mut rng, 1.5).into_dimensionality::<Ix2>().unwrap();
+        Batch { data, positions: 4 }
+    }
+
+    fn loss(network: &Network, labels: &[usize]) -> f64 {
+        cross_entropy(&network.logits(input()), labels).0 as f64
+    }
+
+    fn check_gradients(spatial: Layer, act: Activation, step: f32) {
+        let labels = [1, 3, 0];
+        let network = network(spatial, act);
+        let (logits, tape) = network.forward(input());
+        let (_, dlogits) = cross_entropy(&logits, &labels);
+        let wanted = vec![true; network.params.len()];
+        let grads = network.backward(&tape, &dlogits, &wanted);
+        for (slot, grad) in grads.iter().enumerate() {
+            let grad = grad.as_ref().expect("every slot was wanted");
+            assert_eq!(grad.shape(), network.params[slot].shape());
+            for index in 0..grad.len() {
+                let mut plus = network.clone();
+                plus.params[slot].as_slice_mut().unwrap()[index] += step;
+                let mut minus = network.clone();
+                minus.params[slot].as_slice_mut().unwrap()[index] -= step;
+                let numeric = (loss(&plus, &labels) - loss(&minus, &labels)) / (2.0 * step as f64);
+                let analytic = grad.as_slice().unwrap()[index] as f64;
+                assert!(
+                    (numeric - analytic).abs() < 2e-3 + 2e-2 * numeric.abs(),
+                    "{spatial:?}/{act:?} slot {slot} index {index}: analytic {analytic} numeric {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_with_pooling() {
+        check_gradients(Layer::GlobalAvgPool, Activation::Silu, 1e-2);
+        check_gradients(Layer::GlobalAvgPool, Activation::Sigmoid, 1e-2);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_with_flatten() {
+        check_gradients(Layer::Flatten, Activation::Silu, 1e-2);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_through_relu_kinks_away_from_the_kink() {
+        // Piecewise-linear activations: finite differences agree wherever no unit sits within
+        // one step of a kink, which a small step ensures for these seeds.
+        check_gradients(Layer::GlobalAvgPool, Activation::Relu, 1e-3);
+        check_gradients(Layer::Flatten, Activation::Relu6, 1e-3);
+    }
+
+    #[test]
+    fn only_wanted_slots_get_gradients() {
+        let network = network(Layer::GlobalAvgPool, Activation::Silu);
+        let (logits, tape) = network.forward(input());
+        let (_, dlogits) = cross_entropy(&logits, &[0, 1, 2]);
+        let mut wanted = vec![false; network.params.len()];
+        wanted[4] = true;
+        let grads = network.backward(&tape, &dlogits, &wanted);
+        assert!(grads.iter().enumerate().all(|(slot, g)| g.is_some() == (slot == 4)));
+    }
+
+    #[test]
+    fn flatten_and_its_inverse_are_transposes() {
+        let data = Array2::from_shape_fn((6, 4), |(r, c)| (r * 10 + c) as f32);
+        let flat = flatten(&data, 3);
+        assert_eq!(flat.dim(), (2, 12));
+        assert_eq!(flat[[1, 2 * 3 + 1]], data[[3 + 1, 2]]);
+        assert_eq!(unflatten(&flat, 3), data);
+    }
+}
