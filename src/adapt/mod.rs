@@ -1,5 +1,9 @@
 //! On-device adaptation: training the tail (and optionally a feature adapter) on cached split
 //! tensors of locally labelled samples, with the classifier head kept safe.
 
+pub mod calibrate;
+pub mod data;
 pub mod loss;
 pub mod network;
+pub mod optim;
+pub mod train;

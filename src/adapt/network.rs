@@ -142,6 +142,24 @@ impl Network {
         network
     }
 
+    pub fn num_classes(&self) -> usize {
+        self.params[self.head.1].len()
+    }
+
+    /// Channels of the split tensor the network takes, where the layers determine it (an empty
+    /// tail takes the head's width; a flatten before any weighted layer leaves it open).
+    pub fn input_channels(&self) -> Option<usize> {
+        for layer in &self.layers {
+            match layer {
+                Layer::Affine { weight, .. } => return Some(self.params[*weight].shape()[1]),
+                Layer::Adapter { down, .. } => return Some(self.params[*down].shape()[1]),
+                Layer::Flatten => return None,
+                Layer::Act(_) | Layer::GlobalAvgPool => {}
+            }
+        }
+        Some(self.params[self.head.0].shape()[1])
+    }
+
     fn push(&mut self, tensor: ArrayD<f32>, role: Role) -> usize {
         self.params.push(tensor);
         self.roles.push(role);
@@ -271,6 +289,26 @@ impl Network {
             };
         }
         grads
+    }
+
+    /// For every parameter slot, the mean squared norm of the rows entering its layer on `input`.
+    /// Step sizes divided by this are invariant to the scale of each layer's input.
+    pub fn input_scales(&self, input: Batch) -> Vec<f32> {
+        let mean_sq = |data: &Array2<f32>| {
+            let rows = data.nrows().max(1) as f32;
+            (data.iter().map(|v| v * v).sum::<f32>() / rows).max(1e-6)
+        };
+        let (_, tape) = self.forward(input);
+        let mut scales = vec![1.0; self.params.len()];
+        for (layer, x) in self.layers.iter().zip(&tape.inputs) {
+            for slot in self.layer_slots(layer) {
+                scales[slot] = mean_sq(&x.data);
+            }
+        }
+        let features = mean_sq(&tape.features);
+        scales[self.head.0] = features;
+        scales[self.head.1] = features;
+        scales
     }
 
     fn layer_slots(&self, layer: &Layer) -> Vec<usize> {

@@ -1,0 +1,111 @@
+//! Cached split tensors of labelled samples, kept compact (f16) because adaptation reads them
+//! many times and a device keeps them for months.
+
+use half::f16;
+use ndarray::{Array2, ArrayViewD, Axis};
+
+use super::network::Batch;
+
+/// Split tensors of `samples` samples, channels last: row `n * positions + p` holds position `p`
+/// of sample `n`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitSet {
+    pub data: Array2<f16>,
+    pub positions: usize,
+    pub labels: Vec<usize>,
+}
+
+impl SplitSet {
+    /// From a trunk output batch in ONNX layout (`[N, C, H, W]` or `[N, D]`).
+    pub fn from_onnx(split: ArrayViewD<'_, f32>, labels: Vec<usize>) -> SplitSet {
+        let samples = split.shape()[0];
+        assert_eq!(samples, labels.len(), "one label per sample");
+        let (positions, channels) = match split.ndim() {
+            4 => (split.shape()[2] * split.shape()[3], split.shape()[1]),
+            _ => (1, split.len() / samples.max(1)),
+        };
+        let data = if split.ndim() == 4 {
+            let channels_last = split.permuted_axes(vec![0, 2, 3, 1]);
+            let owned = channels_last.as_standard_layout().mapv(f16::from_f32);
+            owned.into_shape_with_order((samples * positions, channels)).expect("standard layout")
+        } else {
+            split.mapv(f16::from_f32).into_shape_with_order((samples, channels)).expect("flat split")
+        };
+        SplitSet { data, positions, labels }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn channels(&self) -> usize {
+        self.data.ncols()
+    }
+
+    /// The samples at `indices`, as an f32 batch.
+    pub fn batch(&self, indices: &[usize]) -> Batch {
+        let mut data = Array2::zeros((indices.len() * self.positions, self.channels()));
+        for (out, &sample) in indices.iter().enumerate() {
+            let rows = self.data.slice(ndarray::s![sample * self.positions..(sample + 1) * self.positions, ..]);
+            data.slice_mut(ndarray::s![out * self.positions..(out + 1) * self.positions, ..])
+                .zip_mut_with(&rows, |d, s| *d = s.to_f32());
+        }
+        Batch { data, positions: self.positions }
+    }
+
+    /// The samples whose label satisfies `keep`, in order.
+    pub fn filter(&self, keep: impl Fn(usize) -> bool) -> SplitSet {
+        let indices: Vec<usize> = (0..self.len()).filter(|&i| keep(self.labels[i])).collect();
+        self.select(&indices)
+    }
+
+    pub fn select(&self, indices: &[usize]) -> SplitSet {
+        let rows: Vec<usize> = indices.iter().flat_map(|&i| (i * self.positions)..((i + 1) * self.positions)).collect();
+        SplitSet {
+            data: self.data.select(Axis(0), &rows),
+            positions: self.positions,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+        }
+    }
+
+    /// Concatenates sets with the same per-sample shape.
+    pub fn concat(sets: &[&SplitSet]) -> SplitSet {
+        let views: Vec<_> = sets.iter().map(|s| s.data.view()).collect();
+        SplitSet {
+            data: ndarray::concatenate(Axis(0), &views).expect("same channel count"),
+            positions: sets.first().map_or(1, |s| s.positions),
+            labels: sets.iter().flat_map(|s| s.labels.iter().copied()).collect(),
+        }
+    }
+
+    /// All samples in chunks of `size`, for evaluation.
+    pub fn chunks(&self, size: usize) -> impl Iterator<Item = Batch> + '_ {
+        let indices: Vec<usize> = (0..self.len()).collect();
+        indices.chunks(size.max(1)).map(|chunk| self.batch(chunk)).collect::<Vec<_>>().into_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array, IxDyn};
+
+    #[test]
+    fn onnx_layout_becomes_channels_last_rows() {
+        let split = Array::from_shape_fn(IxDyn(&[2, 3, 2, 2]), |i| (i[0] * 100 + i[1] * 10 + i[2] * 2 + i[3]) as f32);
+        let set = SplitSet::from_onnx(split.view(), vec![4, 7]);
+        assert_eq!((set.positions, set.channels(), set.len()), (4, 3, 2));
+        let batch = set.batch(&[1]);
+        // sample 1, position (h=1, w=0) = 2, channel 2
+        assert_eq!(batch.data[[2, 2]], 100.0 + 20.0 + 2.0);
+        let cats = set.filter(|label| label == 7);
+        assert_eq!(cats.labels, vec![7]);
+        assert_eq!(cats.batch(&[0]).data, batch.data);
+        let both = SplitSet::concat(&[&cats, &set]);
+        assert_eq!(both.labels, vec![7, 4, 7]);
+    }
+}
