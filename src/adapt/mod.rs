@@ -3,7 +3,9 @@
 
 pub mod calibrate;
 pub mod data;
+pub mod health;
 pub mod loss;
+pub mod method;
 pub mod network;
 pub mod optim;
 pub mod train;

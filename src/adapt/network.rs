@@ -108,9 +108,8 @@ pub struct Tape {
 }
 
 impl Network {
-    /// The bundle's tail and head; `adapter_rank` adds a zero-initialised residual adapter on the
-    /// features (so the network still equals the source model exactly).
-    pub fn from_bundle(bundle: &Bundle, adapter_rank: Option<usize>, seed: u64) -> Network {
+    /// The bundle's tail and head.
+    pub fn from_bundle(bundle: &Bundle) -> Network {
         let mut network = Network { layers: Vec::new(), head: (0, 0), params: Vec::new(), roles: Vec::new() };
         for layer in bundle.tail.layers() {
             let layer = match layer {
@@ -128,17 +127,23 @@ impl Network {
             };
             network.layers.push(layer);
         }
-        if let Some(rank) = adapter_rank {
-            let d = bundle.tail.feature_dim();
-            let down = network.push(init_down(rank, d, seed).into_dyn(), Role::Adapter);
-            let down_bias = network.push(Array1::<f32>::zeros(rank).into_dyn(), Role::Adapter);
-            let up = network.push(Array2::<f32>::zeros((d, rank)).into_dyn(), Role::Adapter);
-            network.layers.push(Layer::Adapter { down, down_bias, up, act: Activation::Relu });
-        }
         network.head = (
             network.push(bundle.head.weight.clone().into_dyn(), Role::Head),
             network.push(bundle.head.bias.clone().into_dyn(), Role::Head),
         );
+        network
+    }
+
+    /// A copy with a zero-initialised residual adapter inserted before the head (replacing any
+    /// existing adapter), so that it still computes exactly what it computed before.
+    pub fn with_adapter(&self, rank: usize, seed: u64) -> Network {
+        let mut network = self.clone();
+        network.layers.retain(|layer| !matches!(layer, Layer::Adapter { .. }));
+        let d = network.params[network.head.0].shape()[1];
+        let down = network.push(init_down(rank, d, seed).into_dyn(), Role::Adapter);
+        let down_bias = network.push(Array1::<f32>::zeros(rank).into_dyn(), Role::Adapter);
+        let up = network.push(Array2::<f32>::zeros((d, rank)).into_dyn(), Role::Adapter);
+        network.layers.push(Layer::Adapter { down, down_bias, up, act: Activation::Relu });
         network
     }
 

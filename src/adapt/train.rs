@@ -38,6 +38,8 @@ pub struct TrainConfig {
     pub learning_rate: f32,
     pub sgd: SgdConfig,
     pub distill: Option<DistillConfig>,
+    /// Cosine decay over the run, or a constant rate (local runs of leave-out SGD).
+    pub cosine_schedule: bool,
     pub seed: u64,
     pub threads: usize,
 }
@@ -51,6 +53,7 @@ impl Default for TrainConfig {
             learning_rate: 0.1,
             sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
             distill: None,
+            cosine_schedule: true,
             seed: 0,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(4),
         }
@@ -165,7 +168,7 @@ pub fn train(
         if let Some(slot) = grads.iter().position(|g| g.as_ref().is_some_and(|g| g.iter().any(|v| !v.is_finite()))) {
             return Err(AdaptError::NotFinite { step, what: format!("the gradient of parameter {slot}") });
         }
-        let factor = config.learning_rate * cosine(step, config.steps);
+        let factor = config.learning_rate * if config.cosine_schedule { cosine(step, config.steps) } else { 1.0 };
         let rates: Vec<f32> = scales.iter().map(|s| factor / s).collect();
         sgd.step(&mut network.params, &grads, &rates);
         losses.push(loss);

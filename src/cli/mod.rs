@@ -1,5 +1,6 @@
 //! Command-line interface: argument types and dispatch. Each command lives in its own file.
 
+mod bench;
 mod classify;
 mod demo;
 mod import;
@@ -31,6 +32,8 @@ pub struct Cli {
 pub enum Command {
     /// Classify image files or folders.
     Classify(classify::ClassifyArgs),
+    /// Benchmark adaptation methods on an image-folder data set with partial target labels.
+    Bench(bench::BenchArgs),
     /// Turn a single-file ONNX classifier into a bundle.
     ImportOnnx(Box<import::ImportArgs>),
     /// Write a bundle out as one ONNX model (trunk + tail + head).
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let config = cli.config.as_deref().map(DeviceConfig::load).transpose()?;
     match cli.command {
         Command::Classify(args) => classify::run(args, config.as_ref()),
+        Command::Bench(args) => bench::run(args, config.as_ref()),
         Command::ImportOnnx(args) => import::run_import(*args, config.as_ref()),
         Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
         Command::AddReference(args) => reference::run(args, config.as_ref()),

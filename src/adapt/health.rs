@@ -1,0 +1,58 @@
+//! Label-free estimates of unseen-class health, reported next to every adaptation.
+//!
+//! Without unseen labels a device can only estimate: from source-domain reference samples of
+//! the unseen classes shipped in the bundle, from how often unlabelled local traffic is still
+//! predicted as an unseen class, and from agreement with the source model.
+
+use ndarray::{Array2, Axis};
+use serde::Serialize;
+
+use super::data::SplitSet;
+use super::method::Adapted;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Health {
+    /// Accuracy on the bundle's reference samples of unseen classes: adapted, source.
+    pub reference_unseen: Option<(f32, f32)>,
+    /// Share of unlabelled target samples predicted as an unseen class: adapted, source.
+    pub predicted_unseen_rate: Option<(f32, f32)>,
+    /// Share of unlabelled target samples on which adapted and source predictions agree.
+    pub source_agreement: Option<f32>,
+}
+
+fn argmax_rows(logits: &Array2<f32>) -> Vec<usize> {
+    logits
+        .axis_iter(Axis(0))
+        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(c, _)| c))
+        .collect()
+}
+
+pub fn estimate(
+    adapted: &Adapted,
+    source: &Adapted,
+    reference: Option<&SplitSet>,
+    unlabelled: Option<&SplitSet>,
+) -> Health {
+    let unseen = &adapted.unseen;
+    let reference_unseen =
+        reference.map(|set| set.filter(|label| unseen.contains(&label))).filter(|set| !set.is_empty()).map(|set| {
+            let accuracy = |model: &Adapted| {
+                let predicted = argmax_rows(&model.logits_of(&set));
+                predicted.iter().zip(&set.labels).filter(|(p, l)| p == l).count() as f32 / set.len() as f32
+            };
+            (accuracy(adapted), accuracy(source))
+        });
+    let (predicted_unseen_rate, source_agreement) = match unlabelled.filter(|set| !set.is_empty()) {
+        Some(set) => {
+            let ours = argmax_rows(&adapted.logits_of(set));
+            let theirs = argmax_rows(&source.logits_of(set));
+            let rate = |predictions: &[usize]| {
+                predictions.iter().filter(|p| unseen.contains(p)).count() as f32 / predictions.len() as f32
+            };
+            let agreement = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count() as f32 / ours.len() as f32;
+            (Some((rate(&ours), rate(&theirs))), Some(agreement))
+        }
+        None => (None, None),
+    };
+    Health { reference_unseen, predicted_unseen_rate, source_agreement }
+}

@@ -1,0 +1,527 @@
+//! Adaptation methods by name, composable with `+`: a base (`source`, `ft-head`, `ft-tail`,
+//! `adapter`) and modifiers (`alg`, `pcv`, `lolsgd`, `distill-unseen`, `distill-all`, `wise`).
+//! `recommended` is the device default.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ndarray::{Array2, Axis};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+use super::calibrate;
+use super::data::SplitSet;
+use super::network::{Batch, Network};
+use super::optim::{SgdConfig, cosine};
+use super::train::{AdaptError, DistillConfig, TrainConfig, Trainable, train};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// No change.
+    Source,
+    /// Train every head row with cross-entropy (the naive baseline).
+    FtHead,
+    /// Train the tail with the head frozen.
+    FtTail,
+    /// Train a residual adapter on the features with the head frozen.
+    Adapter,
+    /// The device default (see [`recommended`]).
+    Recommended,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Method {
+    pub base: Base,
+    pub alg: bool,
+    pub pcv: bool,
+    pub lolsgd: bool,
+    pub distill_unseen: bool,
+    pub distill_all: bool,
+    pub wise: bool,
+    pub seen_rows_only: bool,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let base = match self.base {
+            Base::Source => "source",
+            Base::FtHead if self.seen_rows_only => "ft-head-seen",
+            Base::FtHead => "ft-head",
+            Base::FtTail => "ft-tail",
+            Base::Adapter => "adapter",
+            Base::Recommended => "recommended",
+        };
+        let mut parts = vec![base.to_string()];
+        for (on, name) in [
+            (self.lolsgd, "lolsgd"),
+            (self.distill_unseen, "distill-unseen"),
+            (self.distill_all, "distill-all"),
+            (self.wise, "wise"),
+            (self.alg, "alg"),
+            (self.pcv, "pcv"),
+        ] {
+            if on {
+                parts.push(name.to_string());
+            }
+        }
+        f.write_str(&parts.join("+"))
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Method, String> {
+        let mut method = Method {
+            base: Base::FtTail,
+            alg: false,
+            pcv: false,
+            lolsgd: false,
+            distill_unseen: false,
+            distill_all: false,
+            wise: false,
+            seen_rows_only: false,
+        };
+        let mut base_given = false;
+        for (index, token) in text.split('+').map(str::trim).enumerate() {
+            let base = match token {
+                "source" => Some(Base::Source),
+                "ft-head" => Some(Base::FtHead),
+                "ft-head-seen" => {
+                    method.seen_rows_only = true;
+                    Some(Base::FtHead)
+                }
+                "ft-tail" => Some(Base::FtTail),
+                "adapter" => Some(Base::Adapter),
+                "recommended" => Some(Base::Recommended),
+                _ => None,
+            };
+            if let Some(base) = base {
+                if index != 0 {
+                    return Err(format!("'{text}': the base method '{token}' must come first"));
+                }
+                method.base = base;
+                base_given = true;
+                continue;
+            }
+            match token {
+                "alg" => method.alg = true,
+                "pcv" => method.pcv = true,
+                "lolsgd" => method.lolsgd = true,
+                "distill-unseen" => method.distill_unseen = true,
+                "distill-all" => method.distill_all = true,
+                "wise" => method.wise = true,
+                other => {
+                    return Err(format!(
+                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, pcv, lolsgd, distill-unseen, distill-all, wise)"
+                    ));
+                }
+            }
+        }
+        if !base_given
+            && text.split('+').count() == 1
+            && !(method.distill_unseen || method.distill_all || method.lolsgd)
+        {
+            return Err(format!("'{text}': a method needs a base"));
+        }
+        if method.alg && method.pcv {
+            return Err(format!("'{text}': choose one calibration, alg or pcv"));
+        }
+        if method.distill_unseen && method.distill_all {
+            return Err(format!("'{text}': choose one distillation, distill-unseen or distill-all"));
+        }
+        if matches!(method.base, Base::Source | Base::Recommended) && text.contains('+') {
+            return Err(format!(
+                "'{text}': {} takes no modifiers",
+                if method.base == Base::Source { "source" } else { "recommended" }
+            ));
+        }
+        Ok(method)
+    }
+}
+
+/// Hyper-parameters shared by the methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hyper {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f32,
+    pub sgd: SgdConfig,
+    pub adapter_rank: usize,
+    pub distill_temperature: f32,
+    pub distill_weight: f32,
+    /// Leave-out local SGD: rounds, copies per round, local steps, fraction of seen classes left out.
+    pub lolsgd_rounds: usize,
+    pub lolsgd_copies: usize,
+    pub lolsgd_local_steps: usize,
+    pub lolsgd_leave_out: f32,
+    pub wise_alpha: f32,
+    pub pcv_splits: usize,
+    pub threads: usize,
+}
+
+impl Default for Hyper {
+    fn default() -> Self {
+        Hyper {
+            steps: 300,
+            batch_size: 64,
+            learning_rate: 0.1,
+            sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
+            adapter_rank: 64,
+            distill_temperature: 2.0,
+            distill_weight: 1.0,
+            lolsgd_rounds: 10,
+            lolsgd_copies: 4,
+            lolsgd_local_steps: 30,
+            lolsgd_leave_out: 0.5,
+            wise_alpha: 0.5,
+            pcv_splits: 3,
+            threads: TrainConfig::default().threads,
+        }
+    }
+}
+
+/// An adapted model: the network plus the unseen-class logit bias.
+#[derive(Debug, Clone)]
+pub struct Adapted {
+    pub network: Network,
+    pub gamma: f32,
+    pub unseen: Vec<usize>,
+    /// What the method decided, for reports (e.g. the γ or the configuration `recommended` chose).
+    pub notes: Vec<String>,
+}
+
+impl Adapted {
+    pub fn logits(&self, batch: Batch) -> Array2<f32> {
+        let mut logits = self.network.logits(batch);
+        calibrate::apply(&mut logits, &self.unseen, self.gamma);
+        logits
+    }
+
+    /// Logits for a whole set, in evaluation chunks.
+    pub fn logits_of(&self, set: &SplitSet) -> Array2<f32> {
+        let parts: Vec<Array2<f32>> = set.chunks(256).map(|batch| self.logits(batch)).collect();
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, self.network.num_classes())))
+    }
+}
+
+/// Everything a method may use: the source network, seen-class samples and the source model's
+/// logits for them. No unseen labels and no test data.
+pub struct AdaptInput<'a> {
+    pub source: &'a Network,
+    pub data: &'a SplitSet,
+    /// Source-model logits of `data`, row per sample.
+    pub teacher: &'a Array2<f32>,
+    pub classes: usize,
+}
+
+pub fn seen_and_unseen(labels: &[usize], classes: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut seen = labels.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    let unseen = (0..classes).filter(|c| !seen.contains(c)).collect();
+    (seen, unseen)
+}
+
+/// Runs a method. `progress` receives completed steps out of [`planned_steps`].
+pub fn adapt(
+    method: &Method,
+    input: &AdaptInput<'_>,
+    hyper: &Hyper,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Adapted, AdaptError> {
+    let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
+    if method.base == Base::Source {
+        return Ok(Adapted { network: input.source.clone(), gamma: 0.0, unseen, notes: vec![] });
+    }
+    if method.base == Base::Recommended {
+        return adapt(&recommended(), input, hyper, seed, progress).map(|mut adapted| {
+            adapted.notes.insert(0, format!("recommended = {}", recommended()));
+            adapted
+        });
+    }
+    let mut done = 0usize;
+    let mut network =
+        train_network(method, input, input.data, input.teacher, &unseen, hyper, seed, &mut |n| progress(done + n))?;
+    done += planned_train_steps(method, hyper);
+    if method.wise {
+        network = interpolate(input.source, &network, hyper.wise_alpha);
+    }
+    let mut notes = Vec::new();
+    let gamma = if method.alg {
+        let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
+            .logits_of(input.data);
+        calibrate::alg_gamma(&logits, &input.data.labels, &seen, &unseen)
+    } else if method.pcv {
+        pcv_gamma(method, input, &seen, hyper, seed, &mut |n| progress(done + n))?
+    } else {
+        0.0
+    };
+    if method.alg || method.pcv {
+        notes.push(format!("gamma = {gamma:.3}"));
+    }
+    Ok(Adapted { network, gamma, unseen, notes })
+}
+
+/// Steps a method runs, for progress bars.
+pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
+    match method.base {
+        Base::Source => 0,
+        Base::Recommended => planned_steps(&recommended(), hyper),
+        _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
+    }
+}
+
+fn planned_train_steps(method: &Method, hyper: &Hyper) -> usize {
+    if method.lolsgd { hyper.lolsgd_rounds * hyper.lolsgd_copies * hyper.lolsgd_local_steps } else { hyper.steps }
+}
+
+/// The device default; docs/adaptation.md gives the measurements behind it.
+pub fn recommended() -> Method {
+    "ft-tail+alg".parse().expect("a valid method")
+}
+
+fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {
+    let trainable = match method.base {
+        Base::FtHead if method.seen_rows_only => vec![Trainable::HeadSeenRows],
+        Base::FtHead => vec![Trainable::Head],
+        Base::Adapter => vec![Trainable::Adapter],
+        _ => vec![Trainable::Tail],
+    };
+    let distill = (method.distill_unseen || method.distill_all).then_some(DistillConfig {
+        unseen_only: method.distill_unseen,
+        temperature: hyper.distill_temperature,
+        weight: hyper.distill_weight,
+    });
+    TrainConfig {
+        trainable,
+        steps: hyper.steps,
+        batch_size: hyper.batch_size,
+        learning_rate: hyper.learning_rate,
+        sgd: hyper.sgd,
+        distill,
+        cosine_schedule: true,
+        seed,
+        threads: hyper.threads,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_network(
+    method: &Method,
+    input: &AdaptInput<'_>,
+    data: &SplitSet,
+    teacher: &Array2<f32>,
+    unseen: &[usize],
+    hyper: &Hyper,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Network, AdaptError> {
+    let start = if method.base == Base::Adapter {
+        input.source.with_adapter(hyper.adapter_rank, seed)
+    } else {
+        input.source.clone()
+    };
+    let config = train_config(method, hyper, seed);
+    if !method.lolsgd {
+        return train(&start, data, Some(teacher), unseen, &config, progress).map(|(network, _)| network);
+    }
+    leave_out_sgd(&start, data, teacher, unseen, &config, hyper, seed, progress)
+}
+
+/// Leave-out local SGD: each round trains copies on different subsets of the seen classes and
+/// averages them, so that what all subsets agree on (the domain shift) survives and what is
+/// specific to one subset partly cancels.
+#[allow(clippy::too_many_arguments)]
+fn leave_out_sgd(
+    start: &Network,
+    data: &SplitSet,
+    teacher: &Array2<f32>,
+    unseen: &[usize],
+    config: &TrainConfig,
+    hyper: &Hyper,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Network, AdaptError> {
+    let (seen, _) = seen_and_unseen(&data.labels, config_classes(start));
+    let keep =
+        (((1.0 - hyper.lolsgd_leave_out) * seen.len() as f32).round() as usize).clamp(2.min(seen.len()), seen.len());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x1015);
+    let mut current = start.clone();
+    let mut done = 0;
+    for round in 0..hyper.lolsgd_rounds {
+        let mut copies = Vec::with_capacity(hyper.lolsgd_copies);
+        for copy in 0..hyper.lolsgd_copies {
+            let mut subset = seen.clone();
+            subset.shuffle(&mut rng);
+            subset.truncate(keep);
+            let indices: Vec<usize> = (0..data.len()).filter(|&i| subset.contains(&data.labels[i])).collect();
+            let part = data.select(&indices);
+            let part_teacher = teacher.select(Axis(0), &indices);
+            let local = TrainConfig {
+                steps: hyper.lolsgd_local_steps,
+                learning_rate: config.learning_rate * cosine(round, hyper.lolsgd_rounds),
+                cosine_schedule: false,
+                seed: seed.wrapping_mul(1000).wrapping_add((round * hyper.lolsgd_copies + copy) as u64),
+                ..config.clone()
+            };
+            let (trained, _) = train(&current, &part, Some(&part_teacher), unseen, &local, |n| progress(done + n))?;
+            done += hyper.lolsgd_local_steps;
+            copies.push(trained);
+        }
+        current = average(&copies);
+    }
+    Ok(current)
+}
+
+fn config_classes(network: &Network) -> usize {
+    network.num_classes()
+}
+
+fn average(networks: &[Network]) -> Network {
+    let mut mean = networks[0].clone();
+    for slot in 0..mean.params.len() {
+        for other in &networks[1..] {
+            mean.params[slot] += &other.params[slot];
+        }
+        mean.params[slot] /= networks.len() as f32;
+    }
+    mean
+}
+
+/// `alpha · adapted + (1 − alpha) · source`, slot by slot.
+pub fn interpolate(source: &Network, adapted: &Network, alpha: f32) -> Network {
+    let mut mixed = adapted.clone();
+    for (slot, param) in mixed.params.iter_mut().enumerate() {
+        if let Some(source_param) = source.params.get(slot).filter(|p| p.shape() == param.shape()) {
+            param.zip_mut_with(source_param, |a, &s| *a = alpha * *a + (1.0 - alpha) * s);
+        }
+    }
+    mixed
+}
+
+/// Pseudo cross-validation of γ: split the seen classes into pseudo-seen and pseudo-unseen
+/// halves, adapt on the pseudo-seen half, and pick the γ that maximises accuracy on all seen
+/// samples while keeping pseudo-unseen accuracy at least the source model's; average over splits.
+fn pcv_gamma(
+    method: &Method,
+    input: &AdaptInput<'_>,
+    seen: &[usize],
+    hyper: &Hyper,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<f32, AdaptError> {
+    if seen.len() < 4 {
+        return Ok(0.0);
+    }
+    let source_logits = input.teacher;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9c5);
+    let mut gammas = Vec::new();
+    let per_split = planned_train_steps(method, hyper);
+    for split in 0..hyper.pcv_splits {
+        let mut shuffled = seen.to_vec();
+        shuffled.shuffle(&mut rng);
+        let (pseudo_seen, pseudo_unseen) = shuffled.split_at(seen.len() / 2);
+        let train_idx: Vec<usize> =
+            (0..input.data.len()).filter(|&i| pseudo_seen.contains(&input.data.labels[i])).collect();
+        let part = input.data.select(&train_idx);
+        let part_teacher = input.teacher.select(Axis(0), &train_idx);
+        let (_, unseen_here) = seen_and_unseen(&part.labels, input.classes);
+        let base = Method { alg: false, pcv: false, ..method.clone() };
+        let mut network = train_network(
+            &base,
+            input,
+            &part,
+            &part_teacher,
+            &unseen_here,
+            hyper,
+            seed + 7919 * (split as u64 + 1),
+            &mut |n| progress(per_split * (split + 1) + n),
+        )?;
+        if method.wise {
+            network = interpolate(input.source, &network, hyper.wise_alpha);
+        }
+        let logits = Adapted { network, gamma: 0.0, unseen: vec![], notes: vec![] }.logits_of(input.data);
+        let labels = &input.data.labels;
+        let is_pseudo_unseen: Vec<bool> = labels.iter().map(|l| pseudo_unseen.contains(l)).collect();
+        let source_pseudo_unseen_acc = accuracy_where(source_logits, labels, &is_pseudo_unseen, &unseen_here, 0.0);
+        let candidates = candidate_gammas(&logits, pseudo_seen, &unseen_here);
+        let mut best: Option<(f32, f32)> = None;
+        for gamma in candidates {
+            let pseudo_unseen_acc = accuracy_where(&logits, labels, &is_pseudo_unseen, &unseen_here, gamma);
+            if pseudo_unseen_acc + 1e-6 < source_pseudo_unseen_acc {
+                continue;
+            }
+            let all = accuracy_where(&logits, labels, &vec![true; labels.len()], &unseen_here, gamma);
+            if best.is_none_or(|(_, a)| all > a) {
+                best = Some((gamma, all));
+            }
+        }
+        gammas.push(best.map_or(0.0, |(g, _)| g));
+    }
+    Ok(gammas.iter().sum::<f32>() / gammas.len() as f32)
+}
+
+fn candidate_gammas(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f32> {
+    let mut gaps = calibrate::gaps(logits, seen, unseen);
+    gaps.retain(|g| g.is_finite());
+    gaps.sort_by(f32::total_cmp);
+    let mut candidates = vec![0.0];
+    candidates.extend(gaps.iter().map(|g| g + 1e-3));
+    candidates
+}
+
+fn accuracy_where(logits: &Array2<f32>, labels: &[usize], mask: &[bool], unseen: &[usize], gamma: f32) -> f32 {
+    let mut correct = 0usize;
+    let mut total = 0usize;
+    for ((row, &label), &keep) in logits.axis_iter(Axis(0)).zip(labels).zip(mask) {
+        if !keep {
+            continue;
+        }
+        total += 1;
+        let predicted = row
+            .iter()
+            .enumerate()
+            .map(|(c, &z)| (c, if unseen.contains(&c) { z + gamma } else { z }))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(0, |(c, _)| c);
+        correct += (predicted == label) as usize;
+    }
+    if total == 0 { 0.0 } else { correct as f32 / total as f32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_parse_and_print_back() {
+        for text in [
+            "source",
+            "ft-head",
+            "ft-head+alg",
+            "ft-tail+alg",
+            "adapter+lolsgd+alg",
+            "ft-tail+distill-unseen",
+            "ft-tail+wise+pcv",
+            "recommended",
+            "ft-head-seen",
+        ] {
+            let method: Method = text.parse().unwrap();
+            assert_eq!(method.to_string(), text);
+        }
+        let distill: Method = "distill-all".parse().unwrap();
+        assert_eq!(distill.to_string(), "ft-tail+distill-all", "a bare modifier trains the tail");
+    }
+
+    #[test]
+    fn bad_method_names_say_what_is_wrong() {
+        assert!("ft-tail+magic".parse::<Method>().unwrap_err().contains("magic"));
+        assert!("alg+ft-tail".parse::<Method>().unwrap_err().contains("first"));
+        assert!("ft-tail+alg+pcv".parse::<Method>().unwrap_err().contains("one calibration"));
+        assert!("source+alg".parse::<Method>().unwrap_err().contains("no modifiers"));
+        assert!("alg".parse::<Method>().unwrap_err().contains("base"));
+    }
+}

@@ -1,0 +1,118 @@
+//! `edgeadapt bench`: the adaptation benchmark table, JSON and plot.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::adapt::method::Hyper;
+use crate::bench::{self, BenchOptions, Progress, seen::SeenSpec};
+use crate::config::DeviceConfig;
+use crate::inference::Classifier;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Bundle folder (default: the config's bundle, else models/efficientnet-lite0-fonts36).
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// Image-folder root with target/adapt and target/test (optionally target/unlabelled).
+    #[arg(long, default_value = "target/data/fonts36", value_name = "ROOT")]
+    pub data: PathBuf,
+    /// Seen classes: names (`0,2,4`) or `count:K,seed:S`.
+    #[arg(long, default_value = "count:18,seed:0", value_name = "SPEC")]
+    pub seen: SeenSpec,
+    /// Comma-separated methods, e.g. `source,ft-head,ft-tail+alg,recommended,oracle`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "source,ft-head,ft-head+alg,ft-tail,ft-tail+alg,adapter+alg,recommended,oracle"
+    )]
+    pub methods: Vec<String>,
+    /// Training seeds per method.
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a PNG plot.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Training steps (default 300).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Base learning rate (divided by each layer's mean squared input norm; default 0.1).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Where split tensors are cached (default: the edgeadapt cache).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
+    let (bundle_dir, runtime) = super::bundle_and_runtime(args.bundle, config);
+    let bundle = super::load_bundle(&bundle_dir)?;
+    let mut classifier = Classifier::open(bundle, &runtime)?;
+    let mut hyper = Hyper::default();
+    if let Some(steps) = args.steps {
+        hyper.steps = steps;
+    }
+    if let Some(lr) = args.lr {
+        hyper.learning_rate = lr;
+    }
+    for name in &args.methods {
+        if name != "oracle" {
+            name.parse::<crate::adapt::method::Method>().map_err(anyhow::Error::msg)?;
+        }
+    }
+    let options = BenchOptions {
+        data: args.data,
+        seen: args.seen,
+        methods: args.methods,
+        seeds: args.seeds.max(1),
+        hyper,
+        cache_dir: args.cache.unwrap_or_else(|| crate::runtime::library::cache_dir().join("splits")),
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:40} {bar:40} {pos}/{len} [{elapsed_precise}]")
+            .expect("static template"),
+    );
+    let report = bench::run(&mut classifier, &options, &mut |event| match event {
+        Progress::Extracting { what, done, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(format!("extracting {what}"));
+        }
+        Progress::Adapting { method, seed, step, steps } => {
+            bar.set_length(steps as u64);
+            bar.set_position(step as u64);
+            bar.set_message(format!("{method} (seed {seed})"));
+        }
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "seen classes ({}): {}\nunseen classes ({}): {}\nadaptation samples: {} (seen classes of target/adapt); test samples: {}; label-free indicators use {}\n",
+        report.seen_classes.len(),
+        report.seen_classes.join(","),
+        report.unseen_classes.len(),
+        report.unseen_classes.join(","),
+        report.adapt_samples,
+        report.test_samples,
+        report.unlabelled_source
+    );
+    println!("{}\n", bench::table(&report));
+    let correlations: Vec<String> = report
+        .indicator_rank_correlation
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", v.map_or("-".into(), |v| format!("{v:.2}"))))
+        .collect();
+    println!("rank correlation of each indicator's change with the true unseen accuracy: {}", correlations.join(", "));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        bench::plot::write(&report, "recommended", path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(0)
+}
