@@ -199,10 +199,13 @@ fn evaluate(
     }
 }
 
+/// Reads one label-free indicator from a run.
+type Indicator = dyn Fn(&SeedRun) -> Option<f64>;
+
 fn summarise(runs: Vec<SeedRun>) -> MethodReport {
     let stat = |f: &dyn Fn(&SeedRun) -> Option<f64>| Stat::of(runs.iter().filter_map(f).collect());
     let mut unseen_estimate = BTreeMap::new();
-    let indicators: [(&str, &dyn Fn(&SeedRun) -> Option<f64>); 5] = [
+    let indicators: [(&str, &Indicator); 5] = [
         ("reference_unseen_accuracy", &|r| r.health.reference_unseen.map(|(a, _)| a as f64)),
         ("reference_unseen_accuracy_source", &|r| r.health.reference_unseen.map(|(_, s)| s as f64)),
         ("predicted_unseen_rate", &|r| r.health.predicted_unseen_rate.map(|(a, _)| a as f64)),
