@@ -52,6 +52,30 @@ pub fn gaps(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f32> 
         .collect()
 }
 
+/// Prior matching: the `γ` at which the share of `unlabelled` samples predicted as an unseen
+/// class equals `target_rate` (the source model's share on the same traffic). Keeps the unseen
+/// classes' share of local traffic where the source model put it, without unseen labels.
+pub fn prior_matching_gamma(
+    unlabelled_logits: &Array2<f32>,
+    seen: &[usize],
+    unseen: &[usize],
+    target_rate: f32,
+) -> f32 {
+    let mut gaps = gaps(unlabelled_logits, seen, unseen);
+    gaps.retain(|g| g.is_finite());
+    if gaps.is_empty() || unseen.is_empty() {
+        return 0.0;
+    }
+    gaps.sort_by(f32::total_cmp);
+    let n = gaps.len();
+    let k = ((target_rate.clamp(0.0, 1.0) * n as f32).round() as usize).min(n);
+    match k {
+        0 => gaps[0] - 1e-3,
+        k if k == n => gaps[n - 1] + 1e-3,
+        k => 0.5 * (gaps[k - 1] + gaps[k]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +91,18 @@ mod tests {
         let mut shifted = logits.clone();
         apply(&mut shifted, &[2, 3], gamma);
         assert_eq!(shifted.row(0).to_vec(), vec![5.0, 1.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn prior_matching_reaches_the_target_share_of_unseen_predictions() {
+        // Gaps (seen max - unseen max): 3, 1, -1, 2
+        let logits = array![[4.0, 0.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 1.0], [3.0, 1.0, 1.0]];
+        let gamma = prior_matching_gamma(&logits, &[0, 1], &[2], 0.5);
+        let mut calibrated = logits.clone();
+        apply(&mut calibrated, &[2], gamma);
+        let unseen_share = calibrated.axis_iter(Axis(0)).filter(|r| r[2] > r[0].max(r[1])).count();
+        assert_eq!(unseen_share, 2);
+        assert!((gamma - 1.5).abs() < 1e-6);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum Base {
 pub struct Method {
     pub base: Base,
     pub alg: bool,
+    /// Prior matching on unlabelled local traffic (falls back to ALG without such traffic).
+    pub prior: bool,
     pub pcv: bool,
     pub lolsgd: bool,
     pub distill_unseen: bool,
@@ -58,6 +60,7 @@ impl fmt::Display for Method {
             (self.distill_all, "distill-all"),
             (self.wise, "wise"),
             (self.alg, "alg"),
+            (self.prior, "prior"),
             (self.pcv, "pcv"),
         ] {
             if on {
@@ -75,6 +78,7 @@ impl FromStr for Method {
         let mut method = Method {
             base: Base::FtTail,
             alg: false,
+            prior: false,
             pcv: false,
             lolsgd: false,
             distill_unseen: false,
@@ -106,6 +110,7 @@ impl FromStr for Method {
             }
             match token {
                 "alg" => method.alg = true,
+                "prior" => method.prior = true,
                 "pcv" => method.pcv = true,
                 "lolsgd" => method.lolsgd = true,
                 "distill-unseen" => method.distill_unseen = true,
@@ -113,7 +118,7 @@ impl FromStr for Method {
                 "wise" => method.wise = true,
                 other => {
                     return Err(format!(
-                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, pcv, lolsgd, distill-unseen, distill-all, wise)"
+                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, prior, pcv, lolsgd, distill-unseen, distill-all, wise)"
                     ));
                 }
             }
@@ -124,8 +129,8 @@ impl FromStr for Method {
         {
             return Err(format!("'{text}': a method needs a base"));
         }
-        if method.alg && method.pcv {
-            return Err(format!("'{text}': choose one calibration, alg or pcv"));
+        if [method.alg, method.pcv, method.prior].iter().filter(|&&on| on).count() > 1 {
+            return Err(format!("'{text}': choose one calibration: alg, prior or pcv"));
         }
         if method.distill_unseen && method.distill_all {
             return Err(format!("'{text}': choose one distillation, distill-unseen or distill-all"));
@@ -145,7 +150,17 @@ impl FromStr for Method {
 pub struct Hyper {
     pub steps: usize,
     pub batch_size: usize,
-    pub learning_rate: f32,
+    /// Overrides every method's base learning rate (rates are divided by each layer's mean
+    /// squared input norm, so they are comparable across layers and models).
+    pub learning_rate: Option<f32>,
+    /// Default base rates: naive head fine-tuning, tail, adapter.
+    pub head_rate: f32,
+    pub tail_rate: f32,
+    pub adapter_rate: f32,
+    /// Rates `recommended` chooses from on the device's own seen-class validation split.
+    pub recommended_rates: Vec<f32>,
+    /// Share of each seen class's samples `recommended` holds out for that choice.
+    pub validation_share: f32,
     pub sgd: SgdConfig,
     pub adapter_rank: usize,
     pub distill_temperature: f32,
@@ -165,7 +180,12 @@ impl Default for Hyper {
         Hyper {
             steps: 300,
             batch_size: 64,
-            learning_rate: 0.1,
+            learning_rate: None,
+            head_rate: 1.0,
+            tail_rate: 8.0,
+            adapter_rate: 2.0,
+            recommended_rates: vec![2.0, 4.0, 8.0, 16.0],
+            validation_share: 0.2,
             sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
             adapter_rank: 64,
             distill_temperature: 2.0,
@@ -214,6 +234,8 @@ pub struct AdaptInput<'a> {
     /// Source-model logits of `data`, row per sample.
     pub teacher: &'a Array2<f32>,
     pub classes: usize,
+    /// Unlabelled local traffic (split tensors), for prior matching.
+    pub unlabelled: Option<&'a SplitSet>,
 }
 
 pub fn seen_and_unseen(labels: &[usize], classes: usize) -> (Vec<usize>, Vec<usize>) {
@@ -237,10 +259,7 @@ pub fn adapt(
         return Ok(Adapted { network: input.source.clone(), gamma: 0.0, unseen, notes: vec![] });
     }
     if method.base == Base::Recommended {
-        return adapt(&recommended(), input, hyper, seed, progress).map(|mut adapted| {
-            adapted.notes.insert(0, format!("recommended = {}", recommended()));
-            adapted
-        });
+        return adapt_recommended(input, hyper, seed, progress);
     }
     let mut done = 0usize;
     let mut network =
@@ -250,7 +269,16 @@ pub fn adapt(
         network = interpolate(input.source, &network, hyper.wise_alpha);
     }
     let mut notes = Vec::new();
-    let gamma = if method.alg {
+    let gamma = if method.prior && input.unlabelled.is_some_and(|u| !u.is_empty()) {
+        let unlabelled = input.unlabelled.expect("checked");
+        let source = Adapted { network: input.source.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] };
+        let source_logits = source.logits_of(unlabelled);
+        let source_rate = share_predicted(&source_logits, &unseen);
+        let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
+            .logits_of(unlabelled);
+        notes.push(format!("source unseen share = {source_rate:.3}"));
+        calibrate::prior_matching_gamma(&logits, &seen, &unseen, source_rate)
+    } else if method.alg || method.prior {
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
             .logits_of(input.data);
         calibrate::alg_gamma(&logits, &input.data.labels, &seen, &unseen)
@@ -259,17 +287,100 @@ pub fn adapt(
     } else {
         0.0
     };
-    if method.alg || method.pcv {
+    if method.alg || method.pcv || method.prior {
         notes.push(format!("gamma = {gamma:.3}"));
     }
     Ok(Adapted { network, gamma, unseen, notes })
+}
+
+/// The device default: train the tail with the head frozen, calibrate by prior matching on
+/// unlabelled local traffic (ALG without such traffic), and choose the learning rate on a
+/// validation split of the seen samples. Calibration protects the unseen classes, so the
+/// validation choice may safely favour the seen classes. docs/adaptation.md has the numbers.
+fn adapt_recommended(
+    input: &AdaptInput<'_>,
+    hyper: &Hyper,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Adapted, AdaptError> {
+    let method = recommended();
+    let rates = recommended_rates(hyper);
+    let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
+    let mut done = 0;
+    let mut scores = Vec::new();
+    let train_labels: Vec<usize> = train_part.iter().map(|&i| input.data.labels[i]).collect();
+    if rates.len() > 1 && !validation.is_empty() && seen_and_unseen(&train_labels, input.classes).0.len() >= 2 {
+        let part = input.data.select(&train_part);
+        let part_teacher = input.teacher.select(Axis(0), &train_part);
+        let part_input = AdaptInput { data: &part, teacher: &part_teacher, ..*input };
+        let held_out = input.data.select(&validation);
+        for &rate in &rates {
+            let candidate = Hyper { learning_rate: Some(rate), ..hyper.clone() };
+            let adapted = adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n))?;
+            done += hyper.steps;
+            let predicted = adapted.logits_of(&held_out);
+            let correct = predicted
+                .axis_iter(Axis(0))
+                .zip(&held_out.labels)
+                .filter(|(row, label)| {
+                    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).is_some_and(|(c, _)| c == **label)
+                })
+                .count();
+            scores.push((rate, correct as f32 / held_out.len() as f32));
+        }
+    }
+    // Highest validation accuracy; ties go to the smaller rate.
+    let chosen = scores.iter().fold(None::<(f32, f32)>, |best, &(rate, score)| match best {
+        Some((_, best_score)) if best_score >= score => best,
+        _ => Some((rate, score)),
+    });
+    let rate = chosen.map_or(hyper.learning_rate.unwrap_or(hyper.tail_rate), |(rate, _)| rate);
+    let final_hyper = Hyper { learning_rate: Some(rate), ..hyper.clone() };
+    let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
+    let tried = scores.iter().map(|(r, s)| format!("{r}:{:.3}", s)).collect::<Vec<_>>().join(" ");
+    adapted.notes.insert(
+        0,
+        format!(
+            "{method}, lr {rate}{}",
+            if tried.is_empty() { String::new() } else { format!(" (validation {tried})") }
+        ),
+    );
+    Ok(adapted)
+}
+
+fn recommended_rates(hyper: &Hyper) -> Vec<f32> {
+    match hyper.learning_rate {
+        Some(rate) => vec![rate],
+        None => hyper.recommended_rates.clone(),
+    }
+}
+
+/// Holds out `share` of each class's samples (at least one where a class has two or more).
+fn validation_split(data: &SplitSet, share: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7a11d);
+    let (seen, _) = seen_and_unseen(&data.labels, 0);
+    let mut train = Vec::new();
+    let mut validation = Vec::new();
+    for class in seen {
+        let mut members: Vec<usize> = (0..data.len()).filter(|&i| data.labels[i] == class).collect();
+        members.shuffle(&mut rng);
+        let held = if members.len() >= 2 { ((members.len() as f32 * share).round() as usize).max(1) } else { 0 };
+        validation.extend_from_slice(&members[..held]);
+        train.extend_from_slice(&members[held..]);
+    }
+    train.sort_unstable();
+    validation.sort_unstable();
+    (train, validation)
 }
 
 /// Steps a method runs, for progress bars.
 pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
     match method.base {
         Base::Source => 0,
-        Base::Recommended => planned_steps(&recommended(), hyper),
+        Base::Recommended => {
+            let rates = recommended_rates(hyper).len();
+            hyper.steps * if rates > 1 { rates + 1 } else { 1 }
+        }
         _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
     }
 }
@@ -278,9 +389,9 @@ fn planned_train_steps(method: &Method, hyper: &Hyper) -> usize {
     if method.lolsgd { hyper.lolsgd_rounds * hyper.lolsgd_copies * hyper.lolsgd_local_steps } else { hyper.steps }
 }
 
-/// The device default; docs/adaptation.md gives the measurements behind it.
+/// The method `recommended` trains with (its learning rate is chosen per device).
 pub fn recommended() -> Method {
-    "ft-tail+alg".parse().expect("a valid method")
+    "ft-tail+prior".parse().expect("a valid method")
 }
 
 fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {
@@ -295,11 +406,16 @@ fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {
         temperature: hyper.distill_temperature,
         weight: hyper.distill_weight,
     });
+    let default_rate = match method.base {
+        Base::FtHead => hyper.head_rate,
+        Base::Adapter => hyper.adapter_rate,
+        _ => hyper.tail_rate,
+    };
     TrainConfig {
         trainable,
         steps: hyper.steps,
         batch_size: hyper.batch_size,
-        learning_rate: hyper.learning_rate,
+        learning_rate: hyper.learning_rate.unwrap_or(default_rate),
         sgd: hyper.sgd,
         distill,
         cosine_schedule: true,
@@ -462,6 +578,17 @@ fn pcv_gamma(
         gammas.push(best.map_or(0.0, |(g, _)| g));
     }
     Ok(gammas.iter().sum::<f32>() / gammas.len() as f32)
+}
+
+/// Share of rows whose argmax is one of `classes`.
+fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
+    let hits = logits
+        .axis_iter(Axis(0))
+        .filter(|row| {
+            row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).is_some_and(|(c, _)| classes.contains(&c))
+        })
+        .count();
+    hits as f32 / logits.nrows().max(1) as f32
 }
 
 fn candidate_gammas(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f32> {

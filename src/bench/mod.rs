@@ -133,7 +133,8 @@ pub fn run(
         let steps = method::planned_steps(&method, &options.hyper);
         let mut runs = Vec::new();
         for seed in 0..options.seeds {
-            let input = AdaptInput { source: &source, data, teacher, classes: classes.len() };
+            let input =
+                AdaptInput { source: &source, data, teacher, classes: classes.len(), unlabelled: Some(&unlabelled) };
             let started = Instant::now();
             let adapted = method::adapt(&method, &input, &options.hyper, seed as u64, &mut |step| {
                 progress(Progress::Adapting { method: name, seed, step, steps })

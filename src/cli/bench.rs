@@ -39,7 +39,8 @@ pub struct BenchArgs {
     /// Training steps (default 300).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Base learning rate (divided by each layer's mean squared input norm; default 0.1).
+    /// Base learning rate for every method, overriding the defaults (rates are divided by each
+    /// layer's mean squared input norm).
     #[arg(long)]
     pub lr: Option<f32>,
     /// Where split tensors are cached (default: the edgeadapt cache).
@@ -56,7 +57,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         hyper.steps = steps;
     }
     if let Some(lr) = args.lr {
-        hyper.learning_rate = lr;
+        hyper.learning_rate = Some(lr);
     }
     for name in &args.methods {
         if name != "oracle" {
