@@ -276,7 +276,7 @@ pub fn adapt(
         let source_rate = share_predicted(&source_logits, &unseen);
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
             .logits_of(unlabelled);
-        notes.push(format!("source unseen share = {source_rate:.3}"));
+        notes.push(format!("unseen share {source_rate:.3}"));
         calibrate::prior_matching_gamma(&logits, &seen, &unseen, source_rate)
     } else if method.alg || method.prior {
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
@@ -288,7 +288,7 @@ pub fn adapt(
         0.0
     };
     if method.alg || method.pcv || method.prior {
-        notes.push(format!("gamma = {gamma:.3}"));
+        notes.push(format!("γ {gamma:.2}"));
     }
     Ok(Adapted { network, gamma, unseen, notes })
 }
@@ -337,14 +337,11 @@ fn adapt_recommended(
     let rate = chosen.map_or(hyper.learning_rate.unwrap_or(hyper.tail_rate), |(rate, _)| rate);
     let final_hyper = Hyper { learning_rate: Some(rate), ..hyper.clone() };
     let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
-    let tried = scores.iter().map(|(r, s)| format!("{r}:{:.3}", s)).collect::<Vec<_>>().join(" ");
-    adapted.notes.insert(
-        0,
-        format!(
-            "{method}, lr {rate}{}",
-            if tried.is_empty() { String::new() } else { format!(" (validation {tried})") }
-        ),
-    );
+    adapted.notes.insert(0, format!("lr {rate}"));
+    if !scores.is_empty() {
+        let tried = scores.iter().map(|(r, s)| format!("{r}: {s:.3}")).collect::<Vec<_>>().join(", ");
+        adapted.notes.push(format!("validation {tried}"));
+    }
     Ok(adapted)
 }
 

@@ -126,7 +126,7 @@ pub fn run(
     let mut methods = BTreeMap::new();
     for name in &options.methods {
         let (method, data, teacher): (Method, &SplitSet, &Array2<f32>) = if name == "oracle" {
-            (method::recommended(), &adapt_all, &teacher_all)
+            ("recommended".parse().map_err(anyhow::Error::msg)?, &adapt_all, &teacher_all)
         } else {
             (name.parse().map_err(anyhow::Error::msg)?, &seen_data, &teacher_seen)
         };
@@ -301,7 +301,9 @@ pub fn table(report: &BenchReport) -> String {
             (Some(a), Some(b)) => format!("{:.1} ({:.1})", 100.0 * a, 100.0 * b),
             _ => "-".into(),
         };
-        let choice = m.choices.iter().map(|c| c.join("; ")).filter(|c| !c.is_empty()).collect::<Vec<_>>().join(" / ");
+        let mut distinct: Vec<String> = m.choices.iter().map(|c| c.join(", ")).filter(|c| !c.is_empty()).collect();
+        distinct.dedup();
+        let choice = distinct.join(" / ");
         lines.push(format!(
             "| {name} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {} | {} |",
             pct(&m.overall),
