@@ -7,9 +7,13 @@ cd "$(dirname "$0")/.."
 python3 tools/fetch-onnxruntime.py --quiet
 
 data=target/data
-if [ ! -f "$data/fonts36/.extracted-$(sha256sum benches/data/fonts36.tar.gz | cut -c1-16)" ]; then
-    rm -rf "$data/fonts36"
-    mkdir -p "$data"
-    tar -xzf benches/data/fonts36.tar.gz -C "$data"
-    touch "$data/fonts36/.extracted-$(sha256sum benches/data/fonts36.tar.gz | cut -c1-16)"
-fi
+mkdir -p "$data"
+for archive in benches/data/*.tar.gz; do
+    name=$(basename "$archive" .tar.gz)
+    stamp="$data/$name/.extracted-$(sha256sum "$archive" | cut -c1-16)"
+    if [ ! -f "$stamp" ]; then
+        rm -rf "${data:?}/$name"
+        tar -xzf "$archive" -C "$data"
+        touch "$stamp"
+    fi
+done

@@ -260,10 +260,41 @@ def package_version(pkg, _cache={}):
     return _cache[pkg]
 
 
-def check_fonts():
+def augmentation_meta():
+    """DATASET.json description of the glyph jitter applied by render()."""
+    return {
+        "rotation_deg": [-MAX_ROT_DEG, MAX_ROT_DEG],
+        "shift_fraction": [-MAX_SHIFT_FRAC, MAX_SHIFT_FRAC],
+        "scale_of_box": list(SCALE_RANGE),
+        "box_fraction": BOX_FRAC,
+        "stroke_px": [-0.5, 0.0, 0.5, 1.0],
+        "gaussian_blur_radius": [0.0, 0.4, 0.6],
+    }
+
+
+def families_meta(families, usage):
+    """DATASET.json entries for `families`; `usage` maps font file -> images."""
+    return [
+        {
+            "package": pkg,
+            "package_version": package_version(pkg),
+            "family": fam,
+            "files": [
+                {"file": os.path.join(FONT_ROOT, rel),
+                 "sha256": sha256(os.path.join(FONT_ROOT, rel)),
+                 "images": usage.get(rel, 0)}
+                for rel in files
+            ],
+        }
+        for pkg, fam, files in families
+    ]
+
+
+def check_fonts(splits=SPLITS):
+    """Problems with the fonts of `splits` ((dir, families, count) tuples)."""
     from fontTools.ttLib import TTFont  # only needed for the coverage check
     bad = []
-    for _, families, _ in SPLITS:
+    for _, families, _ in splits:
         for pkg, fam, files in families:
             for rel in files:
                 path = os.path.join(FONT_ROOT, rel)
@@ -308,14 +339,7 @@ def main():
         "pillow_version": PIL.__version__,
         "numpy_version": np.__version__,
         "classes": CLASSES,
-        "augmentation": {
-            "rotation_deg": [-MAX_ROT_DEG, MAX_ROT_DEG],
-            "shift_fraction": [-MAX_SHIFT_FRAC, MAX_SHIFT_FRAC],
-            "scale_of_box": list(SCALE_RANGE),
-            "box_fraction": BOX_FRAC,
-            "stroke_px": [-0.5, 0.0, 0.5, 1.0],
-            "gaussian_blur_radius": [0.0, 0.4, 0.6],
-        },
+        "augmentation": augmentation_meta(),
         "splits": {},
     }
 
@@ -336,20 +360,7 @@ def main():
         meta["splits"][split] = {
             "per_class_count": {c: count for c in CLASSES},
             "total": count * len(CLASSES),
-            "families": [
-                {
-                    "package": pkg,
-                    "package_version": package_version(pkg),
-                    "family": fam,
-                    "files": [
-                        {"file": os.path.join(FONT_ROOT, rel),
-                         "sha256": sha256(os.path.join(FONT_ROOT, rel)),
-                         "images": usage.get(rel, 0)}
-                        for rel in files
-                    ],
-                }
-                for pkg, fam, files in families
-            ],
+            "families": families_meta(families, usage),
         }
         print(f"{split}: {count * len(CLASSES)} images", file=sys.stderr)
 
