@@ -1,0 +1,69 @@
+//! `edgeadapt bench` end to end on a small slice of fonts36: the JSON follows the documented
+//! schema and the plot is written.
+
+mod common;
+
+use std::process::Command;
+
+use common::repo;
+
+#[test]
+fn a_small_bench_writes_the_table_json_and_plot() {
+    let fonts36 = repo().join("target/data/fonts36");
+    assert!(fonts36.is_dir(), "run tools/setup.sh first: {} is missing", fonts36.display());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    for split in ["target/adapt", "target/test"] {
+        for class in ["0", "1", "2", "A", "B", "C"] {
+            let to = root.join(split).join(class);
+            std::fs::create_dir_all(&to).unwrap();
+            for n in 0..4 {
+                std::fs::copy(fonts36.join(split).join(class).join(format!("{n}.png")), to.join(format!("{n}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    // The bench reads every class folder present; the other 30 classes simply have no samples.
+    let json = dir.path().join("bench.json");
+    let plot = dir.path().join("bench.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .args([
+            "bench",
+            "--data",
+            root.to_str().unwrap(),
+            "--seen",
+            "0,A,B",
+            "--methods",
+            "source,ft-head,ft-tail+prior,recommended,oracle",
+        ])
+        .args(["--seeds", "2", "--steps", "5", "--cache", dir.path().join("cache").to_str().unwrap()])
+        .args(["--json", json.to_str().unwrap(), "--plot", plot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("| method | overall |") && stdout.contains("| recommended |"), "{stdout}");
+
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["seen_classes"], serde_json::json!(["0", "A", "B"]));
+    for method in ["source", "ft-head", "ft-tail+prior", "recommended", "oracle"] {
+        let entry = &report["methods"][method];
+        for metric in ["overall", "seen", "unseen", "seconds"] {
+            let per_seed = entry[metric]["per_seed"].as_array().unwrap_or_else(|| panic!("{method}.{metric}: {entry}"));
+            assert_eq!(per_seed.len(), 2, "{method}.{metric}");
+            let mean = entry[metric]["mean"].as_f64().unwrap();
+            assert!(entry[metric]["std"].as_f64().unwrap() >= 0.0);
+            if metric != "seconds" {
+                assert!((0.0..=1.0).contains(&mean), "{method}.{metric} = {mean}");
+            }
+        }
+        assert!(entry["unseen_estimate"]["predicted_unseen_rate"]["mean"].is_number(), "{method}");
+    }
+    // The source model's two seeds are identical: nothing trains.
+    let source = &report["methods"]["source"]["overall"]["per_seed"];
+    assert_eq!(source[0], source[1]);
+    let png = std::fs::read(&plot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG file");
+    // The split tensors were cached: a second run reads them instead of running the trunk.
+    assert!(std::fs::read_dir(dir.path().join("cache")).unwrap().count() >= 2);
+}
