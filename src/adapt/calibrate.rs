@@ -76,6 +76,46 @@ pub fn prior_matching_gamma(
     }
 }
 
+/// Prior matching corrected for the seen classes' better recall: the adapted model should give
+/// the unseen classes the source model's share of traffic *minus* the seen-class samples it no
+/// longer mistakes for unseen ones. With `r` the source's unseen share of unlabelled traffic,
+/// `a` the source's unseen share on labelled seen-class samples and `a(γ)` the adapted model's,
+/// the seen share of traffic is taken as `1 − r` and `γ` solves
+/// `share_unlabelled(γ) = r − (1 − r)·(a − a(γ))` (the smallest `γ` reaching it).
+pub fn recall_corrected_gamma(
+    unlabelled_logits: &Array2<f32>,
+    labelled_seen_logits: &Array2<f32>,
+    seen: &[usize],
+    unseen: &[usize],
+    source_rate: f32,
+    source_seen_as_unseen: f32,
+) -> f32 {
+    let unlabelled = sorted_gaps(unlabelled_logits, seen, unseen);
+    let labelled = sorted_gaps(labelled_seen_logits, seen, unseen);
+    if unlabelled.is_empty() || unseen.is_empty() {
+        return 0.0;
+    }
+    let share_below =
+        |sorted: &[f32], gamma: f32| sorted.partition_point(|&g| g < gamma) as f32 / sorted.len().max(1) as f32;
+    let seen_share = 1.0 - source_rate;
+    let mut candidates: Vec<f32> = unlabelled.iter().chain(&labelled).map(|g| g + 1e-4).collect();
+    candidates.sort_by(f32::total_cmp);
+    for gamma in candidates {
+        let target = source_rate - seen_share * (source_seen_as_unseen - share_below(&labelled, gamma));
+        if share_below(&unlabelled, gamma) >= target {
+            return gamma;
+        }
+    }
+    unlabelled[unlabelled.len() - 1] + 1e-3
+}
+
+fn sorted_gaps(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f32> {
+    let mut gaps = gaps(logits, seen, unseen);
+    gaps.retain(|g| g.is_finite());
+    gaps.sort_by(f32::total_cmp);
+    gaps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +143,25 @@ mod tests {
         let unseen_share = calibrated.axis_iter(Axis(0)).filter(|r| r[2] > r[0].max(r[1])).count();
         assert_eq!(unseen_share, 2);
         assert!((gamma - 1.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_recall_correction_hands_traffic_back_to_the_seen_classes() {
+        // Unlabelled gaps 3, 1, -1, 2, -2, 0.5; source predicted half of the traffic unseen.
+        let unlabelled = array![[3.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.5, 0.0]];
+        // Labelled seen samples: the adapted model calls none of them unseen at γ below 0.2.
+        let labelled = array![[2.0, 0.0], [1.5, 0.0], [0.2, 0.0], [3.0, 0.0]];
+        let plain = prior_matching_gamma(&unlabelled, &[0], &[1], 0.5);
+        // The source called 40 % of the labelled seen samples unseen: the target share drops to
+        // 0.5 - 0.5 * 0.4 = 0.3, i.e. 2 of 6 unlabelled samples.
+        let corrected = recall_corrected_gamma(&unlabelled, &labelled, &[0], &[1], 0.5, 0.4);
+        assert!(corrected < plain, "{corrected} vs {plain}");
+        let share = gaps(&unlabelled, &[0], &[1]).iter().filter(|&&g| g < corrected).count();
+        assert_eq!(share, 2);
+        // Without a recall gain there is nothing to hand back.
+        let confident = array![[4.0, 0.0], [5.0, 0.0]];
+        let same = recall_corrected_gamma(&unlabelled, &confident, &[0], &[1], 0.5, 0.0);
+        assert_eq!(gaps(&unlabelled, &[0], &[1]).iter().filter(|&&g| g < same).count(), 3);
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Method {
     pub alg: bool,
     /// Prior matching on unlabelled local traffic (falls back to ALG without such traffic).
     pub prior: bool,
+    /// Prior matching corrected for the seen classes' improved recall (see `calibrate`).
+    pub prior_recall: bool,
     pub pcv: bool,
     pub lolsgd: bool,
     pub distill_unseen: bool,
@@ -60,7 +62,8 @@ impl fmt::Display for Method {
             (self.distill_all, "distill-all"),
             (self.wise, "wise"),
             (self.alg, "alg"),
-            (self.prior, "prior"),
+            (self.prior && !self.prior_recall, "prior"),
+            (self.prior_recall, "prior-recall"),
             (self.pcv, "pcv"),
         ] {
             if on {
@@ -79,6 +82,7 @@ impl FromStr for Method {
             base: Base::FtTail,
             alg: false,
             prior: false,
+            prior_recall: false,
             pcv: false,
             lolsgd: false,
             distill_unseen: false,
@@ -111,6 +115,10 @@ impl FromStr for Method {
             match token {
                 "alg" => method.alg = true,
                 "prior" => method.prior = true,
+                "prior-recall" => {
+                    method.prior = true;
+                    method.prior_recall = true;
+                }
                 "pcv" => method.pcv = true,
                 "lolsgd" => method.lolsgd = true,
                 "distill-unseen" => method.distill_unseen = true,
@@ -118,7 +126,7 @@ impl FromStr for Method {
                 "wise" => method.wise = true,
                 other => {
                     return Err(format!(
-                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, prior, pcv, lolsgd, distill-unseen, distill-all, wise)"
+                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, prior, prior-recall, pcv, lolsgd, distill-unseen, distill-all, wise)"
                     ));
                 }
             }
@@ -277,7 +285,14 @@ pub fn adapt(
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
             .logits_of(unlabelled);
         notes.push(format!("unseen share {source_rate:.3}"));
-        calibrate::prior_matching_gamma(&logits, &seen, &unseen, source_rate)
+        if method.prior_recall {
+            let source_seen_as_unseen = share_predicted(input.teacher, &unseen);
+            let labelled = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
+                .logits_of(input.data);
+            calibrate::recall_corrected_gamma(&logits, &labelled, &seen, &unseen, source_rate, source_seen_as_unseen)
+        } else {
+            calibrate::prior_matching_gamma(&logits, &seen, &unseen, source_rate)
+        }
     } else if method.alg || method.prior {
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
             .logits_of(input.data);
