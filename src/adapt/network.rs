@@ -6,8 +6,12 @@
 
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2};
 
-use crate::model::tail::{TailLayer, sigmoid};
+use crate::model::tail::TailLayer;
 use crate::model::{Bundle, Head};
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
 
 /// Elementwise activation functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +82,32 @@ pub struct Batch {
 impl Batch {
     pub fn samples(&self) -> usize {
         self.data.nrows() / self.positions
+    }
+
+    /// A trunk output batch in ONNX layout (`[N, C, H, W]` or `[N, D]`), channels last.
+    pub fn from_onnx(split: ndarray::ArrayViewD<'_, f32>) -> Result<Batch, String> {
+        let shape = split.shape().to_vec();
+        match shape.as_slice() {
+            [n, d] => Ok(Batch {
+                data: split
+                    .into_dimensionality::<Ix2>()
+                    .expect("rank 2")
+                    .to_owned()
+                    .into_shape_with_order((*n, *d))
+                    .expect("owned"),
+                positions: 1,
+            }),
+            [n, c, h, w] => {
+                let channels_last = split.permuted_axes(vec![0, 2, 3, 1]);
+                let data = channels_last
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_shape_with_order((n * h * w, *c))
+                    .expect("standard layout reshapes");
+                Ok(Batch { data, positions: h * w })
+            }
+            other => Err(format!("split tensors must be [N, D] or [N, C, H, W], got {other:?}")),
+        }
     }
 }
 
@@ -212,14 +242,24 @@ impl Network {
         (logits, Tape { inputs, adapter_pre, features })
     }
 
-    /// Logits only, without keeping a tape.
-    pub fn logits(&self, input: Batch) -> Array2<f32> {
+    /// Penultimate features (the head's input), without keeping a tape.
+    pub fn features(&self, input: Batch) -> Array2<f32> {
         let mut current = input;
         for layer in &self.layers {
             current = self.layer_forward(layer, &current).0;
         }
-        let features = to_flat(current);
-        affine(features.view(), self.matrix(self.head.0), self.vector(self.head.1))
+        to_flat(current)
+    }
+
+    /// Logits only, without keeping a tape.
+    pub fn logits(&self, input: Batch) -> Array2<f32> {
+        let features = self.features(input);
+        self.head_logits(features.view())
+    }
+
+    /// The head applied to features.
+    pub fn head_logits(&self, features: ArrayView2<'_, f32>) -> Array2<f32> {
+        affine(features, self.matrix(self.head.0), self.vector(self.head.1))
     }
 
     fn layer_forward(&self, layer: &Layer, x: &Batch) -> (Batch, Option<Array2<f32>>) {
@@ -488,6 +528,49 @@ mod tests {
         wanted[4] = true;
         let grads = network.backward(&tape, &dlogits, &wanted);
         assert!(grads.iter().enumerate().all(|(slot, g)| g.is_some() == (slot == 4)));
+    }
+
+    #[test]
+    fn onnx_batches_become_channels_last_rows_and_a_1x1_convolution_acts_per_position() {
+        let split = ndarray::Array::from_shape_fn(ndarray::IxDyn(&[2, 3, 2, 2]), |i| {
+            (i[0] * 100 + i[1] * 10 + i[2] * 2 + i[3]) as f32 / 50.0 - 1.0
+        });
+        let batch = Batch::from_onnx(split.view()).unwrap();
+        assert_eq!((batch.data.dim(), batch.positions), ((8, 3), 4));
+        // sample 1, position (h=1, w=0) is row 4 + 2, channel 2
+        assert_eq!(batch.data[[6, 2]], split[[1, 2, 1, 0]]);
+        let weight = ndarray::array![[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]];
+        let bias = ndarray::array![0.25, -1.0];
+        let network = Network {
+            layers: vec![Layer::Affine { weight: 0, bias: 1 }],
+            head: (2, 3),
+            params: vec![
+                weight.clone().into_dyn(),
+                bias.clone().into_dyn(),
+                Array2::<f32>::eye(8).into_dyn(),
+                Array1::<f32>::zeros(8).into_dyn(),
+            ],
+            roles: vec![Role::Tail, Role::Tail, Role::Head, Role::Head],
+        };
+        let out = network.layer_forward(&network.layers[0], &batch).0;
+        for (n, h, w, o) in [(0, 0, 1, 0), (1, 1, 1, 1)] {
+            let expected: f32 = (0..3).map(|c| weight[[o, c]] * split[[n, c, h, w]]).sum::<f32>() + bias[o];
+            assert!((out.data[[n * 4 + h * 2 + w, o]] - expected).abs() < 1e-6);
+        }
+        // Flatten after the convolution is ONNX's channel-major order.
+        let flat = to_flat(out.clone());
+        assert_eq!(flat.dim(), (2, 8));
+        assert_eq!(flat[[1, 4 + 3]], out.data[[4 + 3, 1]]);
+    }
+
+    #[test]
+    fn activations_match_their_definitions() {
+        let values = [-7.0f32, -0.5, 0.0, 0.5, 7.0];
+        let apply = |act: Activation| values.iter().map(|&v| act.apply(v)).collect::<Vec<_>>();
+        assert_eq!(apply(Activation::Relu), vec![0.0, 0.0, 0.0, 0.5, 7.0]);
+        assert_eq!(apply(Activation::Relu6), vec![0.0, 0.0, 0.0, 0.5, 6.0]);
+        assert!((apply(Activation::Sigmoid)[2] - 0.5).abs() < 1e-7);
+        assert!((apply(Activation::Silu)[3] - 0.5 * sigmoid(0.5)).abs() < 1e-7);
     }
 
     #[test]

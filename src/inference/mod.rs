@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayView4, ArrayViewD, Axis};
 use serde::Serialize;
 
+use crate::adapt::network::{Batch, Network};
 use crate::imaging::{self, DecodeLimits, ImageInputError};
-use crate::model::{Activations, Bundle};
+use crate::model::Bundle;
 use crate::runtime::{self, ModelSession, ProviderKind, RuntimeError, RuntimeOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -17,13 +18,15 @@ pub enum InferenceError {
     MissingTensor { model: PathBuf, what: &'static str, name: String, available: String },
     #[error("{model}: inference failed: {problem}")]
     Run { model: PathBuf, problem: String },
-    #[error("{0}")]
-    Tail(#[from] crate::model::tail::TailError),
+    #[error("split tensors of shape {got:?} do not match the bundle's {expected:?}")]
+    SplitShape { got: Vec<usize>, expected: Vec<usize> },
 }
 
 /// A bundle opened for inference.
 pub struct Classifier {
     pub bundle: Bundle,
+    /// Tail and head: the same code adaptation trains, so an adapted version only swaps weights.
+    network: Network,
     trunk: ModelSession,
 }
 
@@ -33,7 +36,8 @@ impl Classifier {
         let contract = &bundle.manifest.input;
         check_names(&trunk, "input", &contract.tensor, trunk.session.inputs().iter().map(|o| o.name()))?;
         check_names(&trunk, "output", &bundle.manifest.trunk.output, trunk.session.outputs().iter().map(|o| o.name()))?;
-        Ok(Classifier { bundle, trunk })
+        let network = Network::from_bundle(&bundle);
+        Ok(Classifier { bundle, network, trunk })
     }
 
     /// The execution provider the trunk actually runs on.
@@ -56,14 +60,22 @@ impl Classifier {
         Ok(array.to_owned())
     }
 
-    /// Tail and head on split tensors: `[N, ...]` to penultimate features `[N, d]`.
+    /// Tail on split tensors: `[N, ...]` to penultimate features `[N, d]`.
     pub fn features_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
-        Ok(self.bundle.tail.forward(Activations::from_onnx(split)?)?)
+        Ok(self.network.features(self.batch(split)?))
     }
 
     pub fn logits_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
-        let features = self.features_from_split(split)?;
-        Ok(self.bundle.head.logits(features.view()))
+        Ok(self.network.logits(self.batch(split)?))
+    }
+
+    fn batch(&self, split: ArrayViewD<'_, f32>) -> Result<Batch, InferenceError> {
+        let expected = &self.bundle.manifest.trunk.output_shape;
+        let got = split.shape().get(1..).unwrap_or(&[]).to_vec();
+        if &got != expected {
+            return Err(InferenceError::SplitShape { got, expected: expected.clone() });
+        }
+        Batch::from_onnx(split).map_err(|_| InferenceError::SplitShape { got, expected: expected.clone() })
     }
 
     pub fn logits(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, InferenceError> {

@@ -11,4 +11,4 @@ pub mod tensors;
 pub use bundle::{Bundle, BundleError};
 pub use head::Head;
 pub use manifest::Manifest;
-pub use tail::{Activations, Tail, TailLayer};
+pub use tail::{Tail, TailLayer};
