@@ -115,3 +115,20 @@ fn trunk_tail_and_head_equal_the_whole_model_run_as_one_onnx_session() {
     .unwrap();
     assert!(max_abs_diff(&whole, &recorded) < TOLERANCE);
 }
+
+#[test]
+fn large_batches_split_over_threads_give_the_same_logits() {
+    let bundle = default_bundle();
+    let images = recorded();
+    let batch = fixture_batch(&bundle, &images);
+    let views: Vec<_> = (0..4).map(|_| batch.view()).collect();
+    let big = ndarray::concatenate(Axis(0), &views).unwrap();
+    let mut classifier = Classifier::open(bundle, &RuntimeOptions::default()).unwrap();
+    let split = classifier.split(big.view()).unwrap();
+    let together = classifier.logits_from_split(split.view()).unwrap();
+    for (index, row) in together.axis_iter(Axis(0)).enumerate() {
+        let single =
+            classifier.logits_from_split(split.slice_axis(Axis(0), ndarray::Slice::from(index..index + 1))).unwrap();
+        assert_eq!(row, single.row(0), "sample {index}");
+    }
+}

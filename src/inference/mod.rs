@@ -22,6 +22,9 @@ pub enum InferenceError {
     SplitShape { got: Vec<usize>, expected: Vec<usize> },
 }
 
+/// Batches of at least twice this many samples run the tail on several threads.
+const PARALLEL_MIN_SAMPLES: usize = 8;
+
 /// A bundle opened for inference.
 pub struct Classifier {
     pub bundle: Bundle,
@@ -65,8 +68,27 @@ impl Classifier {
         Ok(self.network.features(self.batch(split)?))
     }
 
+    /// Large batches are split over the cores: ONNX Runtime's threads are idle while the tail
+    /// runs, and the tail's matrix products are too small to thread well on their own.
     pub fn logits_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
-        Ok(self.network.logits(self.batch(split)?))
+        let samples = split.shape().first().copied().unwrap_or(0);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(samples / PARALLEL_MIN_SAMPLES);
+        if workers <= 1 {
+            return Ok(self.network.logits(self.batch(split)?));
+        }
+        let per_worker = samples.div_ceil(workers);
+        let parts: Vec<_> = (0..samples)
+            .step_by(per_worker)
+            .map(|start| split.slice_axis(Axis(0), ndarray::Slice::from(start..(start + per_worker).min(samples))))
+            .collect();
+        let results: Vec<Result<Array2<f32>, InferenceError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                parts.into_iter().map(|part| scope.spawn(move || Ok(self.network.logits(self.batch(part)?)))).collect();
+            handles.into_iter().map(|h| h.join().expect("tail workers do not panic")).collect()
+        });
+        let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let views: Vec<_> = results.iter().map(|r| r.view()).collect();
+        Ok(ndarray::concatenate(Axis(0), &views).expect("parts share the class count"))
     }
 
     fn batch(&self, split: ArrayViewD<'_, f32>) -> Result<Batch, InferenceError> {
