@@ -17,21 +17,12 @@ pub struct SplitSet {
 
 impl SplitSet {
     /// From a trunk output batch in ONNX layout (`[N, C, H, W]` or `[N, D]`).
-    pub fn from_onnx(split: ArrayViewD<'_, f32>, labels: Vec<usize>) -> SplitSet {
-        let samples = split.shape()[0];
-        assert_eq!(samples, labels.len(), "one label per sample");
-        let (positions, channels) = match split.ndim() {
-            4 => (split.shape()[2] * split.shape()[3], split.shape()[1]),
-            _ => (1, split.len() / samples.max(1)),
-        };
-        let data = if split.ndim() == 4 {
-            let channels_last = split.permuted_axes(vec![0, 2, 3, 1]);
-            let owned = channels_last.as_standard_layout().mapv(f16::from_f32);
-            owned.into_shape_with_order((samples * positions, channels)).expect("standard layout")
-        } else {
-            split.mapv(f16::from_f32).into_shape_with_order((samples, channels)).expect("flat split")
-        };
-        SplitSet { data, positions, labels }
+    pub fn from_onnx(split: ArrayViewD<'_, f32>, labels: Vec<usize>) -> Result<SplitSet, String> {
+        if split.shape().first() != Some(&labels.len()) {
+            return Err(format!("{} labels for split tensors of shape {:?}", labels.len(), split.shape()));
+        }
+        let batch = Batch::from_onnx(split)?;
+        Ok(SplitSet { data: batch.data.mapv(f16::from_f32), positions: batch.positions, labels })
     }
 
     pub fn len(&self) -> usize {
@@ -97,7 +88,8 @@ mod tests {
     #[test]
     fn onnx_layout_becomes_channels_last_rows() {
         let split = Array::from_shape_fn(IxDyn(&[2, 3, 2, 2]), |i| (i[0] * 100 + i[1] * 10 + i[2] * 2 + i[3]) as f32);
-        let set = SplitSet::from_onnx(split.view(), vec![4, 7]);
+        let set = SplitSet::from_onnx(split.view(), vec![4, 7]).unwrap();
+        assert!(SplitSet::from_onnx(split.view(), vec![1]).is_err());
         assert_eq!((set.positions, set.channels(), set.len()), (4, 3, 2));
         let batch = set.batch(&[1]);
         // sample 1, position (h=1, w=0) = 2, channel 2

@@ -42,7 +42,9 @@ pub fn folder_splits(
         let tensors = prepared.into_iter().collect::<Result<Vec<_>, _>>()?;
         let batch = imaging::stack(&tensors.iter().map(|t| t.view()).collect::<Vec<_>>());
         let split = classifier.split(batch.view())?;
-        sets.push(SplitSet::from_onnx(split.view(), chunk.iter().map(|i| i.label).collect()));
+        sets.push(
+            SplitSet::from_onnx(split.view(), chunk.iter().map(|i| i.label).collect()).map_err(anyhow::Error::msg)?,
+        );
         progress((done * 64 + chunk.len()).min(images.len()), images.len());
     }
     let set = SplitSet::concat(&sets.iter().collect::<Vec<_>>());

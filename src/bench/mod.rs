@@ -115,7 +115,10 @@ pub fn run(
     } else {
         (adapt_all.clone(), "target/adapt (labels ignored)".to_string())
     };
-    let reference = classifier.bundle.reference()?.map(|(split, labels)| SplitSet::from_onnx(split.view(), labels));
+    let reference = match classifier.bundle.reference()? {
+        Some((split, labels)) => Some(SplitSet::from_onnx(split.view(), labels).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
 
     let source = Network::from_bundle(&classifier.bundle);
     let seen_data = adapt_all.filter(|label| seen.contains(&label));
