@@ -118,14 +118,8 @@ impl Classifier {
         let mut results = Vec::with_capacity(files.len());
         for chunk in files.chunks(batch_size.max(1)) {
             let prepared = prepare_files(chunk, &self.bundle.manifest.input, limits);
-            let mut ok_positions = Vec::new();
-            let mut tensors = Vec::new();
-            for (position, outcome) in prepared.iter().enumerate() {
-                if let Ok(tensor) = outcome {
-                    ok_positions.push(position);
-                    tensors.push(tensor.view());
-                }
-            }
+            let tensors: Vec<_> =
+                prepared.iter().filter_map(|outcome| outcome.as_ref().ok().map(|t| t.view())).collect();
             let mut predictions = Vec::new();
             if !tensors.is_empty() {
                 let batch = imaging::stack(&tensors);
@@ -140,7 +134,6 @@ impl Classifier {
                 };
                 results.push(FileResult { file: file.clone(), outcome });
             }
-            debug_assert!(ok_positions.len() <= chunk.len());
             progress(chunk.len());
         }
         Ok(results)
