@@ -73,8 +73,9 @@ pub fn run(args: DemoArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32>
             if let Ok(prediction) = &result.outcome {
                 labels.push(image.label);
                 predicted.push(prediction.class_index);
-                if examples.len() < 6 && image.label % 6 == examples.len() % 6 && prediction.class_index != image.label
-                {
+                // The first mistake of each class, for up to six classes.
+                let class_shown = examples.iter().any(|row: &[String; 4]| row[1] == classes[image.label]);
+                if examples.len() < 6 && !class_shown && prediction.class_index != image.label {
                     examples.push([
                         image.path.strip_prefix(&args.data).unwrap_or(&image.path).display().to_string(),
                         classes[image.label].clone(),
