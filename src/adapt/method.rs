@@ -473,7 +473,7 @@ fn leave_out_sgd(
     seed: u64,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Network, AdaptError> {
-    let (seen, _) = seen_and_unseen(&data.labels, config_classes(start));
+    let (seen, _) = seen_and_unseen(&data.labels, start.num_classes());
     let keep =
         (((1.0 - hyper.lolsgd_leave_out) * seen.len() as f32).round() as usize).clamp(2.min(seen.len()), seen.len());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x1015);
@@ -502,10 +502,6 @@ fn leave_out_sgd(
         current = average(&copies);
     }
     Ok(current)
-}
-
-fn config_classes(network: &Network) -> usize {
-    network.num_classes()
 }
 
 fn average(networks: &[Network]) -> Network {

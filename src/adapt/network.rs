@@ -6,8 +6,8 @@
 
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2};
 
+use crate::model::Bundle;
 use crate::model::tail::TailLayer;
-use crate::model::{Bundle, Head};
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
@@ -80,10 +80,6 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn samples(&self) -> usize {
-        self.data.nrows() / self.positions
-    }
-
     /// A trunk output batch in ONNX layout (`[N, C, H, W]` or `[N, D]`), channels last.
     pub fn from_onnx(split: ndarray::ArrayViewD<'_, f32>) -> Result<Batch, String> {
         let shape = split.shape().to_vec();
@@ -207,23 +203,6 @@ impl Network {
 
     fn vector(&self, slot: usize) -> ndarray::ArrayView1<'_, f32> {
         self.params[slot].view().into_dimensionality::<Ix1>().expect("bias slots hold vectors")
-    }
-
-    /// The tail layers with current weights, for writing an adapted bundle.
-    pub fn tail_weights(&self) -> Vec<(Array2<f32>, Array1<f32>)> {
-        self.layers
-            .iter()
-            .filter_map(|layer| match layer {
-                Layer::Affine { weight, bias } => {
-                    Some((self.matrix(*weight).to_owned(), self.vector(*bias).to_owned()))
-                }
-                _ => None,
-            })
-            .collect()
-    }
-
-    pub fn head(&self, classes: Vec<String>) -> Head {
-        Head { weight: self.matrix(self.head.0).to_owned(), bias: self.vector(self.head.1).to_owned(), classes }
     }
 
     /// Logits, and the tape for [`Network::backward`].
@@ -561,6 +540,20 @@ mod tests {
         let flat = to_flat(out.clone());
         assert_eq!(flat.dim(), (2, 8));
         assert_eq!(flat[[1, 4 + 3]], out.data[[4 + 3, 1]]);
+    }
+
+    #[test]
+    fn head_logits_are_features_times_weight_transposed_plus_bias() {
+        let network = Network {
+            layers: vec![],
+            head: (0, 1),
+            params: vec![
+                ndarray::array![[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]].into_dyn(),
+                ndarray::array![0.0, 0.5, -1.0].into_dyn(),
+            ],
+            roles: vec![Role::Head, Role::Head],
+        };
+        assert_eq!(network.head_logits(ndarray::array![[3.0, 4.0]].view()), ndarray::array![[3.0, 8.5, 6.0]]);
     }
 
     #[test]

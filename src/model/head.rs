@@ -1,6 +1,7 @@
 //! The classifier head (the model's last layer), kept frozen by default during adaptation.
+//! Its logits are computed by [`crate::adapt::network::Network`], like the tail's.
 
-use ndarray::{Array1, Array2, ArrayView2};
+use ndarray::{Array1, Array2};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Head {
@@ -29,37 +30,11 @@ impl Head {
     pub fn feature_dim(&self) -> usize {
         self.weight.ncols()
     }
-
-    /// `[N, d]` features to `[N, C]` logits.
-    pub fn logits(&self, features: ArrayView2<'_, f32>) -> Array2<f32> {
-        let mut logits = features.dot(&self.weight.t());
-        logits += &self.bias;
-        logits
-    }
-
-    pub fn class_index(&self, name: &str) -> Option<usize> {
-        self.classes.iter().position(|class| class == name)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::array;
-
-    #[test]
-    fn logits_are_features_times_weight_transposed_plus_bias() {
-        let head = Head::new(
-            array![[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]],
-            array![0.0, 0.5, -1.0],
-            vec!["a".into(), "b".into(), "c".into()],
-        )
-        .unwrap();
-        let logits = head.logits(array![[3.0, 4.0]].view());
-        assert_eq!(logits, array![[3.0, 8.5, 6.0]]);
-        assert_eq!(head.class_index("b"), Some(1));
-        assert_eq!(head.class_index("z"), None);
-    }
 
     #[test]
     fn class_count_must_match_the_weight_rows() {

@@ -1,8 +1,6 @@
 //! Source reference samples: split tensors of a few source-domain images per class, shipped in
 //! the bundle so that a device can estimate unseen-class health without unseen labels.
 
-use std::path::Path;
-
 use ndarray::{ArrayD, Axis, IxDyn};
 
 use super::bundle::{Bundle, BundleError};
@@ -54,9 +52,4 @@ pub fn write_reference(
 pub fn concatenate(batches: &[ArrayD<f32>]) -> ArrayD<f32> {
     let views: Vec<_> = batches.iter().map(|b| b.view()).collect();
     ndarray::concatenate(Axis(0), &views).expect("batches of one trunk share a shape")
-}
-
-/// True when `dir` holds a bundle whose reference set is present.
-pub fn has_reference(dir: &Path) -> bool {
-    dir.join(REFERENCE_FILE).is_file()
 }

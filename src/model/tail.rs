@@ -87,14 +87,13 @@ fn expect_width(weight: &Array2<f32>, width: usize) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tail {
     layers: Vec<TailLayer>,
-    input_shape: Vec<usize>,
     feature_dim: usize,
 }
 
 impl Tail {
     /// Checks that the layers chain from `input_shape` (per sample, ONNX order) to flat features.
     pub fn new(layers: Vec<TailLayer>, input_shape: Vec<usize>) -> Result<Tail, TailError> {
-        let mut shape = input_shape.clone();
+        let mut shape = input_shape;
         for (index, layer) in layers.iter().enumerate() {
             shape = layer.output_shape(&shape).map_err(|problem| TailError::Layer {
                 index,
@@ -119,15 +118,11 @@ impl Tail {
                 )));
             }
         };
-        Ok(Tail { layers, input_shape, feature_dim })
+        Ok(Tail { layers, feature_dim })
     }
 
     pub fn layers(&self) -> &[TailLayer] {
         &self.layers
-    }
-
-    pub fn input_shape(&self) -> &[usize] {
-        &self.input_shape
     }
 
     pub fn feature_dim(&self) -> usize {

@@ -52,10 +52,6 @@ impl TensorFile {
         Ok(TensorFile { name: name.to_string(), tensors })
     }
 
-    pub fn file_name(&self) -> &str {
-        &self.name
-    }
-
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
         names.sort_unstable();
