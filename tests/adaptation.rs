@@ -4,7 +4,7 @@
 //! too; naive head fine-tuning should sink them.
 
 use edgeadapt::adapt::data::SplitSet;
-use edgeadapt::adapt::method::{AdaptInput, Adapted, Hyper, Method, adapt};
+use edgeadapt::adapt::method::{AdaptInput, Adapted, Hyper, Method, Traffic, adapt};
 use edgeadapt::adapt::network::{Layer, Network, Role};
 use edgeadapt::adapt::train::{AdaptError, TrainConfig, train};
 use half::f16;
@@ -80,7 +80,7 @@ struct Problem {
     source: Network,
     seen_data: SplitSet,
     teacher: Array2<f32>,
-    unlabelled: SplitSet,
+    unlabelled: Traffic,
     test_seen: SplitSet,
     test_unseen: SplitSet,
 }
@@ -91,7 +91,7 @@ fn problem() -> Problem {
     let as_source = Adapted { network: source.clone(), gamma: 0.0, unseen: vec![2, 3], notes: vec![] };
     let teacher = as_source.logits_of(&seen_data);
     Problem {
-        unlabelled: samples(&[0, 1, 2, 3], 60, &shift(), 2),
+        unlabelled: Traffic::new(samples(&[0, 1, 2, 3], 60, &shift(), 2), &source),
         test_seen: samples(&[0, 1], 200, &shift(), 3),
         test_unseen: samples(&[2, 3], 200, &shift(), 4),
         source,

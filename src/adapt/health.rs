@@ -8,7 +8,7 @@ use ndarray::{Array2, Axis};
 use serde::Serialize;
 
 use super::data::SplitSet;
-use super::method::Adapted;
+use super::method::{Adapted, Traffic};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Health {
@@ -31,7 +31,7 @@ pub fn estimate(
     adapted: &Adapted,
     source: &Adapted,
     reference: Option<&SplitSet>,
-    unlabelled: Option<&SplitSet>,
+    unlabelled: Option<&Traffic>,
 ) -> Health {
     let unseen = &adapted.unseen;
     let reference_unseen =
@@ -42,10 +42,10 @@ pub fn estimate(
             };
             (accuracy(adapted), accuracy(source))
         });
-    let (predicted_unseen_rate, source_agreement) = match unlabelled.filter(|set| !set.is_empty()) {
-        Some(set) => {
-            let ours = argmax_rows(&adapted.logits_of(set));
-            let theirs = argmax_rows(&source.logits_of(set));
+    let (predicted_unseen_rate, source_agreement) = match unlabelled.filter(|traffic| !traffic.splits.is_empty()) {
+        Some(traffic) => {
+            let ours = argmax_rows(&adapted.logits_of(&traffic.splits));
+            let theirs = argmax_rows(&traffic.source_logits);
             let rate = |predictions: &[usize]| {
                 predictions.iter().filter(|p| unseen.contains(p)).count() as f32 / predictions.len() as f32
             };

@@ -242,8 +242,23 @@ pub struct AdaptInput<'a> {
     /// Source-model logits of `data`, row per sample.
     pub teacher: &'a Array2<f32>,
     pub classes: usize,
-    /// Unlabelled local traffic (split tensors), for prior matching.
-    pub unlabelled: Option<&'a SplitSet>,
+    /// Unlabelled local traffic, for prior matching.
+    pub unlabelled: Option<&'a Traffic>,
+}
+
+/// Unlabelled local traffic with the source model's logits on it, computed once rather than by
+/// every adaptation and health estimate that needs them.
+pub struct Traffic {
+    pub splits: SplitSet,
+    pub source_logits: Array2<f32>,
+}
+
+impl Traffic {
+    pub fn new(splits: SplitSet, source: &Network) -> Traffic {
+        let source_logits =
+            Adapted { network: source.clone(), gamma: 0.0, unseen: vec![], notes: vec![] }.logits_of(&splits);
+        Traffic { splits, source_logits }
+    }
 }
 
 pub fn seen_and_unseen(labels: &[usize], classes: usize) -> (Vec<usize>, Vec<usize>) {
@@ -277,13 +292,11 @@ pub fn adapt(
         network = interpolate(input.source, &network, hyper.wise_alpha);
     }
     let mut notes = Vec::new();
-    let gamma = if method.prior && input.unlabelled.is_some_and(|u| !u.is_empty()) {
-        let unlabelled = input.unlabelled.expect("checked");
-        let source = Adapted { network: input.source.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] };
-        let source_logits = source.logits_of(unlabelled);
-        let source_rate = share_predicted(&source_logits, &unseen);
+    let gamma = if method.prior && input.unlabelled.is_some_and(|u| !u.splits.is_empty()) {
+        let traffic = input.unlabelled.expect("checked");
+        let source_rate = share_predicted(&traffic.source_logits, &unseen);
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
-            .logits_of(unlabelled);
+            .logits_of(&traffic.splits);
         notes.push(format!("unseen share {source_rate:.3}"));
         if method.prior_recall {
             let source_seen_as_unseen = share_predicted(input.teacher, &unseen);

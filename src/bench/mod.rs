@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::adapt::data::SplitSet;
 use crate::adapt::health::{self, Health};
-use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method};
+use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
 use crate::adapt::network::Network;
 use crate::inference::Classifier;
 use crate::metrics::{accuracy, per_class_accuracy};
@@ -121,10 +121,16 @@ pub fn run(
     };
 
     let source = Network::from_bundle(&classifier.bundle);
+    let unlabelled = Traffic::new(unlabelled, &source);
     let seen_data = adapt_all.filter(|label| seen.contains(&label));
     let source_adapted = Adapted { network: source.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] };
     let teacher_seen = source_adapted.logits_of(&seen_data);
-    let teacher_all = source_adapted.logits_of(&adapt_all);
+    // Only the oracle trains on every class.
+    let teacher_all = if options.methods.iter().any(|m| m == "oracle") {
+        source_adapted.logits_of(&adapt_all)
+    } else {
+        Array2::zeros((0, classes.len()))
+    };
 
     let mut methods = BTreeMap::new();
     for name in &options.methods {
