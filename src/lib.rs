@@ -11,3 +11,4 @@ pub mod inference;
 pub mod metrics;
 pub mod model;
 pub mod runtime;
+pub mod store;

@@ -13,7 +13,7 @@ use super::calibrate;
 use super::data::SplitSet;
 use super::network::{Batch, Network};
 use super::optim::{SgdConfig, cosine};
-use super::train::{AdaptError, DistillConfig, TrainConfig, Trainable, train};
+use super::train::{AdaptError, Cancel, DistillConfig, TrainConfig, Trainable, train};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Base {
@@ -181,6 +181,8 @@ pub struct Hyper {
     pub wise_alpha: f32,
     pub pcv_splits: usize,
     pub threads: usize,
+    /// Stops the run from another thread.
+    pub cancel: Cancel,
 }
 
 impl Default for Hyper {
@@ -205,6 +207,7 @@ impl Default for Hyper {
             wise_alpha: 0.5,
             pcv_splits: 3,
             threads: TrainConfig::default().threads,
+            cancel: Cancel::default(),
         }
     }
 }
@@ -446,6 +449,7 @@ fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {
         cosine_schedule: true,
         seed,
         threads: hyper.threads,
+        cancel: hyper.cancel.clone(),
     }
 }
 

@@ -42,6 +42,29 @@ pub struct TrainConfig {
     pub cosine_schedule: bool,
     pub seed: u64,
     pub threads: usize,
+    pub cancel: Cancel,
+}
+
+/// Lets another thread stop a run between steps; the run then ends with
+/// [`AdaptError::Cancelled`] and changes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Tokens compare equal when they are the same token.
+impl PartialEq for Cancel {
+    fn eq(&self, other: &Cancel) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl Default for TrainConfig {
@@ -56,6 +79,7 @@ impl Default for TrainConfig {
             cosine_schedule: true,
             seed: 0,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()).min(4),
+            cancel: Cancel::default(),
         }
     }
 }
@@ -74,6 +98,8 @@ pub enum AdaptError {
     NotFinite { step: usize, what: String },
     #[error("nothing to train: the configuration selects no parameters")]
     NothingToTrain,
+    #[error("cancelled at step {step}; the previous version is kept")]
+    Cancelled { step: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +177,9 @@ pub fn train(
         None => vec![],
     };
     for step in 0..config.steps {
+        if config.cancel.is_cancelled() {
+            return Err(AdaptError::Cancelled { step });
+        }
         let batch: Vec<usize> =
             (0..config.batch_size.min(data.len())).map(|_| *all.choose(&mut rng).expect("data is not empty")).collect();
         let (loss, mut grads) = batch_gradients(&network, data, teacher, &batch, &wanted, config, &distill_classes);

@@ -30,7 +30,16 @@ pub struct Classifier {
     pub bundle: Bundle,
     /// Tail and head: the same code adaptation trains, so an adapted version only swaps weights.
     network: Network,
+    /// Bias added to the unseen classes' logits by the active adapted version (0 for the source).
+    calibration: Calibration,
     trunk: ModelSession,
+}
+
+/// The unseen-class logit bias of an adapted version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Calibration {
+    pub gamma: f32,
+    pub unseen: Vec<usize>,
 }
 
 impl Classifier {
@@ -40,7 +49,18 @@ impl Classifier {
         check_names(&trunk, "input", &contract.tensor, trunk.session.inputs().iter().map(|o| o.name()))?;
         check_names(&trunk, "output", &bundle.manifest.trunk.output, trunk.session.outputs().iter().map(|o| o.name()))?;
         let network = Network::from_bundle(&bundle);
-        Ok(Classifier { bundle, network, trunk })
+        Ok(Classifier { bundle, network, calibration: Calibration::default(), trunk })
+    }
+
+    /// Serves another version of the tail, adapter and head from now on.
+    pub fn set_model(&mut self, network: Network, calibration: Calibration) {
+        self.network = network;
+        self.calibration = calibration;
+    }
+
+    /// The network and calibration being served.
+    pub fn model(&self) -> (&Network, &Calibration) {
+        (&self.network, &self.calibration)
     }
 
     /// The execution provider the trunk actually runs on.
@@ -71,6 +91,12 @@ impl Classifier {
     /// Large batches are split over the cores: ONNX Runtime's threads are idle while the tail
     /// runs, and the tail's matrix products are too small to thread well on their own.
     pub fn logits_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+        let mut logits = self.uncalibrated_logits(split)?;
+        crate::adapt::calibrate::apply(&mut logits, &self.calibration.unseen, self.calibration.gamma);
+        Ok(logits)
+    }
+
+    fn uncalibrated_logits(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
         let samples = split.shape().first().copied().unwrap_or(0);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(samples / PARALLEL_MIN_SAMPLES);
         if workers <= 1 {

@@ -1,0 +1,59 @@
+//! Versioned schema migrations. Each entry moves the database from version `i` to `i + 1`
+//! inside one transaction; `PRAGMA user_version` records where a database stands.
+
+pub const MIGRATIONS: &[&str] = &[
+    // 1: samples, versions, events (the outbox), traffic, metrics, key-value state.
+    "
+    CREATE TABLE state (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE samples (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sha256 TEXT NOT NULL UNIQUE,
+        class TEXT NOT NULL,
+        split TEXT NOT NULL CHECK (split IN ('train', 'validation')),
+        origin TEXT NOT NULL,
+        site TEXT,
+        added_ms INTEGER NOT NULL,
+        image BLOB,
+        features BLOB NOT NULL
+    );
+    CREATE INDEX samples_by_class ON samples (class);
+    CREATE TABLE versions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        parent INTEGER REFERENCES versions (id),
+        created_ms INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        params TEXT NOT NULL,
+        sample_set TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('source', 'promoted', 'rejected')),
+        reasons TEXT NOT NULL,
+        weights BLOB,
+        weights_sha256 TEXT
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX events_undelivered ON events (delivered, id);
+    CREATE TABLE traffic (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        features BLOB NOT NULL
+    );
+    CREATE TABLE metrics (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        payload TEXT NOT NULL
+    );
+    INSERT INTO versions (id, parent, created_ms, method, params, sample_set, metrics, status, reasons)
+        VALUES (0, NULL, 0, 'source', '{}', '{}', '{}', 'source', '[]');
+    INSERT INTO state (key, value) VALUES ('promoted', '0');
+    ",
+];
