@@ -2,6 +2,7 @@
 //! lightweight part of it to the site it runs at, keeping the classifier itself safe.
 
 pub mod adapt;
+pub mod agent;
 pub mod bench;
 pub mod cli;
 pub mod config;

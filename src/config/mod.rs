@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::RuntimeOptions;
 
+mod agent;
+
+pub use agent::{AdaptationConfig, AfterClassify, GateConfig, HttpConfig, LabellingConfig, WatchConfig};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
@@ -16,8 +20,21 @@ pub struct DeviceConfig {
     pub device_id: String,
     /// Model bundle folder.
     pub bundle: PathBuf,
+    /// The agent's store and working folders. Required by the agent commands.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub runtime: RuntimeOptions,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub watch: WatchConfig,
+    #[serde(default)]
+    pub labelling: LabellingConfig,
+    #[serde(default)]
+    pub adaptation: AdaptationConfig,
+    #[serde(default)]
+    pub gate: GateConfig,
 }
 
 /// A config error; the message names the file and, where known, the key.
@@ -49,6 +66,9 @@ impl DeviceConfig {
         config.bundle = resolve(base, &config.bundle);
         config.runtime.ort_library = config.runtime.ort_library.as_deref().map(|p| resolve(base, p));
         config.runtime.tensorrt.cache_dir = config.runtime.tensorrt.cache_dir.as_deref().map(|p| resolve(base, p));
+        config.data_dir = config.data_dir.as_deref().map(|p| resolve(base, p));
+        config.watch.folder = config.watch.folder.as_deref().map(|p| resolve(base, p));
+        config.labelling.inbox = config.labelling.inbox.as_deref().map(|p| resolve(base, p));
         Ok(config)
     }
 
@@ -74,7 +94,53 @@ impl DeviceConfig {
         if self.runtime.intra_threads > 256 {
             return Err(invalid("runtime.intra_threads", "must be at most 256 (0 = one per core)"));
         }
+        if self.data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(invalid("data_dir", "is empty"));
+        }
+        match self.http.listen.parse::<std::net::SocketAddr>() {
+            Ok(address) if address.ip().is_loopback() => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "http.listen",
+                    "must be a loopback address (127.0.0.1 or [::1]): the local endpoint has no authentication; \
+                     remote control goes through MQTT",
+                ));
+            }
+            Err(_) => return Err(invalid("http.listen", "must be an address with a port, e.g. \"127.0.0.1:8470\"")),
+        }
+        if self.watch.poll_ms < 10 || self.watch.poll_ms > 60_000 {
+            return Err(invalid("watch.poll_ms", "must be between 10 and 60000"));
+        }
+        if self.labelling.validation_every < 2 {
+            return Err(invalid(
+                "labelling.validation_every",
+                "must be at least 2 (every n-th sample of a class is held out for the safety gate)",
+            ));
+        }
+        if let Err(problem) = self.adaptation.method.parse::<crate::adapt::method::Method>() {
+            return Err(invalid("adaptation.method", &problem));
+        }
+        if self.adaptation.min_samples_per_class == 0 {
+            return Err(invalid("adaptation.min_samples_per_class", "must be at least 1"));
+        }
+        let gate = [
+            ("gate.max_seen_drop", self.gate.max_seen_drop),
+            ("gate.max_unseen_rate_drop", self.gate.max_unseen_rate_drop),
+            ("gate.max_reference_drop", self.gate.max_reference_drop),
+        ];
+        for (key, value) in gate {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(invalid(key, "must be a fraction between 0 and 1 (0.02 = 2 points)"));
+            }
+        }
         Ok(())
+    }
+
+    /// The data folder, or an error naming the key for commands that need one.
+    pub fn require_data_dir(&self) -> Result<&Path, String> {
+        self.data_dir
+            .as_deref()
+            .ok_or_else(|| "key `data_dir` is not set; the agent needs a folder for its store".to_string())
     }
 }
 
@@ -139,6 +205,12 @@ mod tests {
                 "runtime.providers",
             ),
             ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\ngpu_device = -1\n", "runtime.gpu_device"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[http]\nlisten = \"0.0.0.0:80\"\n", "http.listen"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[http]\nlisten = \"localhost\"\n", "http.listen"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[labelling]\nvalidation_every = 1\n", "labelling.validation_every"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[adaptation]\nmethod = \"ft-tial\"\n", "adaptation.method"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[gate]\nmax_seen_drop = 2.0\n", "gate.max_seen_drop"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[watch]\npoll_ms = 0\n", "watch.poll_ms"),
         ];
         for (text, key) in cases {
             match DeviceConfig::parse(text, Path::new(".")) {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use schema::MIGRATIONS;
 
@@ -40,7 +40,7 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Samples go either to training or to the validation split the safety gate scores on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
@@ -99,7 +99,7 @@ pub struct PendingEvent {
     pub payload: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VersionStatus {
     Source,
@@ -127,6 +127,8 @@ pub struct NewVersion<'a> {
     pub reasons: &'a [String],
     /// Safetensors bytes of the version's parameters.
     pub weights: &'a [u8],
+    /// The newest sample the run saw; new labels are counted from it.
+    pub last_sample_id: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -255,48 +257,55 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// Stores a sample and its event in one transaction. `choose_split` gets the number of
-    /// samples of the class already stored, so the split is decided against committed data.
-    pub fn insert_sample(
+    /// Stores samples and their events in one transaction: all are acknowledged together once
+    /// it commits. A duplicate (by content hash, also within the batch) gets its own error and
+    /// the others are stored. `choose_split` gets the number of samples of the class already
+    /// stored, so the split is decided against committed data.
+    pub fn insert_samples(
         &mut self,
-        sample: &NewSample<'_>,
-        choose_split: impl FnOnce(usize) -> Split,
-        event: impl FnOnce(i64, Split) -> EventRecord,
-    ) -> Result<(i64, Split)> {
+        samples: &[NewSample<'_>],
+        choose_split: impl Fn(usize) -> Split,
+        event: impl Fn(&NewSample<'_>, i64, Split) -> EventRecord,
+    ) -> Result<Vec<Result<(i64, Split)>>> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
-        let existing: Option<(i64, String)> = tx
-            .query_row("SELECT id, class FROM samples WHERE sha256 = ?1", [sample.sha256], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()
+        let mut results = Vec::with_capacity(samples.len());
+        for sample in samples {
+            let existing: Option<(i64, String)> = tx
+                .query_row("SELECT id, class FROM samples WHERE sha256 = ?1", [sample.sha256], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+                .map_err(sqlite(&path))?;
+            if let Some((id, class)) = existing {
+                results.push(Err(StoreError::Duplicate { sha256: sample.sha256.into(), id, class }));
+                continue;
+            }
+            let in_class: i64 = tx
+                .query_row("SELECT COUNT(*) FROM samples WHERE class = ?1", [sample.class], |row| row.get(0))
+                .map_err(sqlite(&path))?;
+            let split = choose_split(in_class as usize);
+            tx.execute(
+                "INSERT INTO samples (sha256, class, split, origin, site, added_ms, image, features)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    sample.sha256,
+                    sample.class,
+                    split.as_str(),
+                    sample.origin,
+                    sample.site,
+                    now_ms(),
+                    sample.image,
+                    sample.features
+                ],
+            )
             .map_err(sqlite(&path))?;
-        if let Some((id, class)) = existing {
-            return Err(StoreError::Duplicate { sha256: sample.sha256.into(), id, class });
+            let id = tx.last_insert_rowid();
+            insert_event(&tx, &event(sample, id, split)).map_err(sqlite(&path))?;
+            results.push(Ok((id, split)));
         }
-        let in_class: i64 = tx
-            .query_row("SELECT COUNT(*) FROM samples WHERE class = ?1", [sample.class], |row| row.get(0))
-            .map_err(sqlite(&path))?;
-        let split = choose_split(in_class as usize);
-        tx.execute(
-            "INSERT INTO samples (sha256, class, split, origin, site, added_ms, image, features)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                sample.sha256,
-                sample.class,
-                split.as_str(),
-                sample.origin,
-                sample.site,
-                now_ms(),
-                sample.image,
-                sample.features
-            ],
-        )
-        .map_err(sqlite(&path))?;
-        let id = tx.last_insert_rowid();
-        insert_event(&tx, &event(id, split)).map_err(sqlite(&path))?;
         tx.commit().map_err(sqlite(&path))?;
-        Ok((id, split))
+        Ok(results)
     }
 
     /// Stored samples in insertion order, optionally of one split only.
@@ -380,6 +389,7 @@ impl Store {
         )
         .map_err(sqlite(&path))?;
         let id = tx.last_insert_rowid();
+        set_run_state(&tx, version.last_sample_id).map_err(sqlite(&path))?;
         if version.status == VersionStatus::Promoted {
             tx.execute("UPDATE state SET value = ?1 WHERE key = 'promoted'", [id.to_string()])
                 .map_err(sqlite(&path))?;
@@ -393,6 +403,26 @@ impl Store {
         }
         tx.commit().map_err(sqlite(&path))?;
         Ok(id)
+    }
+
+    /// Records a run that made no version (failed or cancelled), so the policy does not start
+    /// the same run again at once.
+    pub fn record_failed_run(&mut self, last_sample_id: i64, event: &EventRecord) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
+        set_run_state(&tx, last_sample_id).map_err(sqlite(&path))?;
+        insert_event(&tx, event).map_err(sqlite(&path))?;
+        tx.commit().map_err(sqlite(&path))
+    }
+
+    /// The newest sample id the last run saw and when it ended (ms since the epoch).
+    pub fn last_run(&self) -> Result<Option<(i64, i64)>> {
+        let sample = self.state("last_run_sample_id")?;
+        let at = self.state("last_run_ms")?;
+        Ok(match (sample, at) {
+            (Some(sample), Some(at)) => Some((sample.parse().unwrap_or(0), at.parse().unwrap_or(0))),
+            _ => None,
+        })
     }
 
     /// Serves `id` from now on (a rollback or a roll-forward); rejected versions are refused.
@@ -539,6 +569,16 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite { path: path.to_path_buf(), source }
 }
 
+fn set_run_state(conn: &Connection, last_sample_id: i64) -> rusqlite::Result<()> {
+    for (key, value) in [("last_run_sample_id", last_sample_id), ("last_run_ms", now_ms())] {
+        conn.execute(
+            "INSERT INTO state (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+            [key.to_string(), value.to_string()],
+        )?;
+    }
+    Ok(())
+}
+
 fn insert_event(conn: &Connection, event: &EventRecord) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO events (at_ms, kind, payload) VALUES (?1, ?2, ?3)",
@@ -622,26 +662,30 @@ mod tests {
     fn duplicates_are_refused_and_splits_see_committed_counts() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
-        let mut seen_counts = Vec::new();
-        for sha in ["h1", "h2", "h3"] {
-            store
-                .insert_sample(
-                    &sample(sha, "cat"),
-                    |n| {
-                        seen_counts.push(n);
-                        if n == 2 { Split::Validation } else { Split::Train }
-                    },
-                    |_, _| event("sample"),
-                )
-                .unwrap();
-        }
-        assert_eq!(seen_counts, vec![0, 1, 2]);
-        let error = store.insert_sample(&sample("h2", "dog"), |_| Split::Train, |_, _| event("sample")).unwrap_err();
-        assert!(matches!(&error, StoreError::Duplicate { class, .. } if class == "cat"), "{error}");
-        assert_eq!(store.sample_counts().unwrap()["cat"], (2, 1));
+        let seen_counts = std::cell::RefCell::new(Vec::new());
+        let split = |n: usize| {
+            seen_counts.borrow_mut().push(n);
+            if n == 2 { Split::Validation } else { Split::Train }
+        };
+        store.insert_samples(&[sample("h1", "cat")], split, |_, _, _| event("sample")).unwrap();
+        let results = store
+            .insert_samples(&[sample("h2", "cat"), sample("h3", "cat")], split, |_, _, _| event("sample"))
+            .unwrap();
+        assert!(results.iter().all(|r| r.is_ok()));
+        assert_eq!(*seen_counts.borrow(), vec![0, 1, 2]);
+        let results = store
+            .insert_samples(&[sample("h2", "dog"), sample("h4", "dog"), sample("h4", "dog")], split, |_, _, _| {
+                event("sample")
+            })
+            .unwrap();
+        assert!(matches!(&results[0], Err(StoreError::Duplicate { class, .. }) if class == "cat"), "{results:?}");
+        assert!(results[1].is_ok());
+        assert!(matches!(&results[2], Err(StoreError::Duplicate { class, .. }) if class == "dog"), "{results:?}");
+        let counts = store.sample_counts().unwrap();
+        assert_eq!((counts["cat"], counts["dog"]), ((2, 1), (1, 0)));
         assert_eq!(store.samples(Some(Split::Validation)).unwrap().len(), 1);
-        // The refused duplicate left no event behind.
-        assert_eq!(store.pending_events(100).unwrap().len(), 3);
+        // Refused duplicates left no event behind.
+        assert_eq!(store.pending_events(100).unwrap().len(), 4);
     }
 
     #[test]
@@ -658,6 +702,7 @@ mod tests {
             status,
             reasons: &[],
             weights: b"w",
+            last_sample_id: 0,
         };
         let promoted = store.insert_version(&new(VersionStatus::Promoted), &[event("promoted")]).unwrap();
         assert_eq!(store.promoted().unwrap(), promoted);
