@@ -690,13 +690,26 @@ impl Agent {
         })
     }
 
+    /// Records a run that could not start, so the policy waits for new labels before retrying.
+    pub fn record_refused_run(&mut self, origin: &str, error: &AgentError) -> Result<(), AgentError> {
+        let last = self.store.last_sample_id()?;
+        let payload = serde_json::json!({ "origin": origin, "error": error.to_string() });
+        Ok(self.store.record_failed_run(last, &event("adaptation.failed", payload))?)
+    }
+
     /// Runs a whole adaptation in the calling thread (for the offline CLI).
     pub fn adapt_now(
         &mut self,
         method: Option<&str>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<RunSummary, AgentError> {
-        let plan = self.prepare_run(method)?;
+        let plan = match self.prepare_run(method) {
+            Ok(plan) => plan,
+            Err(error) => {
+                self.record_refused_run("command", &error)?;
+                return Err(error);
+            }
+        };
         self.store.push_event(&event("adaptation.started", serde_json::json!({ "method": plan.method_name })))?;
         let outcome = execute(&plan, &Cancel::default(), progress);
         self.commit_run(&plan, outcome)

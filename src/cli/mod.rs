@@ -1,5 +1,6 @@
 //! Command-line interface: argument types and dispatch. Each command lives in its own file.
 
+mod agent;
 mod bench;
 mod classify;
 mod demo;
@@ -42,6 +43,16 @@ pub enum Command {
     AddReference(reference::ReferenceArgs),
     /// Classify the bundled benchmark samples with the bundled model and print a report.
     Demo(demo::DemoArgs),
+    /// Run the device agent: watched folder, labelling inbox, local HTTP endpoint, adaptation policy.
+    Run(agent::RunArgs),
+    /// Store labelled images of one class (through the running agent, or in its store).
+    Label(agent::LabelArgs),
+    /// Adapt now with the stored labels; the safety gate decides whether the result is served.
+    Adapt(agent::AdaptArgs),
+    /// Serve the source model or an earlier version.
+    Rollback(agent::RollbackArgs),
+    /// Versions, labelled samples, the last run and classification counters.
+    Status(agent::StatusArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -54,6 +65,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
         Command::AddReference(args) => reference::run(args, config.as_ref()),
         Command::Demo(args) => demo::run(args, config.as_ref()),
+        Command::Run(args) => agent::run(args, agent::load_config(config)?),
+        Command::Label(args) => agent::label(args, agent::load_config(config)?),
+        Command::Adapt(args) => agent::adapt(args, agent::load_config(config)?),
+        Command::Rollback(args) => agent::rollback(args, agent::load_config(config)?),
+        Command::Status(args) => agent::status(args, agent::load_config(config)?),
     }
 }
 

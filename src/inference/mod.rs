@@ -207,7 +207,7 @@ pub fn prepare_files(
     })
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Prediction {
     pub class_index: usize,
     pub class: String,

@@ -1,0 +1,276 @@
+//! The agent commands: `run`, `label`, `adapt`, `rollback`, `status`. Each talks to the running
+//! agent over its loopback endpoint, or works on the store directly when no agent runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::table::Table;
+use crate::agent::client::Client;
+use crate::agent::daemon::lock_data_dir;
+use crate::agent::{Agent, Labelled, RunSummary, Status, VersionRef};
+use crate::config::DeviceConfig;
+
+/// The config the agent commands use when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "device-config/default.toml";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {}
+
+#[derive(Debug, Args)]
+pub struct LabelArgs {
+    /// Image files (or folders of them) that show the class.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// The class they show, by name.
+    #[arg(long)]
+    pub class: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AdaptArgs {
+    /// Method (default: the config's `adaptation.method`).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Return once the run has started instead of waiting for its result.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// `source` or a version number.
+    #[arg(long)]
+    pub to: VersionRef,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn load_config(config: Option<DeviceConfig>) -> anyhow::Result<DeviceConfig> {
+    match config {
+        Some(config) => Ok(config),
+        None => Ok(DeviceConfig::load(std::path::Path::new(DEFAULT_CONFIG))?),
+    }
+}
+
+/// Opens the store directly, holding the data folder's lock so no agent starts meanwhile.
+fn offline(config: &DeviceConfig) -> anyhow::Result<(std::fs::File, Agent)> {
+    let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(data_dir)?;
+    let lock = lock_data_dir(data_dir)?;
+    Ok((lock, Agent::open(config)?))
+}
+
+pub fn run(_args: RunArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(crate::agent::daemon::run(config))?;
+    Ok(0)
+}
+
+pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+    let files = crate::inference::collect_image_files(&args.images)?;
+    anyhow::ensure!(!files.is_empty(), "no image files in {:?}", args.images);
+    let client = Client::connect(&config);
+    let mut offline_agent = match client {
+        Some(_) => None,
+        None => Some(offline(&config)?),
+    };
+    let bar = super::progress_bar(files.len(), "labelling");
+    let mut refused = 0;
+    let mut report = |file: &PathBuf, outcome: Result<crate::agent::Ingested, String>| {
+        if let Err(error) = outcome {
+            refused += 1;
+            bar.suspend(|| eprintln!("{}: refused: {error}", file.display()));
+        }
+    };
+    for chunk in files.chunks(32) {
+        let loaded: Vec<(PathBuf, std::io::Result<Vec<u8>>)> =
+            chunk.iter().map(|f| (f.clone(), std::fs::read(f))).collect();
+        match (&client, offline_agent.as_mut()) {
+            (Some(client), _) => {
+                for (file, bytes) in &loaded {
+                    let outcome = match bytes {
+                        Ok(bytes) => {
+                            client.label(bytes, &args.class, &file.display().to_string()).map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    report(file, outcome);
+                }
+            }
+            (None, Some((_, agent))) => {
+                let names: Vec<String> = loaded.iter().map(|(f, _)| f.display().to_string()).collect();
+                let items: Vec<Labelled<'_>> = names
+                    .iter()
+                    .zip(&loaded)
+                    .filter_map(|(name, (_, b))| {
+                        b.as_ref().ok().map(|bytes| Labelled { what: name, bytes, class: &args.class })
+                    })
+                    .collect();
+                let mut results = agent.ingest(&items, "cli").into_iter();
+                for (file, bytes) in &loaded {
+                    let outcome = match bytes {
+                        Ok(_) => results.next().expect("one result per item").map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    report(file, outcome);
+                }
+            }
+            (None, None) => unreachable!("either a client or the store"),
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    println!("{} stored, {refused} refused (class '{}')", files.len() - refused, args.class);
+    Ok(if refused > 0 { 1 } else { 0 })
+}
+
+pub fn adapt(args: AdaptArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+    let summary = match Client::connect(&config) {
+        Some(client) => {
+            let started = client.start_adapt(args.method.as_deref())?;
+            println!("adaptation started on the agent at {} ({})", client.base(), started.method);
+            if args.no_wait {
+                return Ok(0);
+            }
+            let bar = super::progress_bar(started.steps, "adapting");
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let state = client.adapt_state()?;
+                match state.running {
+                    Some(progress) => bar.set_position(progress.step as u64),
+                    None => {
+                        bar.finish_and_clear();
+                        break state.last.ok_or_else(|| anyhow::anyhow!("the run ended without a result"))?;
+                    }
+                }
+            }
+            .map_err(anyhow::Error::msg)?
+        }
+        None => {
+            let (_lock, mut agent) = offline(&config)?;
+            let bar = super::progress_bar(0, "adapting");
+            let summary = agent.adapt_now(args.method.as_deref(), &mut |step, steps| {
+                bar.set_length(steps as u64);
+                bar.set_position(step as u64);
+            });
+            bar.finish_and_clear();
+            summary?
+        }
+    };
+    print_summary(&summary);
+    Ok(if summary.promoted { 0 } else { 2 })
+}
+
+fn print_summary(summary: &RunSummary) {
+    let verdict = if summary.promoted { "promoted" } else { "rejected" };
+    println!("version {} ({}) {verdict}", summary.version, summary.method);
+    for reason in &summary.reasons {
+        println!("  - {reason}");
+    }
+    let gate = &summary.metrics["gate"];
+    let pair = |key: &str| -> String {
+        match gate[key].as_array() {
+            Some(values) if values.len() == 2 => format!(
+                "{:.1} % (was {:.1} %)",
+                values[0].as_f64().unwrap_or(0.0) * 100.0,
+                values[1].as_f64().unwrap_or(0.0) * 100.0
+            ),
+            _ => "n/a".into(),
+        }
+    };
+    println!("  seen validation accuracy: {}", pair("seen_validation"));
+    println!("  traffic predicted unseen: {} (source in brackets)", pair("unseen_rate"));
+    println!("  reference accuracy, unseen classes: {}", pair("reference_unseen"));
+    println!("  seconds: {:.1}", summary.metrics["seconds"].as_f64().unwrap_or(0.0));
+}
+
+pub fn rollback(args: RollbackArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+    let serving = match Client::connect(&config) {
+        Some(client) => client.rollback(args.to)?,
+        None => offline(&config)?.1.rollback(args.to)?,
+    };
+    println!("serving version {serving}{}", if serving == 0 { " (source model)" } else { "" });
+    Ok(0)
+}
+
+pub fn status(args: StatusArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+    let (status, live) = match Client::connect(&config) {
+        Some(client) => (client.status()?, true),
+        None => (offline(&config)?.1.status()?, false),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_status(&status, live);
+    }
+    Ok(0)
+}
+
+fn print_status(status: &Status, live: bool) {
+    println!(
+        "device {} · bundle {} · provider {} · {}",
+        status.device_id,
+        status.bundle,
+        status.provider,
+        if live { "agent running" } else { "agent not running (read from the store)" }
+    );
+    println!("serving version {}{}", status.serving, if status.serving == 0 { " (source model)" } else { "" });
+    if let Some(run) = &status.running {
+        println!("adaptation running: {} step {}/{}", run.method, run.step, run.steps);
+    }
+    let mut versions = Table::new(&["version", "parent", "status", "method", "created", "seen val.", "reasons"]);
+    for v in &status.versions {
+        let seen = v.metrics["gate"]["seen_validation"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|x| x.as_f64())
+            .map_or("".into(), |x| format!("{:.1} %", x * 100.0));
+        versions.row(vec![
+            format!("{}{}", v.id, if v.id == status.serving { " *" } else { "" }),
+            v.parent.map_or("".into(), |p| p.to_string()),
+            format!("{:?}", v.status).to_lowercase(),
+            v.method.clone(),
+            format_time(v.created_ms),
+            seen,
+            v.reasons.join("; "),
+        ]);
+    }
+    println!("\n{}", versions.render());
+    let mut samples = Table::new(&["class", "train", "validation"]);
+    for (class, (train, validation)) in &status.samples {
+        samples.row(vec![class.clone(), train.to_string(), validation.to_string()]);
+    }
+    if status.samples.is_empty() {
+        println!("no labelled samples yet");
+    } else {
+        println!("{}", samples.render());
+    }
+    println!(
+        "new labels since the last run: {} · last run: {} · unlabelled traffic kept: {} · undelivered events: {}",
+        status.new_labels_since_last_run,
+        status.last_run_ms.map_or("never".into(), format_time),
+        status.traffic_samples,
+        status.undelivered_events
+    );
+    let c = &status.classification;
+    if c.classified + c.failed > 0 {
+        let latency =
+            c.latency_ms.map_or("".into(), |l| format!(" · latency p50 {:.1} ms, p99 {:.1} ms", l.p50, l.p99));
+        println!("classified {} ({} failed) since start{latency}", c.classified, c.failed);
+    }
+}
+
+fn format_time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}

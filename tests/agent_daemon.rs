@@ -1,0 +1,171 @@
+//! The on-site workflow end to end against the real daemon: unlabelled traffic through the
+//! watched folder, labels through `edgeadapt label`, `edgeadapt adapt`, held-out accuracy of the
+//! promoted version against the source model, rollback to the source bit for bit, and a restart
+//! that finds everything as it was.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, free_port, http, write_config};
+use common::repo;
+use edgeadapt::inference::{Classifier, Prediction, predict};
+use edgeadapt::model::Bundle;
+use edgeadapt::runtime::RuntimeOptions;
+
+const SEEN: [&str; 8] = ["0", "2", "4", "6", "A", "C", "E", "G"];
+
+fn fonts36() -> PathBuf {
+    let root = repo().join("target/data/fonts36");
+    assert!(root.is_dir(), "run tools/setup.sh first: {} is missing", root.display());
+    root
+}
+
+/// Drops images into the watched folder (staged elsewhere and renamed in, as writers should)
+/// under `<prefix>__<class>__<n>.png`, waits until all are classified and returns the
+/// predictions from the classification log, keyed by class then file.
+fn classify_through_folder(
+    data_dir: &Path,
+    images: &[(String, PathBuf)],
+    prefix: &str,
+) -> BTreeMap<String, Vec<(String, Prediction)>> {
+    let stage = data_dir.join("stage");
+    std::fs::create_dir_all(&stage).unwrap();
+    let mut names = Vec::new();
+    for (n, (class, path)) in images.iter().enumerate() {
+        let name = format!("{prefix}__{class}__{n}.png");
+        std::fs::copy(path, stage.join(&name)).unwrap();
+        names.push(name);
+    }
+    for name in &names {
+        std::fs::rename(stage.join(name), data_dir.join("watch").join(name)).unwrap();
+    }
+    let started = Instant::now();
+    let log = data_dir.join("classifications.jsonl");
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["file"].as_str().unwrap().starts_with(&format!("{prefix}__")))
+            .collect();
+        if lines.len() == names.len() {
+            let mut by_class: BTreeMap<String, Vec<(String, Prediction)>> = BTreeMap::new();
+            for line in lines {
+                let file = line["file"].as_str().unwrap().to_string();
+                let class = file.split("__").nth(1).unwrap().to_string();
+                let prediction: Prediction = serde_json::from_value(line["prediction"].clone()).unwrap();
+                by_class.entry(class).or_default().push((file, prediction));
+            }
+            return by_class;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{} of {} classified", lines.len(), names.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Accuracy (points) on the seen and on the unseen classes.
+fn accuracy(results: &BTreeMap<String, Vec<(String, Prediction)>>) -> (f64, f64) {
+    let mut counts = [(0usize, 0usize); 2];
+    for (class, predictions) in results {
+        let group = usize::from(!SEEN.contains(&class.as_str()));
+        for (_, prediction) in predictions {
+            counts[group].0 += usize::from(&prediction.class == class);
+            counts[group].1 += 1;
+        }
+    }
+    let points = |(correct, total): (usize, usize)| 100.0 * correct as f64 / total as f64;
+    (points(counts[0]), points(counts[1]))
+}
+
+fn first_images(folder: &Path, classes: &[String], n: usize, skip: usize) -> Vec<(String, PathBuf)> {
+    classes
+        .iter()
+        .flat_map(|class| (skip..skip + n).map(move |i| (class.clone(), folder.join(class).join(format!("{i}.png")))))
+        .collect()
+}
+
+#[test]
+fn label_adapt_check_rollback_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let log = dir.path().join("daemon.log");
+    let data_dir = dir.path().join("data");
+    let data = fonts36();
+    let bundle = Bundle::load(&repo().join("models/efficientnet-lite0-fonts36")).unwrap();
+    let classes = bundle.head.classes.clone();
+
+    let daemon = Daemon::start(&config, port, &log);
+    // Unlabelled local traffic: every class, labels unknown to the device.
+    classify_through_folder(&data_dir, &first_images(&data.join("target/adapt"), &classes, 10, 0), "traffic");
+    // On-site labelling of a few classes, through the running agent.
+    for class in SEEN {
+        let output = daemon.cli(&["label", data.join("target/adapt").join(class).to_str().unwrap(), "--class", class]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("60 stored, 0 refused"));
+    }
+    let output = daemon.cli(&["adapt"]);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("version 1 (recommended) promoted"), "{stdout}");
+
+    // Held-out images the device never saw: the promoted version against the source model.
+    let held_out = first_images(&data.join("target/test"), &classes, 15, 0);
+    let adapted = classify_through_folder(&data_dir, &held_out, "adapted");
+    let output = daemon.cli(&["rollback", "--to", "source"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let source = classify_through_folder(&data_dir, &held_out, "source");
+    let (seen_adapted, unseen_adapted) = accuracy(&adapted);
+    let (seen_source, unseen_source) = accuracy(&source);
+    eprintln!("held out: seen {seen_source:.1} -> {seen_adapted:.1}, unseen {unseen_source:.1} -> {unseen_adapted:.1}");
+    assert!(seen_adapted >= seen_source + 5.0, "seen {seen_source:.1} -> {seen_adapted:.1}");
+    assert!(unseen_adapted >= unseen_source - 0.5, "unseen {unseen_source:.1} -> {unseen_adapted:.1}");
+
+    // After the rollback the daemon's predictions are the bundle's, bit for bit.
+    let mut fresh = Classifier::open(bundle, &RuntimeOptions::default()).unwrap();
+    let files: Vec<PathBuf> = held_out.iter().map(|(_, p)| p.clone()).collect();
+    let limits = edgeadapt::imaging::DecodeLimits::default();
+    let inputs = edgeadapt::inference::prepare_files(&files, &fresh.bundle.manifest.input, &limits);
+    let inputs: Vec<_> = inputs.into_iter().map(|i| i.unwrap()).collect();
+    let batch = edgeadapt::imaging::stack(&inputs.iter().map(|i| i.view()).collect::<Vec<_>>());
+    let expected = predict(fresh.logits(batch.view()).unwrap().view(), &fresh.bundle.head.classes, 3);
+    let mut served: Vec<(usize, Prediction)> = source
+        .values()
+        .flatten()
+        .map(|(file, p)| (file.rsplit("__").next().unwrap().trim_end_matches(".png").parse().unwrap(), p.clone()))
+        .collect();
+    served.sort_by_key(|(n, _)| *n);
+    let served: Vec<Prediction> = served.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(served, expected);
+
+    // The HTTP endpoint refuses bad requests with a reason and keeps running.
+    let agent = http();
+    let mut response = agent.post(daemon.url("/v1/label")).query("class", "no-such-class").send(&b"x"[..]).unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.body_mut().read_to_string().unwrap().contains("unknown class"));
+    let response = agent.post(daemon.url("/v1/rollback")).query("to", "99").send_empty().unwrap();
+    assert_eq!(response.status(), 404);
+    let mut response = agent.post(daemon.url("/v1/classify")).send(&b"not an image"[..]).unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.body_mut().read_to_string().unwrap().contains("not a supported image"));
+
+    // Serve the adapted version again, then restart: everything is as it was.
+    assert!(daemon.cli(&["rollback", "--to", "1"]).status.success());
+    let status_before: serde_json::Value = serde_json::from_slice(&daemon.cli(&["status", "--json"]).stdout).unwrap();
+    daemon.stop();
+    let daemon = Daemon::start(&config, port, &log);
+    let status_after: serde_json::Value = serde_json::from_slice(&daemon.cli(&["status", "--json"]).stdout).unwrap();
+    for key in ["serving", "versions", "samples", "last_run_ms", "new_labels_since_last_run"] {
+        assert_eq!(status_after[key], status_before[key], "{key}");
+    }
+    assert_eq!(status_after["serving"], 1);
+    let again = classify_through_folder(&data_dir, &held_out, "restarted");
+    let strip = |r: &BTreeMap<String, Vec<(String, Prediction)>>| -> Vec<Prediction> {
+        r.values().flatten().map(|(_, p)| p.clone()).collect()
+    };
+    assert_eq!(strip(&again), strip(&adapted));
+    daemon.stop();
+}

@@ -1,0 +1,100 @@
+//! Starting and stopping the agent daemon (`edgeadapt run`) for integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Daemon {
+    pub child: Child,
+    pub config: PathBuf,
+    pub port: u16,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes a config for a daemon on `port` with its data in `dir/data`.
+pub fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
+    let config = dir.join("config.toml");
+    let text = format!(
+        "device_id = \"test-device\"\nbundle = \"{}\"\ndata_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+         [watch]\npoll_ms = 50\n{extra}",
+        super::repo().join("models/efficientnet-lite0-fonts36").display(),
+        dir.join("data").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+impl Daemon {
+    /// Starts `edgeadapt run` and waits until its endpoint answers.
+    pub fn start(config: &Path, port: u16, log: &Path) -> Daemon {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("EDGEADAPT_LOG", "warn,edgeadapt=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon { child, config: config.to_path_buf(), port };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the daemon exited during start-up: {status}");
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not listen on port {} within 60 s", self.port);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Runs an `edgeadapt` command against this daemon's config.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_edgeadapt")).arg("--config").arg(&self.config).args(args).output().unwrap()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self) {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "the daemon exited with {exit} on SIGTERM");
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client that hands back error statuses as responses.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
