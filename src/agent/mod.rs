@@ -244,6 +244,7 @@ impl Agent {
             reference,
             limits: DecodeLimits::default(),
         };
+        agent.note_interrupted_run()?;
         let promoted = agent.store.promoted()?;
         if let Err(error) = agent.serve(promoted) {
             tracing::error!(%error, "cannot serve the promoted version; serving the source model");
@@ -254,6 +255,20 @@ impl Agent {
             agent.serve(0)?;
         }
         Ok(agent)
+    }
+
+    /// A run that started but never ended was cut short by a crash or power loss. It is recorded
+    /// as ended, so a run that takes the process down is not started again until new labels come.
+    fn note_interrupted_run(&mut self) -> Result<(), AgentError> {
+        let run_kinds =
+            ["adaptation.started", "adaptation.failed", "adaptation.cancelled", "version.promoted", "version.rejected"];
+        if let Some(started) = self.store.last_event_of(&run_kinds)?.filter(|e| e.kind == "adaptation.started") {
+            let last_sample_id = started.payload["samples"]["last_sample_id"].as_i64().unwrap_or(0);
+            let payload = serde_json::json!({ "method": started.payload["method"], "started_event": started.id });
+            tracing::warn!(method = %started.payload["method"], "the last adaptation run was interrupted");
+            self.store.record_failed_run(last_sample_id, &event("adaptation.interrupted", payload))?;
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &DeviceConfig {
@@ -710,7 +725,9 @@ impl Agent {
                 return Err(error);
             }
         };
-        self.store.push_event(&event("adaptation.started", serde_json::json!({ "method": plan.method_name })))?;
+        let payload =
+            serde_json::json!({ "method": plan.method_name, "origin": "command", "samples": plan.sample_set });
+        self.store.push_event(&event("adaptation.started", payload))?;
         let outcome = execute(&plan, &Cancel::default(), progress);
         self.commit_run(&plan, outcome)
     }

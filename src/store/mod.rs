@@ -525,6 +525,28 @@ impl Store {
         Ok(events)
     }
 
+    /// The newest event of one of these kinds.
+    pub fn last_event_of(&self, kinds: &[&str]) -> Result<Option<PendingEvent>> {
+        let placeholders = vec!["?"; kinds.len()].join(", ");
+        let sql = format!(
+            "SELECT id, at_ms, kind, payload FROM events WHERE kind IN ({placeholders}) ORDER BY id DESC LIMIT 1"
+        );
+        self.conn
+            .query_row(&sql, rusqlite::params_from_iter(kinds), |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
+            })
+            .optional()
+            .map_err(self.err())
+            .map(|row| {
+                row.map(|(id, at_ms, kind, payload)| PendingEvent {
+                    id,
+                    at_ms,
+                    kind,
+                    payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
+                })
+            })
+    }
+
     pub fn mark_delivered(&mut self, ids: &[i64]) -> Result<()> {
         let path = self.path.clone();
         let tx = self.conn.transaction().map_err(sqlite(&path))?;
