@@ -169,6 +169,9 @@ pub struct Hyper {
     pub recommended_rates: Vec<f32>,
     /// Share of each seen class's samples `recommended` holds out for that choice.
     pub validation_share: f32,
+    /// Training steps of each candidate `recommended` scores (the chosen rate then trains for
+    /// `steps`).
+    pub selection_steps: usize,
     pub sgd: SgdConfig,
     pub adapter_rank: usize,
     pub distill_temperature: f32,
@@ -196,6 +199,7 @@ impl Default for Hyper {
             adapter_rate: 2.0,
             recommended_rates: vec![2.0, 4.0, 8.0, 16.0],
             validation_share: 0.2,
+            selection_steps: 300,
             sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
             adapter_rank: 64,
             distill_temperature: 2.0,
@@ -346,9 +350,9 @@ fn adapt_recommended(
         let part_input = AdaptInput { data: &part, teacher: &part_teacher, ..*input };
         let held_out = input.data.select(&validation);
         for &rate in &rates {
-            let candidate = Hyper { learning_rate: Some(rate), ..hyper.clone() };
+            let candidate = Hyper { learning_rate: Some(rate), steps: hyper.selection_steps, ..hyper.clone() };
             let adapted = adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n))?;
-            done += hyper.steps;
+            done += hyper.selection_steps;
             let predicted = adapted.logits_of(&held_out);
             let correct = predicted
                 .axis_iter(Axis(0))
@@ -407,7 +411,7 @@ pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
         Base::Source => 0,
         Base::Recommended => {
             let rates = recommended_rates(hyper).len();
-            hyper.steps * if rates > 1 { rates + 1 } else { 1 }
+            hyper.steps + if rates > 1 { rates * hyper.selection_steps } else { 0 }
         }
         _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
     }

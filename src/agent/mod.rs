@@ -24,7 +24,7 @@ use crate::adapt::network::Network;
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::{DeviceConfig, GateConfig};
 use crate::imaging::{self, DecodeLimits};
-use crate::inference::{Calibration, Classifier, Prediction, predict};
+use crate::inference::{Calibration, Classifier, Prediction, predict, prepare_bytes};
 use crate::model::Bundle;
 use crate::store::{EventRecord, NewSample, NewVersion, Split, Store, StoreError, VersionRecord, VersionStatus};
 use counters::{Counters, CountersReport};
@@ -325,7 +325,7 @@ impl Agent {
     pub fn ingest(&mut self, items: &[Labelled<'_>], origin: &str) -> Vec<Result<Ingested, IngestError>> {
         let classes = self.classes().to_vec();
         let mut results: Vec<Option<Result<Ingested, IngestError>>> = vec![None; items.len()];
-        let mut ready = Vec::new();
+        let mut candidates = Vec::new();
         for (index, item) in items.iter().enumerate() {
             if !classes.iter().any(|c| c == item.class) {
                 results[index] = Some(Err(IngestError::UnknownClass {
@@ -337,22 +337,23 @@ impl Agent {
             let sha = hex::encode(Sha256::digest(item.bytes));
             match self.store.find_sample(&sha) {
                 Ok(Some((id, class))) => {
-                    results[index] = Some(Err(IngestError::Duplicate { what: item.what.to_string(), id, class }));
-                    continue;
+                    results[index] = Some(Err(IngestError::Duplicate { what: item.what.to_string(), id, class }))
                 }
-                Ok(None) => {}
+                Ok(None) => candidates.push((index, sha)),
                 Err(e) => {
-                    results[index] = Some(Err(IngestError::Failed { what: item.what.into(), problem: e.to_string() }));
-                    continue;
+                    results[index] = Some(Err(IngestError::Failed { what: item.what.into(), problem: e.to_string() }))
                 }
             }
-            match imaging::decode_bytes(item.what, item.bytes, &self.limits) {
-                Ok(image) => {
-                    ready.push((index, sha, imaging::to_model_input(&image, &self.classifier.bundle.manifest.input)))
-                }
+        }
+        let encoded: Vec<(&str, &[u8])> = candidates.iter().map(|(i, _)| (items[*i].what, items[*i].bytes)).collect();
+        let prepared = prepare_bytes(&encoded, &self.classifier.bundle.manifest.input, &self.limits);
+        let mut ready = Vec::new();
+        for ((index, sha), outcome) in candidates.into_iter().zip(prepared) {
+            match outcome {
+                Ok(input) => ready.push((index, sha, input)),
                 Err(e) => {
                     results[index] =
-                        Some(Err(IngestError::BadImage { what: item.what.to_string(), problem: e.to_string() }))
+                        Some(Err(IngestError::BadImage { what: items[index].what.to_string(), problem: e.to_string() }))
                 }
             }
         }
@@ -443,11 +444,10 @@ impl Agent {
         let started = Instant::now();
         let mut results: Vec<Option<Result<Prediction, String>>> = vec![None; images.len()];
         let mut ready = Vec::new();
-        for (index, (what, bytes)) in images.iter().enumerate() {
-            match imaging::decode_bytes(what, bytes, &self.limits) {
-                Ok(image) => {
-                    ready.push((index, imaging::to_model_input(&image, &self.classifier.bundle.manifest.input)))
-                }
+        let prepared = prepare_bytes(images, &self.classifier.bundle.manifest.input, &self.limits);
+        for (index, outcome) in prepared.into_iter().enumerate() {
+            match outcome {
+                Ok(input) => ready.push((index, input)),
                 Err(e) => results[index] = Some(Err(e.to_string())),
             }
         }

@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// Training steps (default 300).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Training steps of each learning rate `recommended` scores (default: as --steps).
+    #[arg(long)]
+    pub selection_steps: Option<usize>,
     /// Base learning rate for every method, overriding the defaults (rates are divided by each
     /// layer's mean squared input norm).
     #[arg(long)]
@@ -55,6 +58,10 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
     let mut hyper = Hyper::default();
     if let Some(steps) = args.steps {
         hyper.steps = steps;
+        hyper.selection_steps = steps;
+    }
+    if let Some(steps) = args.selection_steps {
+        hyper.selection_steps = steps;
     }
     if let Some(lr) = args.lr {
         hyper.learning_rate = Some(lr);

@@ -191,17 +191,34 @@ pub fn prepare_files(
     contract: &crate::model::manifest::InputContract,
     limits: &DecodeLimits,
 ) -> Vec<Result<ndarray::Array3<f32>, ImageInputError>> {
-    let prepare =
-        |path: &PathBuf| imaging::decode_file(path, limits).map(|image| imaging::to_model_input(&image, contract));
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
+    parallel_map(files, |path| {
+        imaging::decode_file(path, limits).map(|image| imaging::to_model_input(&image, contract))
+    })
+}
+
+/// Decodes and prepares encoded images (`(name for messages, bytes)`) on all cores.
+pub fn prepare_bytes(
+    images: &[(&str, &[u8])],
+    contract: &crate::model::manifest::InputContract,
+    limits: &DecodeLimits,
+) -> Vec<Result<ndarray::Array3<f32>, ImageInputError>> {
+    parallel_map(images, |(name, bytes)| {
+        imaging::decode_bytes(name, bytes, limits).map(|image| imaging::to_model_input(&image, contract))
+    })
+}
+
+/// `f` over `items` in contiguous parts, one per core; order is preserved.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
     if workers <= 1 {
-        return files.iter().map(prepare).collect();
+        return items.iter().map(f).collect();
     }
-    let per_worker = files.len().div_ceil(workers);
+    let per_worker = items.len().div_ceil(workers);
+    let f = &f;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = files
+        let handles: Vec<_> = items
             .chunks(per_worker)
-            .map(|part| scope.spawn(move || part.iter().map(prepare).collect::<Vec<_>>()))
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<_>>()))
             .collect();
         handles.into_iter().flat_map(|h| h.join().expect("image preparation does not panic")).collect()
     })
