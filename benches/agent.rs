@@ -184,7 +184,8 @@ fn main() {
 
     // Latency: one image at a time through the folder (drop to result line) and over HTTP.
     let test_root = repo().join("target/data/fonts36/target/test");
-    let probes: Vec<PathBuf> = (0..100).map(|n| test_root.join(CLASSES[n % 18]).join(format!("{}.png", n / 18))).collect();
+    let probes: Vec<PathBuf> =
+        (0..100).map(|n| test_root.join(CLASSES[n % 18]).join(format!("{}.png", n / 18))).collect();
     let log = data_dir.join("classifications.jsonl");
     let mut folder_ms = Vec::new();
     for (i, probe) in probes.iter().enumerate() {

@@ -107,6 +107,22 @@ fn label_adapt_check_rollback_and_restart() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         assert!(String::from_utf8_lossy(&output.stdout).contains("60 stored, 0 refused"));
     }
+    // A cancelled run changes nothing.
+    let output = daemon.cli(&["adapt", "--no-wait"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = daemon.cli(&["adapt", "--cancel"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("run cancelled"));
+    let agent = http();
+    let state = loop {
+        let state: serde_json::Value =
+            agent.get(daemon.url("/v1/adapt")).call().unwrap().body_mut().read_json().unwrap();
+        if state["running"].is_null() {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(state["last"]["Err"].as_str().unwrap().contains("cancelled"), "{state}");
+
     let output = daemon.cli(&["adapt"]);
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
@@ -142,7 +158,6 @@ fn label_adapt_check_rollback_and_restart() {
     assert_eq!(served, expected);
 
     // The HTTP endpoint refuses bad requests with a reason and keeps running.
-    let agent = http();
     let mut response = agent.post(daemon.url("/v1/label")).query("class", "no-such-class").send(&b"x"[..]).unwrap();
     assert_eq!(response.status(), 400);
     assert!(response.body_mut().read_to_string().unwrap().contains("unknown class"));
@@ -167,5 +182,43 @@ fn label_adapt_check_rollback_and_restart() {
         r.values().flatten().map(|(_, p)| p.clone()).collect()
     };
     assert_eq!(strip(&again), strip(&adapted));
+    daemon.stop();
+}
+
+#[test]
+fn the_policy_adapts_after_enough_new_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "[adaptation]\nmethod = \"ft-tail+prior\"\nafter_new_labels = 40\n");
+    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    let data = fonts36();
+    let agent = http();
+    for class in ["3", "K"] {
+        for n in 0..20 {
+            let bytes = std::fs::read(data.join("target/adapt").join(class).join(format!("{n}.png"))).unwrap();
+            let response = agent.post(daemon.url("/v1/label")).query("class", class).send(bytes.as_slice()).unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    }
+    let started = Instant::now();
+    let status = loop {
+        let status: serde_json::Value =
+            agent.get(daemon.url("/v1/status")).call().unwrap().body_mut().read_json().unwrap();
+        if status["versions"].as_array().unwrap().len() == 2 && status["running"].is_null() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no policy run: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["new_labels_since_last_run"], 0);
+    let version = &status["versions"][1];
+    assert_eq!(version["method"], "ft-tail+prior");
+    // Without traffic the unseen-rate check is skipped, and says so.
+    let skipped = version["metrics"]["gate_skipped"].as_array().unwrap();
+    assert!(skipped.iter().any(|s| s.as_str().unwrap().contains("no unlabelled traffic")), "{version}");
+    // No second run starts without new labels.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status: serde_json::Value = agent.get(daemon.url("/v1/status")).call().unwrap().body_mut().read_json().unwrap();
+    assert_eq!(status["versions"].as_array().unwrap().len(), 2);
     daemon.stop();
 }

@@ -36,6 +36,9 @@ pub struct AdaptArgs {
     /// Return once the run has started instead of waiting for its result.
     #[arg(long)]
     pub no_wait: bool,
+    /// Cancel the run in progress instead (the served version does not change).
+    #[arg(long, conflicts_with_all = ["method", "no_wait"])]
+    pub cancel: bool,
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +135,12 @@ pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
 }
 
 pub fn adapt(args: AdaptArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+    if args.cancel {
+        let client = Client::connect(&config).ok_or_else(|| anyhow::anyhow!("no agent is running"))?;
+        let cancelled = client.cancel()?;
+        println!("{}", if cancelled { "run cancelled" } else { "no run in progress" });
+        return Ok(0);
+    }
     let summary = match Client::connect(&config) {
         Some(client) => {
             let started = client.start_adapt(args.method.as_deref())?;

@@ -216,10 +216,8 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
     let per_worker = items.len().div_ceil(workers);
     let f = &f;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(per_worker)
-            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<_>>()))
-            .collect();
+        let handles: Vec<_> =
+            items.chunks(per_worker).map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<_>>())).collect();
         handles.into_iter().flat_map(|h| h.join().expect("image preparation does not panic")).collect()
     })
 }
