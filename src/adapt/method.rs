@@ -199,7 +199,7 @@ impl Default for Hyper {
             adapter_rate: 2.0,
             recommended_rates: vec![2.0, 4.0, 8.0, 16.0],
             validation_share: 0.2,
-            selection_steps: 300,
+            selection_steps: 150,
             sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
             adapter_rank: 64,
             distill_temperature: 2.0,
