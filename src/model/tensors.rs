@@ -58,6 +58,10 @@ impl TensorFile {
         names
     }
 
+    pub fn shape(&self, tensor: &str) -> Option<&[usize]> {
+        self.tensors.get(tensor).map(|t| t.shape())
+    }
+
     /// A finite tensor of the given rank.
     pub fn finite(&self, tensor: &str, rank: usize) -> Result<ArrayD<f32>, TensorFileError> {
         let array = self.tensors.get(tensor).ok_or_else(|| TensorFileError::Missing {

@@ -1,0 +1,245 @@
+//! Commands from the fleet: parsing, validation and signature checks. Pure; the daemon runs
+//! them. A command that fails here is answered with an error and changes nothing.
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::messages::{COMMAND_SCHEMA, CommandMessage};
+use crate::agent::VersionRef;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Adapt { method: Option<String> },
+    Rollback { to: VersionRef },
+    Status,
+    SetPolicy(PolicyUpdate),
+    Label { class: String, name: String, image: Vec<u8> },
+    PublishWeights { version: Option<i64> },
+}
+
+/// Changes to the adaptation policy; unset fields keep their value.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyUpdate {
+    pub method: Option<String>,
+    pub after_new_labels: Option<usize>,
+    pub every_minutes: Option<u64>,
+}
+
+/// Why a command is refused: its id (empty if it had none) and the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub id: String,
+    pub error: String,
+}
+
+/// Largest decoded image a `label` command may carry.
+const MAX_LABEL_IMAGE: usize = 16 << 20;
+
+/// Parses a command payload. With a `key`, the command must carry a valid signature.
+pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Refusal> {
+    let refuse = |id: &str, error: String| Refusal { id: id.to_string(), error };
+    let message: CommandMessage = serde_json::from_slice(payload).map_err(|e| {
+        // Keep the id when the rest is malformed, so the sender gets its answer.
+        let id = serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v["id"].as_str().map(String::from))
+            .unwrap_or_default();
+        refuse(&id, format!("malformed command: {e}"))
+    })?;
+    let id = message.id.clone();
+    if message.schema != COMMAND_SCHEMA {
+        return Err(refuse(&id, format!("unknown schema '{}', expected '{COMMAND_SCHEMA}'", message.schema)));
+    }
+    if id.is_empty() || id.len() > 128 {
+        return Err(refuse(&id, "the command id must be 1 to 128 characters".into()));
+    }
+    if let Some(key) = key {
+        let Some(signature) = message.signature.as_deref() else {
+            return Err(refuse(&id, "unauthorised: the command is not signed".into()));
+        };
+        if !verify(key, &message, signature) {
+            return Err(refuse(&id, "unauthorised: bad signature".into()));
+        }
+    }
+    let args = if message.args.is_null() { serde_json::json!({}) } else { message.args.clone() };
+    let bad_args = |e: serde_json::Error| refuse(&id, format!("{}: bad arguments: {e}", message.command));
+    let command = match message.command.as_str() {
+        "adapt" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Args {
+                method: Option<String>,
+            }
+            let args: Args = serde_json::from_value(args).map_err(bad_args)?;
+            if let Some(method) = &args.method {
+                method.parse::<crate::adapt::method::Method>().map_err(|e| refuse(&id, format!("adapt: {e}")))?;
+            }
+            Command::Adapt { method: args.method }
+        }
+        "rollback" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Args {
+                to: serde_json::Value,
+            }
+            let args: Args = serde_json::from_value(args).map_err(bad_args)?;
+            let text = match &args.to {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                other => {
+                    return Err(refuse(&id, format!("rollback: `to` must be \"source\" or a number, not {other}")));
+                }
+            };
+            Command::Rollback { to: text.parse().map_err(|e| refuse(&id, format!("rollback: {e}")))? }
+        }
+        "status" => Command::Status,
+        "set-policy" => {
+            let update: PolicyUpdate = serde_json::from_value(args).map_err(bad_args)?;
+            if let Some(method) = &update.method {
+                method.parse::<crate::adapt::method::Method>().map_err(|e| refuse(&id, format!("set-policy: {e}")))?;
+            }
+            Command::SetPolicy(update)
+        }
+        "label" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Args {
+                class: String,
+                image_base64: String,
+                name: Option<String>,
+            }
+            let args: Args = serde_json::from_value(args).map_err(bad_args)?;
+            if args.image_base64.len() > MAX_LABEL_IMAGE / 3 * 4 + 4 {
+                return Err(refuse(&id, format!("label: the image exceeds {MAX_LABEL_IMAGE} bytes")));
+            }
+            let image = base64::engine::general_purpose::STANDARD
+                .decode(args.image_base64.as_bytes())
+                .map_err(|e| refuse(&id, format!("label: image_base64 is not base64: {e}")))?;
+            Command::Label { class: args.class, name: args.name.unwrap_or_else(|| format!("command {id}")), image }
+        }
+        "publish-weights" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Args {
+                version: Option<i64>,
+            }
+            let args: Args = serde_json::from_value(args).map_err(bad_args)?;
+            Command::PublishWeights { version: args.version }
+        }
+        other => {
+            return Err(refuse(
+                &id,
+                format!("unknown command '{other}' (adapt, rollback, status, set-policy, label, publish-weights)"),
+            ));
+        }
+    };
+    Ok((id, command))
+}
+
+fn signed_text(id: &str, command: &str, args: &serde_json::Value) -> String {
+    let args = if args.is_null() { serde_json::json!({}) } else { args.clone() };
+    format!("{id}\n{command}\n{args}")
+}
+
+/// The signature a command needs when the device has a command key.
+pub fn sign(key: &[u8], id: &str, command: &str, args: &serde_json::Value) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(signed_text(id, command, args).as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn verify(key: &[u8], message: &CommandMessage, signature: &str) -> bool {
+    let Ok(signature) = hex::decode(signature) else { return false };
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(signed_text(&message.id, &message.command, &message.args).as_bytes());
+    mac.verify_slice(&signature).is_ok()
+}
+
+/// Builds a command message, signed when a key is given.
+pub fn build(id: &str, command: &str, args: serde_json::Value, key: Option<&[u8]>) -> CommandMessage {
+    CommandMessage {
+        schema: COMMAND_SCHEMA.into(),
+        id: id.into(),
+        command: command.into(),
+        signature: key.map(|key| sign(key, id, command, &args)),
+        args,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(message: &CommandMessage) -> Vec<u8> {
+        serde_json::to_vec(message).unwrap()
+    }
+
+    #[test]
+    fn every_command_parses() {
+        let cases = [
+            (
+                build("1", "adapt", serde_json::json!({ "method": "ft-tail+prior" }), None),
+                Command::Adapt { method: Some("ft-tail+prior".into()) },
+            ),
+            (
+                build("2", "rollback", serde_json::json!({ "to": "source" }), None),
+                Command::Rollback { to: VersionRef::Source },
+            ),
+            (build("3", "rollback", serde_json::json!({ "to": 4 }), None), Command::Rollback { to: VersionRef::Id(4) }),
+            (build("4", "status", serde_json::Value::Null, None), Command::Status),
+            (
+                build("5", "set-policy", serde_json::json!({ "after_new_labels": 50 }), None),
+                Command::SetPolicy(PolicyUpdate { after_new_labels: Some(50), ..PolicyUpdate::default() }),
+            ),
+            (
+                build("6", "label", serde_json::json!({ "class": "A", "image_base64": "AAEC" }), None),
+                Command::Label { class: "A".into(), name: "command 6".into(), image: vec![0, 1, 2] },
+            ),
+            (build("7", "publish-weights", serde_json::json!({}), None), Command::PublishWeights { version: None }),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(parse(&payload(&message), None), Ok((message.id.clone(), expected)));
+        }
+    }
+
+    #[test]
+    fn malformed_and_unknown_commands_are_refused_with_their_id() {
+        let refusal = parse(br#"{"id": "9", "command": 3}"#, None).unwrap_err();
+        assert_eq!(refusal.id, "9");
+        assert!(refusal.error.contains("malformed"), "{}", refusal.error);
+        assert_eq!(parse(b"\xff\x00", None).unwrap_err().id, "");
+        let cases = [
+            (build("a", "reboot", serde_json::json!({}), None), "unknown command"),
+            (build("b", "adapt", serde_json::json!({ "method": "ft-taill" }), None), "adapt"),
+            (build("c", "adapt", serde_json::json!({ "lr": 1 }), None), "bad arguments"),
+            (build("d", "rollback", serde_json::json!({ "to": "yesterday" }), None), "rollback"),
+            (build("e", "label", serde_json::json!({ "class": "A", "image_base64": "***" }), None), "base64"),
+            (build("", "status", serde_json::json!({}), None), "id"),
+        ];
+        for (message, phrase) in cases {
+            let refusal = parse(&payload(&message), None).unwrap_err();
+            assert_eq!(refusal.id, message.id);
+            assert!(refusal.error.contains(phrase), "{}: {}", message.command, refusal.error);
+        }
+        let mut wrong_schema = build("f", "status", serde_json::json!({}), None);
+        wrong_schema.schema = "edgeadapt.command/2".into();
+        assert!(parse(&payload(&wrong_schema), None).unwrap_err().error.contains("schema"));
+    }
+
+    #[test]
+    fn with_a_key_only_correctly_signed_commands_pass() {
+        let key = b"fleet secret";
+        let signed = build("1", "rollback", serde_json::json!({ "to": "source" }), Some(key));
+        assert!(parse(&payload(&signed), Some(key)).is_ok());
+        let unsigned = build("2", "rollback", serde_json::json!({ "to": "source" }), None);
+        assert!(parse(&payload(&unsigned), Some(key)).unwrap_err().error.contains("not signed"));
+        let mut tampered = signed.clone();
+        tampered.args = serde_json::json!({ "to": 3 });
+        assert!(parse(&payload(&tampered), Some(key)).unwrap_err().error.contains("bad signature"));
+        let other_key = build("3", "status", serde_json::json!({}), Some(b"other"));
+        assert!(parse(&payload(&other_key), Some(key)).is_err());
+    }
+}

@@ -1,0 +1,7 @@
+//! The fleet interface over MQTT: the topic tree and message schemas (docs/mqtt.md), commands,
+//! weights sets, the agent's broker link and the embedded broker.
+
+pub mod commands;
+pub mod messages;
+pub mod topics;
+pub mod weights;

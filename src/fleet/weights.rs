@@ -1,0 +1,153 @@
+//! Weights sets over MQTT: a version's changed parameters as f16 safetensors, split into chunks
+//! that fit the broker's packet limit, with a manifest to reassemble and verify them.
+
+use sha2::{Digest, Sha256};
+
+use super::messages::{TensorInfo, WEIGHTS_SCHEMA, WeightsManifest};
+use crate::model::tensors::{StoredAs, TensorFile, to_safetensors};
+
+/// Room left in each packet for the fixed header and the topic.
+pub const PACKET_OVERHEAD: usize = 512;
+
+/// Converts stored (f32) weights to f16 safetensors for sending.
+pub fn to_f16(stored: &[u8]) -> Result<(Vec<u8>, Vec<TensorInfo>), String> {
+    let file = TensorFile::parse("stored weights", stored).map_err(|e| e.to_string())?;
+    let mut arrays = Vec::new();
+    for name in file.names() {
+        let rank = file.shape(name).map(|s| s.len()).unwrap_or(0);
+        arrays.push((name.to_string(), file.finite(name, rank).map_err(|e| e.to_string())?));
+    }
+    let tensors: Vec<TensorInfo> =
+        arrays.iter().map(|(name, a)| TensorInfo { name: name.clone(), shape: a.shape().to_vec() }).collect();
+    let refs: Vec<(&str, &ndarray::ArrayD<f32>, StoredAs)> =
+        arrays.iter().map(|(n, a)| (n.as_str(), a, StoredAs::F16)).collect();
+    Ok((to_safetensors(&refs)?, tensors))
+}
+
+/// The manifest and chunks of `payload`, each chunk at most `max_packet - PACKET_OVERHEAD` bytes.
+pub fn chunk<'a>(
+    payload: &'a [u8],
+    max_packet: usize,
+    describe: impl FnOnce(usize, usize, String) -> WeightsManifest,
+) -> (WeightsManifest, Vec<&'a [u8]>) {
+    let chunk_bytes = max_packet.saturating_sub(PACKET_OVERHEAD).max(1024);
+    let chunks: Vec<&[u8]> = payload.chunks(chunk_bytes).collect();
+    let manifest = describe(chunk_bytes, chunks.len(), hex::encode(Sha256::digest(payload)));
+    (manifest, chunks)
+}
+
+/// Collects chunks of one weights set in any order.
+#[derive(Debug, Clone)]
+pub struct Reassembly {
+    pub manifest: WeightsManifest,
+    parts: Vec<Option<Vec<u8>>>,
+}
+
+impl Reassembly {
+    pub fn new(manifest: WeightsManifest) -> Result<Reassembly, String> {
+        if manifest.schema != WEIGHTS_SCHEMA {
+            return Err(format!("unknown weights schema '{}'", manifest.schema));
+        }
+        if manifest.chunks == 0 || manifest.chunks > 100_000 || manifest.total_bytes > 1 << 31 {
+            return Err(format!(
+                "implausible weights manifest: {} chunks, {} bytes",
+                manifest.chunks, manifest.total_bytes
+            ));
+        }
+        Ok(Reassembly { parts: vec![None; manifest.chunks], manifest })
+    }
+
+    pub fn add(&mut self, index: usize, bytes: Vec<u8>) -> Result<(), String> {
+        let slot = self
+            .parts
+            .get_mut(index)
+            .ok_or_else(|| format!("chunk {index} of a set of {} chunks", self.manifest.chunks))?;
+        *slot = Some(bytes);
+        Ok(())
+    }
+
+    pub fn missing(&self) -> usize {
+        self.parts.iter().filter(|p| p.is_none()).count()
+    }
+
+    /// The whole payload once every chunk is in and its size and sha256 match the manifest.
+    pub fn finish(&self) -> Option<Result<Vec<u8>, String>> {
+        if self.missing() > 0 {
+            return None;
+        }
+        let payload: Vec<u8> = self.parts.iter().flatten().flatten().copied().collect();
+        if payload.len() != self.manifest.total_bytes {
+            return Some(Err(format!(
+                "{} bytes received, the manifest says {}",
+                payload.len(),
+                self.manifest.total_bytes
+            )));
+        }
+        let sha = hex::encode(Sha256::digest(&payload));
+        if sha != self.manifest.sha256 {
+            return Some(Err(format!("sha256 {sha} does not match the manifest's {}", self.manifest.sha256)));
+        }
+        Some(Ok(payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    fn manifest(chunk_bytes: usize, chunks: usize, sha256: String, total: usize) -> WeightsManifest {
+        WeightsManifest {
+            schema: WEIGHTS_SCHEMA.into(),
+            device: "d".into(),
+            version: 3,
+            parent: Some(0),
+            method: "recommended".into(),
+            bundle: "b".into(),
+            dtype: "f16".into(),
+            tensors: vec![],
+            params: serde_json::json!({}),
+            total_bytes: total,
+            chunk_bytes,
+            chunks,
+            sha256,
+        }
+    }
+
+    #[test]
+    fn f16_halves_the_bytes_and_chunks_reassemble_in_any_order() {
+        let weight = Array2::from_shape_fn((64, 100), |(i, j)| (i as f32 - j as f32) / 64.0).into_dyn();
+        let stored = to_safetensors(&[("slot.0", &weight, StoredAs::F32)]).unwrap();
+        let (payload, tensors) = to_f16(&stored).unwrap();
+        assert_eq!(tensors, vec![TensorInfo { name: "slot.0".into(), shape: vec![64, 100] }]);
+        assert!(payload.len() < stored.len() / 2 + 200, "{} vs {}", payload.len(), stored.len());
+        let total = payload.len();
+        let (manifest, chunks) = chunk(&payload, 2048, |bytes, n, sha| manifest(bytes, n, sha, total));
+        assert!(chunks.len() > 1 && chunks.iter().all(|c| c.len() <= 2048 - PACKET_OVERHEAD));
+        let mut reassembly = Reassembly::new(manifest).unwrap();
+        for (index, part) in chunks.iter().enumerate().rev() {
+            assert!(reassembly.finish().is_none());
+            reassembly.add(index, part.to_vec()).unwrap();
+        }
+        let received = reassembly.finish().unwrap().unwrap();
+        let file = TensorFile::parse("received", &received).unwrap();
+        let back = file.finite("slot.0", 2).unwrap();
+        assert!(back.iter().zip(weight.iter()).all(|(a, b)| (a - b).abs() <= b.abs() / 1024.0 + 1e-4));
+    }
+
+    #[test]
+    fn a_damaged_chunk_or_wrong_index_is_detected() {
+        let payload = vec![7u8; 5000];
+        let (manifest, chunks) = chunk(&payload, 2048, |bytes, n, sha| manifest(bytes, n, sha, 5000));
+        let mut reassembly = Reassembly::new(manifest).unwrap();
+        assert!(reassembly.add(99, vec![]).is_err());
+        for (index, part) in chunks.iter().enumerate() {
+            let mut part = part.to_vec();
+            if index == 1 {
+                part[0] ^= 1;
+            }
+            reassembly.add(index, part).unwrap();
+        }
+        assert!(reassembly.finish().unwrap().unwrap_err().contains("sha256"));
+    }
+}
