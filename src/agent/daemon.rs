@@ -28,7 +28,9 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 pub struct Shared {
     pub agent: Mutex<Agent>,
     run: Mutex<Option<ActiveRun>>,
-    last_run: Mutex<Option<Result<RunSummary, String>>>,
+    /// The last finished run: its number and result.
+    last_run: Mutex<Option<(u64, Result<RunSummary, String>)>>,
+    runs_started: std::sync::atomic::AtomicU64,
     config: DeviceConfig,
     started: Instant,
 }
@@ -62,7 +64,7 @@ impl From<crate::store::StoreError> for StartError {
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Agent> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Agent> {
         // A panic while holding the lock leaves the agent usable: every change it makes is a
         // committed transaction or nothing.
         self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -74,8 +76,8 @@ impl Shared {
         Ok(status)
     }
 
-    /// Starts a run on its own thread; returns once it is planned.
-    pub fn start_run(self: &Arc<Self>, method: Option<&str>, origin: Origin) -> Result<RunProgress, StartError> {
+    /// Starts a run on its own thread; returns its number once it is planned.
+    pub fn start_run(self: &Arc<Self>, method: Option<&str>, origin: Origin) -> Result<(u64, RunProgress), StartError> {
         let mut slot = self.run.lock().expect("run lock");
         if let Some(active) = slot.as_ref() {
             return Err(StartError::Busy(active.progress.method.clone()));
@@ -104,6 +106,7 @@ impl Shared {
         };
         let cancel = Cancel::default();
         let progress = RunProgress { method: plan.method_name.clone(), step: 0, steps: plan.planned_steps() };
+        let id = self.runs_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         *slot = Some(ActiveRun { cancel: cancel.clone(), progress: progress.clone() });
         drop(slot);
         let shared = Arc::clone(self);
@@ -133,11 +136,87 @@ impl Shared {
                     }
                     Err(error) => tracing::warn!(%error, "adaptation ended without a version"),
                 }
-                *shared.last_run.lock().expect("last run lock") = Some(result.map_err(|e| e.to_string()));
+                *shared.last_run.lock().expect("last run lock") = Some((id, result.map_err(|e| e.to_string())));
                 *shared.run.lock().expect("run lock") = None;
             })
             .expect("threads can be spawned");
-        Ok(progress)
+        Ok((id, progress))
+    }
+
+    /// Waits for run `id` to finish and returns its result.
+    pub async fn wait_for_run(&self, id: u64) -> Result<RunSummary, String> {
+        loop {
+            if let Some((last, result)) = self.last_run.lock().expect("last run lock").as_ref()
+                && *last >= id
+            {
+                return if *last == id { result.clone() } else { Err("the run's result was superseded".into()) };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs a fleet command; a `publish-weights` also returns the set to publish.
+    pub async fn execute(
+        self: &Arc<Self>,
+        command: crate::fleet::commands::Command,
+    ) -> (Result<serde_json::Value, String>, Option<crate::fleet::link::LinkMessage>) {
+        use crate::fleet::commands::Command;
+        let shared = Arc::clone(self);
+        let max_packet = self.config.mqtt.max_packet_bytes;
+        match command {
+            Command::Adapt { method } => {
+                let started =
+                    tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), Origin::Command)).await;
+                match started {
+                    Ok(Ok((id, _))) => {
+                        let result = self.wait_for_run(id).await;
+                        (result.map(|summary| serde_json::to_value(summary).expect("summaries serialise")), None)
+                    }
+                    Ok(Err(error)) => (Err(error.to_string()), None),
+                    Err(error) => (Err(error.to_string()), None),
+                }
+            }
+            Command::PublishWeights { version } => {
+                let outcome = tokio::task::spawn_blocking(move || {
+                    let agent = shared.lock();
+                    let version = version.unwrap_or(agent.serving());
+                    agent.weights_set(version, max_packet).map(|set| (version, set))
+                })
+                .await;
+                match outcome {
+                    Ok(Ok((version, (manifest, chunks)))) => {
+                        let bytes: usize = chunks.iter().map(Vec::len).sum();
+                        let result = serde_json::json!({ "version": version, "chunks": chunks.len(), "bytes": bytes });
+                        (Ok(result), Some(crate::fleet::link::LinkMessage::Weights { version, manifest, chunks }))
+                    }
+                    Ok(Err(error)) => (Err(error.to_string()), None),
+                    Err(error) => (Err(error.to_string()), None),
+                }
+            }
+            other => {
+                let outcome = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+                    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
+                    match other {
+                        Command::Rollback { to } => {
+                            let serving = shared.lock().rollback(to).map_err(|e| e.to_string())?;
+                            Ok(serde_json::json!({ "serving": serving }))
+                        }
+                        Command::Status => json(serde_json::to_value(shared.status().map_err(|e| e.to_string())?)),
+                        Command::SetPolicy(update) => {
+                            json(serde_json::to_value(shared.lock().set_policy(&update).map_err(|e| e.to_string())?))
+                        }
+                        Command::Label { class, name, image } => {
+                            let item = Labelled { what: &name, bytes: &image, class: &class };
+                            let result = shared.lock().ingest(&[item], "mqtt").remove(0);
+                            json(serde_json::to_value(result.map_err(|e| e.to_string())?))
+                        }
+                        Command::Adapt { .. } | Command::PublishWeights { .. } => unreachable!("handled above"),
+                    }
+                })
+                .await;
+                (outcome.unwrap_or_else(|e| Err(e.to_string())), None)
+            }
+        }
     }
 
     pub fn cancel_run(&self) -> bool {
@@ -168,6 +247,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         agent: Mutex::new(agent),
         run: Mutex::new(None),
         last_run: Mutex::new(None),
+        runs_started: std::sync::atomic::AtomicU64::new(0),
         config: config.clone(),
         started: Instant::now(),
     });
@@ -200,6 +280,8 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     }
     tasks.spawn(poll_folders(Arc::clone(&shared), folders));
     tasks.spawn(housekeeping(Arc::clone(&shared)));
+    let (stop_link, link_stopped) = tokio::sync::watch::channel(false);
+    let link = if config.mqtt.enabled { Some(start_link(&shared, &config, link_stopped, &mut tasks)?) } else { None };
     shutdown_signal().await;
     tracing::info!("stopping");
     tasks.abort_all();
@@ -219,7 +301,135 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
             .push_event(&event("agent.stopped", serde_json::json!({ "uptime_s": uptime, "cancelled_run": cancelled })))
     })
     .await??;
+    if let Some(link) = link {
+        let _ = stop_link.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), link).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "fleet link failed"),
+            Err(_) => tracing::warn!("fleet link did not stop within 5 s"),
+            _ => {}
+        }
+    }
     Ok(())
+}
+
+/// Starts the embedded broker if configured, the broker link and the command handler.
+fn start_link(
+    shared: &Arc<Shared>,
+    config: &DeviceConfig,
+    stop: tokio::sync::watch::Receiver<bool>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let mqtt = config.mqtt.clone();
+    let embedded_port = if mqtt.broker == "embedded" {
+        let address: std::net::SocketAddr = mqtt.embedded_listen.parse()?;
+        crate::fleet::broker::start(address, mqtt.max_packet_bytes)?;
+        tracing::info!(%address, "embedded MQTT broker listening");
+        Some(address.port())
+    } else {
+        None
+    };
+    let key = match &mqtt.command_key_file {
+        Some(file) => Some(
+            std::fs::read(file)
+                .map_err(|e| anyhow::anyhow!("mqtt.command_key_file {}: {e}", file.display()))?
+                .trim_ascii()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let (outgoing, outgoing_rx) = tokio::sync::mpsc::channel(256);
+    let (incoming, incoming_rx) = tokio::sync::mpsc::channel(256);
+    tasks.spawn(handle_commands(Arc::clone(shared), incoming_rx, outgoing, key, config.device_id.clone()));
+    Ok(tokio::spawn(crate::fleet::link::run(
+        Arc::clone(shared),
+        mqtt,
+        config.device_id.clone(),
+        embedded_port,
+        outgoing_rx,
+        incoming,
+        stop,
+    )))
+}
+
+/// Runs each command as it arrives (several may run at once) and sends its response. A repeated
+/// command id gets the stored response and runs nothing.
+async fn handle_commands(
+    shared: Arc<Shared>,
+    mut incoming: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    outgoing: tokio::sync::mpsc::Sender<crate::fleet::link::LinkMessage>,
+    key: Option<Vec<u8>>,
+    device: String,
+) {
+    use crate::fleet::link::LinkMessage;
+    use crate::fleet::messages::{response_error, response_ok};
+    {
+        // Commands a crash cut short are answered now, so a retry learns what happened.
+        let shared = Arc::clone(&shared);
+        let device = device.clone();
+        let _ = tokio::task::spawn_blocking(move || -> Result<(), crate::store::StoreError> {
+            let mut agent = shared.lock();
+            for id in agent.store().unanswered_commands()? {
+                let response =
+                    response_error(&device, &id, "interrupted by a restart of the agent; send it again with a new id");
+                agent.store().answer_command(&id, &serde_json::to_string(&response).expect("responses serialise"))?;
+            }
+            Ok(())
+        })
+        .await;
+    }
+    while let Some(payload) = incoming.recv().await {
+        let shared = Arc::clone(&shared);
+        let outgoing = outgoing.clone();
+        let key = key.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            let (id, command) = match crate::fleet::commands::parse(&payload, key.as_deref()) {
+                Ok(parsed) => parsed,
+                Err(refusal) => {
+                    tracing::warn!(id = %refusal.id, error = %refusal.error, "command refused");
+                    let response = response_error(&device, &refusal.id, &refusal.error);
+                    let _ = outgoing.send(LinkMessage::Response(response)).await;
+                    return;
+                }
+            };
+            let name = command.name();
+            let claimed = {
+                let shared = Arc::clone(&shared);
+                let id = id.clone();
+                tokio::task::spawn_blocking(move || shared.lock().store().claim_command(&id, name)).await
+            };
+            match claimed {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(Some(stored)))) => {
+                    if let Ok(response) = serde_json::from_str(&stored) {
+                        let _ = outgoing.send(LinkMessage::Response(response)).await;
+                    }
+                    return;
+                }
+                Ok(Ok(Some(None))) => return,
+                Ok(Err(error)) => {
+                    let _ = outgoing.send(LinkMessage::Response(response_error(&device, &id, error))).await;
+                    return;
+                }
+                Err(_) => return,
+            }
+            tracing::info!(%id, command = name, "fleet command");
+            let (result, weights) = shared.execute(command).await;
+            let response = match result {
+                Ok(value) => response_ok(&device, &id, value),
+                Err(error) => response_error(&device, &id, error),
+            };
+            {
+                let shared = Arc::clone(&shared);
+                let (id, text) = (id.clone(), serde_json::to_string(&response).expect("responses serialise"));
+                let _ = tokio::task::spawn_blocking(move || shared.lock().store().answer_command(&id, &text)).await;
+            }
+            if let Some(weights) = weights {
+                let _ = outgoing.send(weights).await;
+            }
+            let _ = outgoing.send(LinkMessage::Response(response)).await;
+        });
+    }
 }
 
 /// Holds an exclusive lock on the data folder for the life of the process, so a second agent
@@ -270,15 +480,15 @@ async fn housekeeping(shared: Arc<Shared>) {
             if shared.is_running() {
                 return Ok(());
             }
-            let (new_labels, last_run) = {
+            let (new_labels, last_run, policy) = {
                 let agent = shared.lock();
-                (agent.new_labels()?, agent.last_run_ms()?)
+                (agent.new_labels()?, agent.last_run_ms()?, agent.policy()?)
             };
             let minutes = match last_run {
                 Some(at) => ((crate::store::now_ms() - at).max(0) / 60_000) as u64,
                 None => shared.started.elapsed().as_secs() / 60,
             };
-            match policy::due(&shared.config.adaptation, new_labels, minutes) {
+            match policy::due(&policy, new_labels, minutes) {
                 Some(policy::Trigger::NewLabels(_)) => shared.start_run(None, Origin::NewLabels).map(|_| ()),
                 Some(policy::Trigger::Schedule) => shared.start_run(None, Origin::Schedule).map(|_| ()),
                 None => Ok(()),
@@ -595,7 +805,7 @@ struct AdaptQuery {
 
 async fn http_adapt(State(shared): SharedState, Query(query): Query<AdaptQuery>) -> Response {
     match blocking(move || shared.start_run(query.method.as_deref(), Origin::Command)).await {
-        Ok(Ok(progress)) => (StatusCode::ACCEPTED, axum::Json(progress)).into_response(),
+        Ok(Ok((_, progress))) => (StatusCode::ACCEPTED, axum::Json(progress)).into_response(),
         Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e),
         Ok(Err(StartError::Agent(e @ AgentError::Adapt(_) | e @ AgentError::Input(_)))) => {
             error(StatusCode::BAD_REQUEST, e)
@@ -614,7 +824,7 @@ pub struct RunState {
 
 async fn http_adapt_state(State(shared): SharedState) -> Response {
     let running = shared.run.lock().expect("run lock").as_ref().map(|r| r.progress.clone());
-    let last = shared.last_run.lock().expect("last run lock").clone();
+    let last = shared.last_run.lock().expect("last run lock").as_ref().map(|(_, result)| result.clone());
     axum::Json(RunState { running, last }).into_response()
 }
 

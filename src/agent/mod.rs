@@ -22,7 +22,8 @@ use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Base, Hyper, Method, Traffic};
 use crate::adapt::network::Network;
 use crate::adapt::train::{AdaptError, Cancel};
-use crate::config::{DeviceConfig, GateConfig};
+use crate::config::{AdaptationConfig, DeviceConfig, GateConfig};
+use crate::fleet::commands::PolicyUpdate;
 use crate::imaging::{self, DecodeLimits};
 use crate::inference::{Calibration, Classifier, Prediction, predict, prepare_bytes};
 use crate::model::Bundle;
@@ -545,9 +546,91 @@ impl Agent {
         Ok(self.store.last_run()?.map(|(_, at)| at))
     }
 
-    /// Copies what a run needs out of the store. `method` overrides the configured one.
+    /// The adaptation policy in force: the config's, with changes made by fleet commands.
+    pub fn policy(&self) -> Result<AdaptationConfig, AgentError> {
+        match self.store.state("policy")? {
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| AgentError::Input(format!("stored policy is not valid: {e}; remove it with set-policy"))),
+            None => Ok(self.config.adaptation.clone()),
+        }
+    }
+
+    /// Changes the policy durably; it holds across restarts until changed again.
+    pub fn set_policy(&mut self, update: &PolicyUpdate) -> Result<AdaptationConfig, AgentError> {
+        let mut policy = self.policy()?;
+        if let Some(method) = &update.method {
+            method.parse::<Method>().map_err(AgentError::Input)?;
+            policy.method = method.clone();
+        }
+        if let Some(n) = update.after_new_labels {
+            policy.after_new_labels = n;
+        }
+        if let Some(minutes) = update.every_minutes {
+            policy.every_minutes = minutes;
+        }
+        let text = serde_json::to_string(&policy).expect("policy serialises");
+        self.store.set_state("policy", &text)?;
+        self.store.push_event(&event("policy.changed", serde_json::to_value(&policy).expect("policy serialises")))?;
+        Ok(policy)
+    }
+
+    /// The served version's gate figures, method, γ and parent; `None` for the source model.
+    pub fn served_version_metrics(&self) -> Result<Option<serde_json::Value>, AgentError> {
+        if self.serving == 0 {
+            return Ok(None);
+        }
+        let record = self.store.version(self.serving)?;
+        Ok(Some(serde_json::json!({
+            "version": record.id,
+            "parent": record.parent,
+            "method": record.method,
+            "gamma": record.params["gamma"],
+            "gate": record.metrics["gate"],
+            "health": record.metrics["health"],
+        })))
+    }
+
+    /// A version's weights as sent to the fleet: the JSON manifest and the chunks of the f16
+    /// safetensors payload, each fitting `max_packet` bytes.
+    pub fn weights_set(&self, version: i64, max_packet: usize) -> Result<(Vec<u8>, Vec<Vec<u8>>), AgentError> {
+        if version == 0 {
+            return Err(AgentError::Input(
+                "version 0 is the source model: its weights are the bundle's own, there is nothing to publish".into(),
+            ));
+        }
+        let record = self.store.version(version)?;
+        let stored = record
+            .weights
+            .as_deref()
+            .ok_or_else(|| AgentError::Version { id: version, problem: "has no weights".into() })?;
+        let (payload, tensors) =
+            crate::fleet::weights::to_f16(stored).map_err(|problem| AgentError::Version { id: version, problem })?;
+        let bundle = bundle_id(&self.classifier.bundle);
+        let (manifest, chunks) = crate::fleet::weights::chunk(&payload, max_packet, |chunk_bytes, chunks, sha256| {
+            crate::fleet::messages::WeightsManifest {
+                schema: crate::fleet::messages::WEIGHTS_SCHEMA.into(),
+                device: self.config.device_id.clone(),
+                version,
+                parent: record.parent,
+                method: record.method.clone(),
+                bundle,
+                dtype: "f16".into(),
+                tensors,
+                params: record.params.clone(),
+                total_bytes: payload.len(),
+                chunk_bytes,
+                chunks,
+                sha256,
+            }
+        });
+        let manifest = serde_json::to_vec(&manifest).expect("manifests serialise");
+        Ok((manifest, chunks.into_iter().map(<[u8]>::to_vec).collect()))
+    }
+
+    /// Copies what a run needs out of the store. `method` overrides the policy's.
     pub fn prepare_run(&mut self, method_name: Option<&str>) -> Result<RunPlan, AgentError> {
-        let method_name = method_name.unwrap_or(&self.config.adaptation.method).to_string();
+        let policy = self.policy()?;
+        let method_name = method_name.unwrap_or(&policy.method).to_string();
         let method: Method = method_name.parse().map_err(AgentError::Input)?;
         self.flush_traffic()?;
         let classes = self.classes().to_vec();
@@ -557,7 +640,7 @@ impl Agent {
         for sample in samples.iter().filter(|s| s.split == Split::Train) {
             *train_counts.entry(sample.class.as_str()).or_default() += 1;
         }
-        let minimum = self.config.adaptation.min_samples_per_class;
+        let minimum = policy.min_samples_per_class;
         let seen: Vec<String> =
             train_counts.iter().filter(|(_, n)| **n >= minimum).map(|(c, _)| c.to_string()).collect();
         let skipped: Vec<String> =
@@ -613,7 +696,7 @@ impl Agent {
             current,
             classes: classes.len(),
             hyper: Hyper::default(),
-            seed: self.config.adaptation.seed,
+            seed: policy.seed,
             gate: self.config.gate.clone(),
             last_sample_id,
             sample_set,

@@ -110,3 +110,62 @@ impl Default for GateConfig {
         GateConfig { max_seen_drop: 0.02, max_unseen_rate_drop: 0.05, max_reference_drop: 0.05 }
     }
 }
+
+/// The fleet link over MQTT (docs/mqtt.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    /// `embedded` (start a broker in the agent, on `embedded_listen`), `mqtt://HOST:PORT` or
+    /// `mqtts://HOST:PORT` (TLS).
+    pub broker: String,
+    pub embedded_listen: String,
+    /// Topic level above the device: `edgeadapt/v1/<fleet>/<device_id>/...`.
+    pub fleet: String,
+    /// MQTT client id (default: the device id).
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// File holding the password (kept out of the config).
+    pub password_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that signed the broker's certificate; required for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// File holding the fleet's command key; when set, commands must be signed with it.
+    pub command_key_file: Option<PathBuf>,
+    pub keep_alive_s: u64,
+    pub metrics_every_s: u64,
+    /// Largest MQTT packet the broker accepts; weights are chunked to fit.
+    pub max_packet_bytes: usize,
+    /// Undelivered events kept while the broker is unreachable; beyond it the oldest are dropped
+    /// and the drop is reported.
+    pub outbox_limit: usize,
+    /// Reconnect delay: doubles from the minimum to the maximum, with random jitter.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: false,
+            broker: "embedded".into(),
+            embedded_listen: "127.0.0.1:1883".into(),
+            fleet: "default".into(),
+            client_id: None,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            command_key_file: None,
+            keep_alive_s: 30,
+            metrics_every_s: 30,
+            max_packet_bytes: 256 * 1024,
+            outbox_limit: 100_000,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}

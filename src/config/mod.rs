@@ -11,7 +11,7 @@ use crate::runtime::RuntimeOptions;
 
 mod agent;
 
-pub use agent::{AdaptationConfig, AfterClassify, GateConfig, HttpConfig, LabellingConfig, WatchConfig};
+pub use agent::{AdaptationConfig, AfterClassify, GateConfig, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +35,8 @@ pub struct DeviceConfig {
     pub adaptation: AdaptationConfig,
     #[serde(default)]
     pub gate: GateConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
 }
 
 /// A config error; the message names the file and, where known, the key.
@@ -69,6 +71,15 @@ impl DeviceConfig {
         config.data_dir = config.data_dir.as_deref().map(|p| resolve(base, p));
         config.watch.folder = config.watch.folder.as_deref().map(|p| resolve(base, p));
         config.labelling.inbox = config.labelling.inbox.as_deref().map(|p| resolve(base, p));
+        for path in [
+            &mut config.mqtt.password_file,
+            &mut config.mqtt.ca_file,
+            &mut config.mqtt.client_cert,
+            &mut config.mqtt.client_key,
+            &mut config.mqtt.command_key_file,
+        ] {
+            *path = path.as_deref().map(|p| resolve(base, p));
+        }
         Ok(config)
     }
 
@@ -132,6 +143,45 @@ impl DeviceConfig {
             if !(0.0..=1.0).contains(&value) {
                 return Err(invalid(key, "must be a fraction between 0 and 1 (0.02 = 2 points)"));
             }
+        }
+        self.validate_mqtt()
+    }
+
+    fn validate_mqtt(&self) -> Result<(), ParseError> {
+        let invalid = |key: &str, problem: &str| ParseError::Invalid { key: key.into(), problem: problem.into() };
+        let mqtt = &self.mqtt;
+        if !crate::fleet::topics::valid_level(&mqtt.fleet) {
+            return Err(invalid("mqtt.fleet", "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'"));
+        }
+        match crate::fleet::link::BrokerAddress::parse(&mqtt.broker) {
+            Ok(crate::fleet::link::BrokerAddress::Tls { .. }) if mqtt.ca_file.is_none() => {
+                return Err(invalid("mqtt.ca_file", "is required for an mqtts:// broker"));
+            }
+            Ok(_) => {}
+            Err(problem) => return Err(invalid("mqtt.broker", &problem)),
+        }
+        if mqtt.broker == "embedded" {
+            match mqtt.embedded_listen.parse::<std::net::SocketAddr>() {
+                Ok(address) if address.ip().is_loopback() => {}
+                _ => {
+                    return Err(invalid(
+                        "mqtt.embedded_listen",
+                        "must be a loopback address with a port: the embedded broker has no TLS or ACLs",
+                    ));
+                }
+            }
+        }
+        if mqtt.client_cert.is_some() != mqtt.client_key.is_some() {
+            return Err(invalid("mqtt.client_key", "client_cert and client_key go together (mutual TLS)"));
+        }
+        if mqtt.max_packet_bytes < 4096 {
+            return Err(invalid("mqtt.max_packet_bytes", "must be at least 4096"));
+        }
+        if mqtt.keep_alive_s < 5 || mqtt.metrics_every_s == 0 || mqtt.outbox_limit == 0 {
+            return Err(invalid("mqtt", "keep_alive_s must be >= 5, metrics_every_s and outbox_limit >= 1"));
+        }
+        if mqtt.reconnect_min_ms == 0 || mqtt.reconnect_max_ms < mqtt.reconnect_min_ms {
+            return Err(invalid("mqtt.reconnect_max_ms", "needs 0 < reconnect_min_ms <= reconnect_max_ms"));
         }
         Ok(())
     }

@@ -19,6 +19,20 @@ pub enum Command {
     PublishWeights { version: Option<i64> },
 }
 
+impl Command {
+    /// The command's name as it appears in messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Adapt { .. } => "adapt",
+            Command::Rollback { .. } => "rollback",
+            Command::Status => "status",
+            Command::SetPolicy(_) => "set-policy",
+            Command::Label { .. } => "label",
+            Command::PublishWeights { .. } => "publish-weights",
+        }
+    }
+}
+
 /// Changes to the adaptation policy; unset fields keep their value.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

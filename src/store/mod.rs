@@ -505,6 +505,26 @@ impl Store {
         Ok(events)
     }
 
+    /// Undelivered events with ids above `after`, oldest first.
+    pub fn pending_events_after(&self, after: i64, limit: usize) -> Result<Vec<PendingEvent>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, at_ms, kind, payload FROM events WHERE delivered = 0 AND id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map([after, limit as i64], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
+            })
+            .map_err(self.err())?;
+        let mut events = Vec::new();
+        for row in rows {
+            let (id, at_ms, kind, payload) = row.map_err(self.err())?;
+            let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
+            events.push(PendingEvent { id, at_ms, kind, payload });
+        }
+        Ok(events)
+    }
+
     /// The most recent events, newest first.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<PendingEvent>> {
         let mut statement = self
@@ -554,6 +574,78 @@ impl Store {
             tx.execute("UPDATE events SET delivered = 1 WHERE id = ?1", [id]).map_err(sqlite(&path))?;
         }
         tx.commit().map_err(sqlite(&path))
+    }
+
+    /// Claims a command id. `None`: new, run it. `Some(None)`: already running. `Some(Some(r))`:
+    /// already answered with `r`.
+    pub fn claim_command(&mut self, id: &str, command: &str) -> Result<Option<Option<String>>> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
+        let existing: Option<Option<String>> = tx
+            .query_row("SELECT response FROM commands WHERE id = ?1", [id], |row| row.get(0))
+            .optional()
+            .map_err(sqlite(&path))?;
+        if existing.is_none() {
+            tx.execute(
+                "INSERT INTO commands (id, received_ms, command) VALUES (?1, ?2, ?3)",
+                params![id, now_ms(), command],
+            )
+            .map_err(sqlite(&path))?;
+        }
+        tx.commit().map_err(sqlite(&path))?;
+        Ok(existing)
+    }
+
+    pub fn answer_command(&mut self, id: &str, response: &str) -> Result<()> {
+        self.conn
+            .execute("UPDATE commands SET response = ?2 WHERE id = ?1", [id, response])
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    /// Commands claimed but never answered (cut short by a crash); they get an error answer.
+    pub fn unanswered_commands(&self) -> Result<Vec<String>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id FROM commands WHERE response IS NULL ORDER BY received_ms")
+            .map_err(self.err())?;
+        let rows = statement.query_map([], |row| row.get(0)).map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<String>>>().map_err(self.err())
+    }
+
+    /// Keeps at most `limit` undelivered events: the oldest beyond it are dropped, and one event
+    /// reports how many. Delivered events beyond the newest `limit` are pruned.
+    pub fn trim_outbox(&mut self, limit: usize) -> Result<usize> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
+        let undelivered: i64 = tx
+            .query_row("SELECT COUNT(*) FROM events WHERE delivered = 0", [], |row| row.get(0))
+            .map_err(sqlite(&path))?;
+        let excess = (undelivered - limit as i64).max(0) as usize;
+        if excess > 0 {
+            let (first, last): (i64, i64) = tx
+                .query_row(
+                    "SELECT MIN(id), MAX(id) FROM (SELECT id FROM events WHERE delivered = 0 ORDER BY id LIMIT ?1)",
+                    [excess as i64 + 1],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .map_err(sqlite(&path))?;
+            tx.execute(
+                "UPDATE events SET delivered = 2 WHERE id IN (SELECT id FROM events WHERE delivered = 0 ORDER BY id LIMIT ?1)",
+                [excess as i64 + 1],
+            )
+            .map_err(sqlite(&path))?;
+            let payload =
+                serde_json::json!({ "dropped": excess + 1, "first_id": first, "last_id": last, "limit": limit });
+            insert_event(&tx, &EventRecord { kind: "outbox.dropped".into(), payload }).map_err(sqlite(&path))?;
+        }
+        tx.execute(
+            "DELETE FROM events WHERE delivered != 0 AND id < (SELECT COALESCE(MAX(id), 0) FROM events) - ?1",
+            [limit as i64],
+        )
+        .map_err(sqlite(&path))?;
+        tx.commit().map_err(sqlite(&path))?;
+        Ok(if excess > 0 { excess + 1 } else { 0 })
     }
 
     /// Adds split tensors of unlabelled traffic and keeps only the newest `keep`.
@@ -737,6 +829,34 @@ mod tests {
         assert!(matches!(store.version(42), Err(StoreError::NoSuchVersion(42))));
         let events = store.pending_events(10).unwrap();
         assert_eq!(events[0].payload["version"], promoted);
+    }
+
+    #[test]
+    fn commands_are_claimed_once_and_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
+        assert_eq!(store.claim_command("c1", "adapt").unwrap(), None);
+        assert_eq!(store.claim_command("c1", "adapt").unwrap(), Some(None));
+        assert_eq!(store.unanswered_commands().unwrap(), vec!["c1".to_string()]);
+        store.answer_command("c1", "{\"ok\":true}").unwrap();
+        assert_eq!(store.claim_command("c1", "adapt").unwrap(), Some(Some("{\"ok\":true}".into())));
+        assert!(store.unanswered_commands().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_overfull_outbox_drops_its_oldest_events_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
+        for i in 0..10 {
+            store.push_event(&EventRecord { kind: format!("e{i}"), payload: serde_json::json!({}) }).unwrap();
+        }
+        assert_eq!(store.trim_outbox(20).unwrap(), 0);
+        // Room for the report itself: 5 kept = 4 newest + the report.
+        assert_eq!(store.trim_outbox(5).unwrap(), 6);
+        let pending = store.pending_events(100).unwrap();
+        let kinds: Vec<&str> = pending.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, vec!["e6", "e7", "e8", "e9", "outbox.dropped"]);
+        assert_eq!(pending[4].payload["dropped"], 6);
     }
 
     #[test]

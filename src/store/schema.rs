@@ -56,4 +56,13 @@ pub const MIGRATIONS: &[&str] = &[
         VALUES (0, NULL, 0, 'source', '{}', '{}', '{}', 'source', '[]');
     INSERT INTO state (key, value) VALUES ('promoted', '0');
     ",
+    // 2: fleet commands, for idempotency: a repeated command id gets the stored answer.
+    "
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        received_ms INTEGER NOT NULL,
+        command TEXT NOT NULL,
+        response TEXT
+    );
+    ",
 ];

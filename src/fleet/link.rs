@@ -1,0 +1,425 @@
+//! The agent's link to the fleet broker (rumqttc, MQTT 3.1.1): retained status with a Last Will,
+//! periodic metrics, the event outbox, weights sets, and commands with responses. One task owns
+//! the connection, so publishing, acknowledgements and reconnects never race.
+//!
+//! Events are delivered at least once: an event is marked delivered only when the broker has
+//! acknowledged it (QoS 1 PUBACK). Every (re)connect starts a clean session, subscribes again
+//! and republishes every undelivered event from the store, so an outage of any length loses
+//! nothing up to the outbox limit.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use tokio::sync::{mpsc, watch};
+
+use super::messages::{EVENT_SCHEMA, EventMessage, ResponseMessage, STATUS_SCHEMA, StatusMessage};
+use super::topics::DeviceTopics;
+use crate::agent::daemon::Shared;
+use crate::config::MqttConfig;
+
+/// Events published but not yet acknowledged, at most.
+const EVENT_WINDOW: usize = 64;
+/// How often the outbox is checked for new events.
+const OUTBOX_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerAddress {
+    Embedded,
+    Tcp { host: String, port: u16 },
+    Tls { host: String, port: u16 },
+}
+
+impl BrokerAddress {
+    pub fn parse(text: &str) -> Result<BrokerAddress, String> {
+        if text == "embedded" {
+            return Ok(BrokerAddress::Embedded);
+        }
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(format!("'{text}' is not \"embedded\", mqtt://HOST:PORT or mqtts://HOST:PORT"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => {
+                (host, port.parse::<u16>().map_err(|_| format!("'{text}': the port must be a number"))?)
+            }
+            None => (rest, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(format!("'{text}' has no host"));
+        }
+        let host = host.to_string();
+        Ok(if tls { BrokerAddress::Tls { host, port } } else { BrokerAddress::Tcp { host, port } })
+    }
+}
+
+/// Something for the link to publish, from command handling.
+pub enum LinkMessage {
+    Response(ResponseMessage),
+    Weights { version: i64, manifest: Vec<u8>, chunks: Vec<Vec<u8>> },
+}
+
+/// Builds the client options: identity, Last Will, credentials, TLS.
+pub fn options(config: &MqttConfig, device: &str, embedded_port: Option<u16>) -> anyhow::Result<MqttOptions> {
+    let client_id = config.client_id.clone().unwrap_or_else(|| device.to_string());
+    let (host, port, tls) = match BrokerAddress::parse(&config.broker).map_err(anyhow::Error::msg)? {
+        BrokerAddress::Embedded => ("127.0.0.1".to_string(), embedded_port.unwrap_or(1883), false),
+        BrokerAddress::Tcp { host, port } => (host, port, false),
+        BrokerAddress::Tls { host, port } => (host, port, true),
+    };
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_keep_alive(Duration::from_secs(config.keep_alive_s));
+    options.set_clean_session(true);
+    options.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+    options.set_request_channel_capacity(10_000);
+    options.set_inflight(100);
+    let topics = DeviceTopics::new(&config.fleet, device);
+    let will = serde_json::to_vec(&status_message(config, device, false, "connection lost", None))?;
+    options.set_last_will(LastWill::new(topics.status(), will, QoS::AtLeastOnce, true));
+    if let Some(user) = &config.username {
+        let password = match &config.password_file {
+            Some(file) => std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("mqtt.password_file {}: {e}", file.display()))?
+                .trim_end()
+                .to_string(),
+            None => String::new(),
+        };
+        options.set_credentials(user.clone(), password);
+    }
+    if tls {
+        // rustls without a compiled-in default: use ring, once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let read = |key: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| anyhow::anyhow!("mqtt.{key} {}: {e}", path.display()))
+        };
+        let ca = read("ca_file", config.ca_file.as_deref().expect("validated: mqtts needs a CA"))?;
+        let client_auth = match (&config.client_cert, &config.client_key) {
+            (Some(cert), Some(key)) => Some((read("client_cert", cert)?, read("client_key", key)?)),
+            _ => None,
+        };
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+    }
+    Ok(options)
+}
+
+pub fn status_message(
+    config: &MqttConfig,
+    device: &str,
+    online: bool,
+    reason: &str,
+    served: Option<(i64, String, String)>,
+) -> StatusMessage {
+    let (version, bundle, provider) = match served {
+        Some((v, b, p)) => (Some(v), Some(b), Some(p)),
+        None => (None, None, None),
+    };
+    StatusMessage {
+        schema: STATUS_SCHEMA.into(),
+        device: device.into(),
+        fleet: config.fleet.clone(),
+        online,
+        reason: reason.into(),
+        version,
+        bundle,
+        provider,
+        agent: env!("CARGO_PKG_VERSION").into(),
+        at_ms: crate::store::now_ms(),
+    }
+}
+
+/// Publishes in call order and maps packet ids back to outbox events when acknowledged.
+struct Tracker {
+    /// One entry per publish call not yet seen leaving: the outbox event it carries, if any.
+    queued: VecDeque<Option<i64>>,
+    awaiting_ack: HashMap<u16, i64>,
+    in_flight: BTreeSet<i64>,
+    /// Highest event id published on this connection.
+    published_up_to: i64,
+}
+
+impl Tracker {
+    fn new() -> Tracker {
+        Tracker {
+            queued: VecDeque::new(),
+            awaiting_ack: HashMap::new(),
+            in_flight: BTreeSet::new(),
+            published_up_to: 0,
+        }
+    }
+}
+
+struct Link {
+    client: AsyncClient,
+    topics: DeviceTopics,
+    config: MqttConfig,
+    device: String,
+    tracker: Tracker,
+    connected: bool,
+}
+
+impl Link {
+    fn publish(&mut self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>, event: Option<i64>) -> bool {
+        match self.client.try_publish(topic, qos, retain, payload) {
+            Ok(()) => {
+                self.tracker.queued.push_back(event);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot queue an MQTT publish");
+                false
+            }
+        }
+    }
+
+    fn publish_json(&mut self, topic: String, qos: QoS, retain: bool, message: &impl serde::Serialize) -> bool {
+        let payload = serde_json::to_vec(message).expect("messages serialise");
+        self.publish(topic, qos, retain, payload, None)
+    }
+}
+
+/// Runs the link until `shutdown` turns true, then publishes the offline status and disconnects.
+pub async fn run(
+    shared: Arc<Shared>,
+    config: MqttConfig,
+    device: String,
+    embedded_port: Option<u16>,
+    mut commands_out: mpsc::Receiver<LinkMessage>,
+    commands_in: mpsc::Sender<Vec<u8>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let options = options(&config, &device, embedded_port)?;
+    let (client, mut eventloop) = AsyncClient::new(options, 10_000);
+    let mut link = Link {
+        client,
+        topics: DeviceTopics::new(&config.fleet, &device),
+        config: config.clone(),
+        device: device.clone(),
+        tracker: Tracker::new(),
+        connected: false,
+    };
+    let mut backoff = Duration::from_millis(config.reconnect_min_ms);
+    let mut outbox = tokio::time::interval(OUTBOX_POLL);
+    outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut metrics = tokio::time::interval(Duration::from_secs(config.metrics_every_s));
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!(broker = %config.broker, "connected to the fleet broker");
+                    failures = 0;
+                    backoff = Duration::from_millis(config.reconnect_min_ms);
+                    link.connected = true;
+                    link.tracker = Tracker::new();
+                    if let Err(error) = link.client.try_subscribe(link.topics.commands(), QoS::AtLeastOnce) {
+                        tracing::warn!(%error, "cannot subscribe to commands");
+                    }
+                    let served = served(&shared).await;
+                    let status = status_message(&config, &device, true, "started", served);
+                    link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if publish.topic == link.topics.commands() && commands_in.try_send(publish.payload.to_vec()).is_err() {
+                        tracing::warn!("command queue full; command dropped");
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(id) = link.tracker.awaiting_ack.remove(&ack.pkid) {
+                        link.tracker.in_flight.remove(&id);
+                        let shared = Arc::clone(&shared);
+                        let marked = tokio::task::spawn_blocking(move || shared.lock().store().mark_delivered(&[id])).await;
+                        if let Ok(Err(error)) = marked {
+                            tracing::warn!(%error, "cannot mark an event delivered");
+                        }
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Some(Some(id)) = link.tracker.queued.pop_front()
+                        && pkid != 0
+                    {
+                        link.tracker.awaiting_ack.insert(pkid, id);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    if link.connected || failures == 0 {
+                        tracing::warn!(%error, broker = %config.broker, "fleet broker unreachable; retrying");
+                    }
+                    link.connected = false;
+                    link.tracker = Tracker::new();
+                    failures += 1;
+                    let jitter = rand::rng().random_range(0.5..1.0);
+                    let delay = backoff.mul_f64(jitter);
+                    backoff = (backoff * 2).min(Duration::from_millis(config.reconnect_max_ms));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+            _ = outbox.tick(), if link.connected => publish_events(&shared, &mut link).await,
+            _ = metrics.tick(), if link.connected => {
+                if let Some(message) = metrics_message(&shared, &device).await {
+                    link.publish_json(link.topics.metrics(), QoS::AtMostOnce, false, &message);
+                }
+            }
+            Some(item) = commands_out.recv() => {
+                if !link.connected {
+                    // Responses are kept with their command id; a retried command gets it again.
+                    continue;
+                }
+                match item {
+                    LinkMessage::Response(response) => {
+                        link.publish_json(link.topics.responses(), QoS::AtLeastOnce, false, &response);
+                    }
+                    LinkMessage::Weights { version, manifest, chunks } => {
+                        link.publish(link.topics.weights_manifest(version), QoS::AtLeastOnce, false, manifest, None);
+                        for (index, chunk) in chunks.into_iter().enumerate() {
+                            link.publish(link.topics.weights_chunk(version, index), QoS::AtLeastOnce, false, chunk, None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if link.connected {
+        let served = served(&shared).await;
+        let status = status_message(&config, &device, false, "shutdown", served);
+        link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
+        let _ = link.client.try_disconnect();
+        let drained = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("the broker did not take the offline status within 3 s");
+        }
+    }
+    Ok(())
+}
+
+async fn served(shared: &Arc<Shared>) -> Option<(i64, String, String)> {
+    let shared = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || shared.status().ok().map(|s| (s.serving, s.bundle, s.provider))).await.ok()?
+}
+
+async fn metrics_message(shared: &Arc<Shared>, device: &str) -> Option<super::messages::MetricsMessage> {
+    let shared = Arc::clone(shared);
+    let device = device.to_string();
+    tokio::task::spawn_blocking(move || {
+        let status = shared.status().ok()?;
+        let adaptation = shared.lock().served_version_metrics().ok().flatten();
+        Some(super::messages::MetricsMessage {
+            schema: super::messages::METRICS_SCHEMA.into(),
+            device,
+            at_ms: crate::store::now_ms(),
+            serving: status.serving,
+            samples: status.samples,
+            new_labels_since_last_run: status.new_labels_since_last_run,
+            traffic_samples: status.traffic_samples,
+            undelivered_events: status.undelivered_events,
+            classification: status.classification,
+            adaptation,
+        })
+    })
+    .await
+    .ok()?
+}
+
+/// Publishes undelivered events beyond those already in flight; a promoted version's weights
+/// follow its event.
+async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
+    let room = EVENT_WINDOW.saturating_sub(link.tracker.in_flight.len());
+    if room == 0 {
+        return;
+    }
+    let after = link.tracker.published_up_to;
+    let limit = link.config.outbox_limit;
+    let max_packet = link.config.max_packet_bytes;
+    let shared2 = Arc::clone(shared);
+    let fetched = tokio::task::spawn_blocking(move || {
+        let mut agent = shared2.lock();
+        let dropped = agent.store().trim_outbox(limit)?;
+        if dropped > 0 {
+            tracing::warn!(dropped, limit, "outbox full: oldest undelivered events dropped");
+        }
+        let events = agent.store().pending_events_after(after, room)?;
+        let mut weights = Vec::new();
+        for event in events.iter().filter(|e| e.kind == "version.promoted") {
+            if let Some(version) = event.payload["version"].as_i64() {
+                match agent.weights_set(version, max_packet) {
+                    Ok(set) => weights.push((version, set)),
+                    Err(error) => tracing::warn!(version, %error, "cannot prepare weights to publish"),
+                }
+            }
+        }
+        Ok::<_, crate::store::StoreError>((events, weights))
+    })
+    .await;
+    let (events, weights) = match fetched {
+        Ok(Ok(found)) => found,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot read the outbox");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut weights = weights.into_iter();
+    for event in events {
+        let message = EventMessage {
+            schema: EVENT_SCHEMA.into(),
+            device: link.device.clone(),
+            id: event.id,
+            at_ms: event.at_ms,
+            kind: event.kind.clone(),
+            payload: event.payload,
+        };
+        let payload = serde_json::to_vec(&message).expect("events serialise");
+        if !link.publish(link.topics.events(), QoS::AtLeastOnce, false, payload, Some(event.id)) {
+            return;
+        }
+        link.tracker.in_flight.insert(event.id);
+        link.tracker.published_up_to = event.id;
+        if event.kind == "version.promoted"
+            && let Some((version, (manifest, chunks))) = weights.next()
+        {
+            link.publish(link.topics.weights_manifest(version), QoS::AtLeastOnce, false, manifest, None);
+            for (index, chunk) in chunks.into_iter().enumerate() {
+                link.publish(link.topics.weights_chunk(version, index), QoS::AtLeastOnce, false, chunk, None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse_with_default_ports() {
+        assert_eq!(BrokerAddress::parse("embedded"), Ok(BrokerAddress::Embedded));
+        assert_eq!(
+            BrokerAddress::parse("mqtt://broker.lan"),
+            Ok(BrokerAddress::Tcp { host: "broker.lan".into(), port: 1883 })
+        );
+        assert_eq!(
+            BrokerAddress::parse("mqtts://10.0.0.2:9883/"),
+            Ok(BrokerAddress::Tls { host: "10.0.0.2".into(), port: 9883 })
+        );
+        assert!(BrokerAddress::parse("tcp://x:1").is_err());
+        assert!(BrokerAddress::parse("mqtt://:1883").is_err());
+        assert!(BrokerAddress::parse("mqtt://host:port").is_err());
+    }
+}
