@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEADAPT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,edgeadapt=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,edgeadapt=info,rumqttd=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod classify;
 mod demo;
+mod fleet;
 mod import;
 mod reference;
 mod table;
@@ -53,6 +54,8 @@ pub enum Command {
     Rollback(agent::RollbackArgs),
     /// Versions, labelled samples, the last run and classification counters.
     Status(agent::StatusArgs),
+    /// Watch and command devices over MQTT.
+    Fleet(fleet::FleetArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Adapt(args) => agent::adapt(args, agent::load_config(config)?),
         Command::Rollback(args) => agent::rollback(args, agent::load_config(config)?),
         Command::Status(args) => agent::status(args, agent::load_config(config)?),
+        Command::Fleet(args) => fleet::run(args, config.as_ref()),
     }
 }
 

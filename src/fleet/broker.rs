@@ -54,5 +54,13 @@ pub fn start(listen: SocketAddr, max_packet_bytes: usize) -> anyhow::Result<()> 
             tracing::error!(%error, "embedded MQTT broker stopped");
         }
     })?;
+    // Return once it accepts connections, so the agent's first connect succeeds.
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(listen).is_err() {
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            anyhow::bail!("embedded broker did not start listening on {listen}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     Ok(())
 }

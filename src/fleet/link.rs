@@ -392,6 +392,12 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
         }
         link.tracker.in_flight.insert(event.id);
         link.tracker.published_up_to = event.id;
+        if matches!(event.kind.as_str(), "version.promoted" | "version.rollback" | "version.load_failed") {
+            // The retained status always names the version served.
+            let served = served(shared).await;
+            let status = status_message(&link.config, &link.device, true, "started", served);
+            link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
+        }
         if event.kind == "version.promoted"
             && let Some((version, (manifest, chunks))) = weights.next()
         {

@@ -2,8 +2,10 @@
 //! weights sets, the agent's broker link and the embedded broker.
 
 pub mod broker;
+pub mod client;
 pub mod commands;
 pub mod link;
 pub mod messages;
+pub mod rebuild;
 pub mod topics;
 pub mod weights;

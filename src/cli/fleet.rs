@@ -1,0 +1,250 @@
+//! `edgeadapt fleet ...`: the operator's commands over MQTT.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::table::Table;
+use crate::config::DeviceConfig;
+use crate::fleet::client::{BrokerOptions, FleetClient, FleetView};
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+/// How to reach the broker; unset values come from the config's `[mqtt]` table.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// mqtt://HOST:PORT or mqtts://HOST:PORT (default: the config's broker; the embedded one
+    /// listens on mqtt.embedded_listen).
+    #[arg(long, global = true)]
+    pub broker: Option<String>,
+    #[arg(long, global = true)]
+    pub fleet: Option<String>,
+    #[arg(long, global = true)]
+    pub username: Option<String>,
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) for mqtts://.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The fleet's command key, to sign commands.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub command_key_file: Option<PathBuf>,
+    /// Seconds to wait for a response.
+    #[arg(long, global = true, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// A live table of the fleet's devices.
+    Watch {
+        /// Stop after this many seconds and print the table once.
+        #[arg(long = "for", value_name = "SECONDS")]
+        seconds: Option<u64>,
+    },
+    /// Adapt a device now and wait for the result.
+    Adapt {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        method: Option<String>,
+    },
+    /// Serve the source model or an earlier version on a device.
+    Rollback {
+        #[arg(long)]
+        device: String,
+        /// `source` or a version number.
+        #[arg(long)]
+        to: String,
+    },
+    /// A device's full status.
+    Status {
+        #[arg(long)]
+        device: String,
+    },
+    /// Change a device's adaptation policy.
+    SetPolicy {
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        after_new_labels: Option<usize>,
+        #[arg(long)]
+        every_minutes: Option<u64>,
+    },
+    /// Fetch a version's weights from a device and rebuild a standalone bundle from them.
+    Weights {
+        #[arg(long)]
+        device: String,
+        /// Default: the version the device serves.
+        #[arg(long)]
+        version: Option<i64>,
+        /// The source bundle the device runs (default: the config's).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Where to write the rebuilt bundle.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::Result<BrokerOptions> {
+    let mqtt = config.map(|c| c.mqtt.clone()).unwrap_or_default();
+    let url = match &args.broker {
+        Some(url) => url.clone(),
+        None if mqtt.broker == "embedded" => format!("mqtt://{}", mqtt.embedded_listen),
+        None => mqtt.broker.clone(),
+    };
+    let command_key = match args.command_key_file.as_ref().or(mqtt.command_key_file.as_ref()) {
+        Some(file) => {
+            Some(std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?.trim_ascii().to_vec())
+        }
+        None => None,
+    };
+    Ok(BrokerOptions {
+        url,
+        fleet: args.fleet.clone().unwrap_or(mqtt.fleet),
+        username: args.username.clone().or(mqtt.username),
+        password_file: args.password_file.clone().or(mqtt.password_file),
+        ca_file: args.ca.clone().or(mqtt.ca_file),
+        client_cert: args.cert.clone().or(mqtt.client_cert),
+        client_key: args.key.clone().or(mqtt.client_key),
+        command_key,
+    })
+}
+
+pub fn run(args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
+    let options = broker_options(&args.broker, config)?;
+    let timeout = Duration::from_secs(args.broker.timeout);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let mut client = FleetClient::connect(options, Duration::from_secs(10)).await?;
+        let (device, command, command_args) = match args.command {
+            FleetCommand::Watch { seconds } => {
+                let live = std::io::stdout().is_terminal() && seconds.is_none();
+                let view = client
+                    .watch(seconds.map(Duration::from_secs), |view| {
+                        if live {
+                            print!("\x1b[2J\x1b[H{}", render(view));
+                        }
+                    })
+                    .await?;
+                if !live {
+                    print!("{}", render(&view));
+                }
+                return Ok(0);
+            }
+            FleetCommand::Weights { device, version, bundle, out } => {
+                let bundle_dir =
+                    bundle.or_else(|| config.map(|c| c.bundle.clone())).unwrap_or_else(|| super::DEFAULT_BUNDLE.into());
+                let source = super::load_bundle(&bundle_dir)?;
+                let (manifest, payload) = client.fetch_weights(&device, version, timeout).await?;
+                crate::fleet::rebuild::bundle_from_weights(&source, &manifest, &payload, &out)
+                    .map_err(anyhow::Error::msg)?;
+                println!(
+                    "version {} of {device} ({}, {} f16 bytes in {} chunks, sha256 verified) -> {}",
+                    manifest.version,
+                    manifest.method,
+                    manifest.total_bytes,
+                    manifest.chunks,
+                    out.display()
+                );
+                return Ok(0);
+            }
+            FleetCommand::Adapt { device, method } => {
+                let args = method.map_or(serde_json::json!({}), |m| serde_json::json!({ "method": m }));
+                (device, "adapt", args)
+            }
+            FleetCommand::Rollback { device, to } => {
+                let to = to.parse::<i64>().map_or(serde_json::json!(to), |n| serde_json::json!(n));
+                (device, "rollback", serde_json::json!({ "to": to }))
+            }
+            FleetCommand::Status { device } => (device, "status", serde_json::json!({})),
+            FleetCommand::SetPolicy { device, method, after_new_labels, every_minutes } => {
+                let update = crate::fleet::commands::PolicyUpdate { method, after_new_labels, every_minutes };
+                (device, "set-policy", serde_json::to_value(update)?)
+            }
+        };
+        let response = client.command(&device, command, command_args, timeout).await?;
+        if response.ok {
+            println!("{}", serde_json::to_string_pretty(&response.result.unwrap_or_default())?);
+            Ok(0)
+        } else {
+            eprintln!("{device}: {command} failed: {}", response.error.unwrap_or_default());
+            Ok(1)
+        }
+    })
+}
+
+fn render(view: &FleetView) -> String {
+    let mut table = Table::new(&[
+        "device",
+        "online",
+        "version",
+        "provider",
+        "labels per class",
+        "last adaptation",
+        "seen val.",
+        "unseen rate (src)",
+        "alerts",
+    ]);
+    for (device, state) in &view.devices {
+        let online = state
+            .status
+            .as_ref()
+            .map_or("?".into(), |s| if s.online { "yes".into() } else { format!("no ({})", s.reason) });
+        let version = state.metrics.as_ref().map(|m| m.serving).or(state.status.as_ref().and_then(|s| s.version));
+        let provider = state.status.as_ref().and_then(|s| s.provider.clone()).unwrap_or_default();
+        let labels = state.metrics.as_ref().map_or(String::new(), |m| {
+            let mut parts: Vec<String> = m.samples.iter().map(|(c, (t, v))| format!("{c}:{}", t + v)).collect();
+            if parts.len() > 6 {
+                let more = parts.len() - 6;
+                parts.truncate(6);
+                parts.push(format!("+{more}"));
+            }
+            parts.join(" ")
+        });
+        let (last, seen, unseen) = match &state.last_adaptation {
+            Some(event) => {
+                let verdict = if event.kind == "version.promoted" { "promoted" } else { "rejected" };
+                let gate = &event.payload["metrics"]["gate"];
+                let pair = |key: &str| match gate[key].as_array() {
+                    Some(v) if v.len() == 2 => format!(
+                        "{:.1} ({:.1})",
+                        v[0].as_f64().unwrap_or(0.0) * 100.0,
+                        v[1].as_f64().unwrap_or(0.0) * 100.0
+                    ),
+                    _ => "-".into(),
+                };
+                (format!("v{} {verdict}", event.payload["version"]), pair("seen_validation"), pair("unseen_rate"))
+            }
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        table.row(vec![
+            device.clone(),
+            online,
+            version.map_or("?".into(), |v| v.to_string()),
+            provider,
+            labels,
+            last,
+            seen,
+            unseen,
+            state.alerts.join("; "),
+        ]);
+    }
+    if view.devices.is_empty() { "no devices seen yet\n".into() } else { table.render() + "\n" }
+}

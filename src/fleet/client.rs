@@ -1,0 +1,295 @@
+//! The operator's side of the fleet interface: a connection to the broker that sends commands
+//! and waits for their responses, follows devices for `fleet watch`, and receives weights sets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+
+use super::commands;
+use super::link::BrokerAddress;
+use super::messages::{EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest};
+use super::topics::{self, DeviceTopics};
+use super::weights::Reassembly;
+
+/// How to reach the broker as an operator.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub url: String,
+    pub fleet: String,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub command_key: Option<Vec<u8>>,
+}
+
+pub struct FleetClient {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    /// Messages that arrived while waiting for something else (e.g. retained messages during a
+    /// later subscription).
+    buffered: std::collections::VecDeque<rumqttc::Publish>,
+    pub options: BrokerOptions,
+}
+
+impl FleetClient {
+    /// Connects and waits for the broker's acknowledgement.
+    pub async fn connect(options: BrokerOptions, timeout: Duration) -> anyhow::Result<FleetClient> {
+        let (host, port, tls) = match BrokerAddress::parse(&options.url).map_err(anyhow::Error::msg)? {
+            BrokerAddress::Embedded => ("127.0.0.1".to_string(), 1883, false),
+            BrokerAddress::Tcp { host, port } => (host, port, false),
+            BrokerAddress::Tls { host, port } => (host, port, true),
+        };
+        let client_id = format!("edgeadapt-fleet-{}-{}", std::process::id(), rand::random::<u32>());
+        let mut mqtt = MqttOptions::new(client_id, host, port);
+        mqtt.set_keep_alive(Duration::from_secs(30));
+        mqtt.set_max_packet_size(64 << 20, 64 << 20);
+        if let Some(user) = &options.username {
+            let password = match &options.password_file {
+                Some(file) => std::fs::read_to_string(file)?.trim_end().to_string(),
+                None => String::new(),
+            };
+            mqtt.set_credentials(user.clone(), password);
+        }
+        if tls {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let ca_file = options.ca_file.as_ref().ok_or_else(|| anyhow::anyhow!("an mqtts:// broker needs --ca"))?;
+            let ca = std::fs::read(ca_file).map_err(|e| anyhow::anyhow!("{}: {e}", ca_file.display()))?;
+            let client_auth = match (&options.client_cert, &options.client_key) {
+                (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
+                _ => None,
+            };
+            mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
+        }
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 1000);
+        let connected = tokio::time::timeout(timeout, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        })
+        .await;
+        match connected {
+            Ok(Ok(())) => Ok(FleetClient { client, eventloop, buffered: Default::default(), options }),
+            Ok(Err(error)) => Err(anyhow::anyhow!("cannot connect to {}: {error}", options.url)),
+            Err(_) => Err(anyhow::anyhow!("no answer from {} within {timeout:?}", options.url)),
+        }
+    }
+
+    /// Waits until the broker has acknowledged a subscription.
+    async fn subscribe(&mut self, filter: String) -> anyhow::Result<()> {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        loop {
+            match self.eventloop.poll().await? {
+                Event::Incoming(Packet::SubAck(_)) => return Ok(()),
+                Event::Incoming(Packet::Publish(publish)) => self.buffered.push_back(publish),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next message, buffered ones first; `None` when `wait` passes without one.
+    async fn next_publish(&mut self, wait: Duration) -> anyhow::Result<Option<rumqttc::Publish>> {
+        if let Some(publish) = self.buffered.pop_front() {
+            return Ok(Some(publish));
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.eventloop.poll()).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => return Ok(Some(publish)),
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(anyhow::anyhow!("lost the broker: {error}")),
+            }
+        }
+    }
+
+    /// Sends a command and waits for its response. Retries with the same id are safe: the
+    /// device answers a repeated id from its store without running the command again.
+    pub async fn command(
+        &mut self,
+        device: &str,
+        command: &str,
+        args: serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<ResponseMessage> {
+        let device_topics = DeviceTopics::new(&self.options.fleet, device);
+        self.subscribe(device_topics.responses()).await?;
+        let id = format!("{}-{}", crate::store::now_ms(), rand::random::<u32>());
+        let message = commands::build(&id, command, args, self.options.command_key.as_deref());
+        let payload = serde_json::to_vec(&message)?;
+        let deadline = Instant::now() + timeout;
+        let mut resend = Instant::now();
+        loop {
+            if Instant::now() >= resend {
+                self.client.publish(device_topics.commands(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                resend = Instant::now() + Duration::from_secs(10);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                anyhow::bail!("no response from device '{device}' within {timeout:?} (is it online?)");
+            }
+            if let Some(publish) = self.next_publish(left.min(Duration::from_secs(1))).await?
+                && publish.topic == device_topics.responses()
+                && let Ok(response) = serde_json::from_slice::<ResponseMessage>(&publish.payload)
+                && response.id == id
+            {
+                return Ok(response);
+            }
+        }
+    }
+
+    /// Asks a device to publish a version's weights and reassembles and verifies them.
+    pub async fn fetch_weights(
+        &mut self,
+        device: &str,
+        version: Option<i64>,
+        timeout: Duration,
+    ) -> anyhow::Result<(WeightsManifest, Vec<u8>)> {
+        let device_topics = DeviceTopics::new(&self.options.fleet, device);
+        self.subscribe(device_topics.weights_filter()).await?;
+        self.subscribe(device_topics.responses()).await?;
+        let id = format!("{}-{}", crate::store::now_ms(), rand::random::<u32>());
+        let args = match version {
+            Some(v) => serde_json::json!({ "version": v }),
+            None => serde_json::json!({}),
+        };
+        let message = commands::build(&id, "publish-weights", args, self.options.command_key.as_deref());
+        self.client.publish(device_topics.commands(), QoS::AtLeastOnce, false, serde_json::to_vec(&message)?).await?;
+        let deadline = Instant::now() + timeout;
+        let mut wanted: Option<i64> = version;
+        let mut sets: HashMap<i64, Reassembly> = HashMap::new();
+        let mut early: HashMap<i64, Vec<(usize, Vec<u8>)>> = HashMap::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                anyhow::bail!("the weights did not arrive within {timeout:?}");
+            }
+            let Some(publish) = self.next_publish(left).await? else { continue };
+            let Some((_, leaf)) = topics::parse(&self.options.fleet, &publish.topic) else { continue };
+            let parts: Vec<&str> = leaf.split('/').collect();
+            match parts.as_slice() {
+                ["response"] => {
+                    let response: ResponseMessage = serde_json::from_slice(&publish.payload)?;
+                    if response.id == id {
+                        if !response.ok {
+                            anyhow::bail!("device '{device}': {}", response.error.unwrap_or_default());
+                        }
+                        wanted = response.result.as_ref().and_then(|r| r["version"].as_i64());
+                    }
+                }
+                ["weights", v, "manifest"] => {
+                    let manifest: WeightsManifest = serde_json::from_slice(&publish.payload)?;
+                    let v: i64 = v.parse()?;
+                    let mut set = Reassembly::new(manifest).map_err(anyhow::Error::msg)?;
+                    for (index, bytes) in early.remove(&v).unwrap_or_default() {
+                        set.add(index, bytes).map_err(anyhow::Error::msg)?;
+                    }
+                    sets.insert(v, set);
+                }
+                ["weights", v, "chunk", n] => {
+                    let (v, n): (i64, usize) = (v.parse()?, n.parse()?);
+                    match sets.get_mut(&v) {
+                        Some(set) => set.add(n, publish.payload.to_vec()).map_err(anyhow::Error::msg)?,
+                        None => early.entry(v).or_default().push((n, publish.payload.to_vec())),
+                    }
+                }
+                _ => {}
+            }
+            if let Some(v) = wanted
+                && let Some(set) = sets.get(&v)
+                && let Some(result) = set.finish()
+            {
+                let payload = result.map_err(|e| anyhow::anyhow!("weights of version {v}: {e}"))?;
+                return Ok((set.manifest.clone(), payload));
+            }
+        }
+    }
+
+    /// Follows every device of the fleet for `duration` (forever if `None`), calling `render`
+    /// with the current view about once a second.
+    pub async fn watch(
+        &mut self,
+        duration: Option<Duration>,
+        mut render: impl FnMut(&FleetView),
+    ) -> anyhow::Result<FleetView> {
+        let fleet = self.options.fleet.clone();
+        for leaf in ["status", "metrics", "events"] {
+            self.subscribe(topics::fleet_filter(&fleet, leaf)).await?;
+        }
+        let mut view = FleetView::default();
+        let started = Instant::now();
+        let mut rendered = Instant::now();
+        loop {
+            if duration.is_some_and(|d| started.elapsed() >= d) {
+                render(&view);
+                return Ok(view);
+            }
+            if let Some(publish) = self.next_publish(Duration::from_millis(200)).await? {
+                view.apply(&fleet, &publish.topic, &publish.payload);
+            }
+            if rendered.elapsed() >= Duration::from_secs(1) {
+                render(&view);
+                rendered = Instant::now();
+            }
+        }
+    }
+}
+
+/// What `fleet watch` knows of each device.
+#[derive(Debug, Clone, Default)]
+pub struct FleetView {
+    pub devices: BTreeMap<String, DeviceView>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeviceView {
+    pub status: Option<StatusMessage>,
+    pub metrics: Option<MetricsMessage>,
+    /// The newest adaptation result (`version.promoted` or `version.rejected`).
+    pub last_adaptation: Option<EventMessage>,
+    pub alerts: Vec<String>,
+    /// Event ids seen, to drop repeats (delivery is at least once).
+    pub last_event_id: i64,
+    pub events: usize,
+}
+
+impl FleetView {
+    pub fn apply(&mut self, fleet: &str, topic: &str, payload: &[u8]) {
+        let Some((device, leaf)) = topics::parse(fleet, topic) else { return };
+        let entry = self.devices.entry(device).or_default();
+        match leaf.as_str() {
+            "status" => entry.status = serde_json::from_slice(payload).ok(),
+            "metrics" => entry.metrics = serde_json::from_slice(payload).ok(),
+            "events" => {
+                let Ok(event) = serde_json::from_slice::<EventMessage>(payload) else { return };
+                if event.id <= entry.last_event_id {
+                    return;
+                }
+                entry.last_event_id = event.id;
+                entry.events += 1;
+                match event.kind.as_str() {
+                    "version.promoted" | "version.rejected" => entry.last_adaptation = Some(event.clone()),
+                    "adaptation.failed" | "version.load_failed" | "outbox.dropped" | "adaptation.interrupted" => {
+                        entry.alerts.push(format!("{}: {}", event.kind, event.payload["error"].as_str().unwrap_or("")));
+                        if entry.alerts.len() > 3 {
+                            entry.alerts.remove(0);
+                        }
+                    }
+                    _ => {}
+                }
+                if event.kind == "version.rejected" {
+                    entry.alerts.push(format!("version {} rejected", event.payload["version"]));
+                }
+            }
+            _ => {}
+        }
+    }
+}
