@@ -120,9 +120,22 @@ impl FleetClient {
         args: serde_json::Value,
         timeout: Duration,
     ) -> anyhow::Result<ResponseMessage> {
+        let id = format!("{}-{}", crate::store::now_ms(), rand::random::<u32>());
+        self.command_with_id(device, &id, command, args, timeout).await
+    }
+
+    /// As [`FleetClient::command`], with the caller's command id.
+    pub async fn command_with_id(
+        &mut self,
+        device: &str,
+        id: &str,
+        command: &str,
+        args: serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<ResponseMessage> {
         let device_topics = DeviceTopics::new(&self.options.fleet, device);
         self.subscribe(device_topics.responses()).await?;
-        let id = format!("{}-{}", crate::store::now_ms(), rand::random::<u32>());
+        let id = id.to_string();
         let message = commands::build(&id, command, args, self.options.command_key.as_deref());
         let payload = serde_json::to_vec(&message)?;
         let deadline = Instant::now() + timeout;

@@ -395,7 +395,7 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
         if matches!(event.kind.as_str(), "version.promoted" | "version.rollback" | "version.load_failed") {
             // The retained status always names the version served.
             let served = served(shared).await;
-            let status = status_message(&link.config, &link.device, true, "started", served);
+            let status = status_message(&link.config, &link.device, true, "version changed", served);
             link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
         }
         if event.kind == "version.promoted"

@@ -18,7 +18,7 @@ pub struct StatusMessage {
     pub device: String,
     pub fleet: String,
     pub online: bool,
-    /// `started`, `shutdown` or `connection lost`.
+    /// `started`, `version changed`, `shutdown` or `connection lost`.
     pub reason: String,
     /// The version served (absent in the Last Will, which is fixed at connect time).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,260 @@
+//! The fleet interface against the agent's embedded broker: commands with responses (label,
+//! adapt, rollback, status, set-policy), idempotent command ids, refusals, every event delivered,
+//! the retained status, weights published on promotion and rebuilt into a bundle, and every
+//! message matching the examples in docs/mqtt.md.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use common::daemon::{Daemon, free_port, http, write_config};
+use common::repo;
+use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
+use edgeadapt::inference::{Classifier, Prediction, predict};
+use edgeadapt::model::Bundle;
+use edgeadapt::runtime::RuntimeOptions;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Records every message under the fleet's topics, from a thread of its own.
+fn collect(port: u16) -> Messages {
+    let messages: Messages = Arc::default();
+    let sink = Arc::clone(&messages);
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let mut options = MqttOptions::new("collector", "127.0.0.1", port);
+            options.set_max_packet_size(1 << 24, 1 << 24);
+            let (client, mut eventloop) = AsyncClient::new(options, 100);
+            client.subscribe("edgeadapt/v1/#", QoS::AtLeastOnce).await.unwrap();
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push((p.topic, p.payload.to_vec())),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    });
+    messages
+}
+
+fn wait_for(messages: &Messages, what: &str, check: impl Fn(&[(String, Vec<u8>)]) -> bool) {
+    let started = std::time::Instant::now();
+    while !check(&messages.lock().unwrap()) {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+/// The JSON examples of docs/mqtt.md, by the leaf they are headed with (`status`, `events`, ...).
+fn documented_examples() -> BTreeMap<String, Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(repo().join("docs/mqtt.md")).unwrap();
+    let mut examples: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(leaf) = line.strip_prefix("```json leaf=") {
+            let block: Vec<&str> = lines.by_ref().take_while(|l| !l.starts_with("```")).collect();
+            let value: serde_json::Value = serde_json::from_str(&block.join("\n"))
+                .unwrap_or_else(|e| panic!("docs/mqtt.md example for {leaf} is not JSON: {e}"));
+            examples.entry(leaf.trim().to_string()).or_default().push(value);
+        }
+    }
+    examples
+}
+
+fn keys(value: &serde_json::Value) -> BTreeSet<String> {
+    value.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
+#[test]
+fn commands_events_status_and_weights_over_the_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, mqtt_port) = (free_port(), free_port());
+    let extra = format!(
+        "[adaptation]\nmethod = \"ft-tail+prior\"\n[mqtt]\nenabled = true\nembedded_listen = \"127.0.0.1:{mqtt_port}\"\n\
+         fleet = \"test-fleet\"\nmetrics_every_s = 1\nmax_packet_bytes = 65536\n"
+    );
+    let config = write_config(dir.path(), http_port, &extra);
+    let daemon = Daemon::start(&config, http_port, &dir.path().join("daemon.log"));
+    let messages = collect(mqtt_port);
+    let status_topic = "edgeadapt/v1/test-fleet/test-device/status";
+    wait_for(&messages, "the online status", |m| m.iter().any(|(t, p)| t == status_topic && json(p)["online"] == true));
+
+    let fonts36 = repo().join("target/data/fonts36");
+    assert!(fonts36.is_dir(), "run tools/setup.sh first");
+    // Unlabelled traffic of every class through the HTTP endpoint.
+    let agent = http();
+    let bundle = Bundle::load(&repo().join("models/efficientnet-lite0-fonts36")).unwrap();
+    for class in &bundle.head.classes {
+        for n in 0..3 {
+            let bytes = std::fs::read(fonts36.join("target/adapt").join(class).join(format!("{n}.png"))).unwrap();
+            assert_eq!(agent.post(daemon.url("/v1/classify")).send(bytes.as_slice()).unwrap().status(), 200);
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let options = BrokerOptions {
+        url: format!("mqtt://127.0.0.1:{mqtt_port}"),
+        fleet: "test-fleet".into(),
+        username: None,
+        password_file: None,
+        ca_file: None,
+        client_cert: None,
+        client_key: None,
+        command_key: None,
+    };
+    let timeout = Duration::from_secs(120);
+    runtime.block_on(async {
+        let mut fleet = FleetClient::connect(options, Duration::from_secs(10)).await.unwrap();
+        // Labels over MQTT.
+        for class in ["2", "Q"] {
+            for n in 0..15 {
+                let bytes = std::fs::read(fonts36.join("target/adapt").join(class).join(format!("{n}.png"))).unwrap();
+                let image_base64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                let args = serde_json::json!({ "class": class, "image_base64": image_base64 });
+                let response = fleet.command("test-device", "label", args, timeout).await.unwrap();
+                assert!(response.ok, "{response:?}");
+            }
+        }
+        let duplicate = std::fs::read(fonts36.join("target/adapt/2/0.png")).unwrap();
+        let args = serde_json::json!({ "class": "2", "image_base64": base64::engine::general_purpose::STANDARD.encode(&duplicate) });
+        let response = fleet.command("test-device", "label", args, timeout).await.unwrap();
+        assert!(!response.ok && response.error.as_deref().unwrap().contains("already stored"), "{response:?}");
+
+        // Adapt, then the same command id again: the same answer, and no second run.
+        let response =
+            fleet.command_with_id("test-device", "adapt-1", "adapt", serde_json::json!({}), timeout).await.unwrap();
+        assert!(response.ok, "{response:?}");
+        let result = response.result.clone().unwrap();
+        assert_eq!(result["version"], 1);
+        assert_eq!(result["promoted"], true, "{result}");
+        let again =
+            fleet.command_with_id("test-device", "adapt-1", "adapt", serde_json::json!({}), timeout).await.unwrap();
+        assert_eq!(again, response);
+        let status = fleet.command("test-device", "status", serde_json::json!({}), timeout).await.unwrap();
+        assert_eq!(status.result.as_ref().unwrap()["versions"].as_array().unwrap().len(), 2);
+
+        // Refusals change nothing.
+        for (command, args, phrase) in [
+            ("rollback", serde_json::json!({ "to": 7 }), "does not exist"),
+            ("adapt", serde_json::json!({ "method": "nonsense" }), "adapt"),
+            ("reboot", serde_json::json!({}), "unknown command"),
+            ("set-policy", serde_json::json!({ "after_new_labels": "many" }), "bad arguments"),
+        ] {
+            let response = fleet.command("test-device", command, args, timeout).await.unwrap();
+            assert!(!response.ok, "{command}: {response:?}");
+            assert!(response.error.as_deref().unwrap().contains(phrase), "{command}: {response:?}");
+        }
+        let response =
+            fleet.command("test-device", "set-policy", serde_json::json!({ "every_minutes": 600 }), timeout).await.unwrap();
+        assert_eq!(response.result.unwrap()["every_minutes"], 600);
+
+        // The promoted weights, fetched again on request, rebuild a bundle that classifies like
+        // the device (f16 weights, so logits differ slightly).
+        let (manifest, payload) = fleet.fetch_weights("test-device", None, timeout).await.unwrap();
+        assert_eq!((manifest.version, manifest.dtype.as_str()), (1, "f16"));
+        assert!(manifest.chunks > 1, "64 KiB packets split the weights");
+        let out = dir.path().join("rebuilt");
+        edgeadapt::fleet::rebuild::bundle_from_weights(&bundle, &manifest, &payload, &out).unwrap();
+        let rebuilt = Bundle::load(&out).unwrap();
+        let mut classifier = Classifier::open(rebuilt, &RuntimeOptions::default()).unwrap();
+        let probes: Vec<_> = ["2", "Q", "5", "X"]
+            .iter()
+            .flat_map(|c| {
+                let test = fonts36.join("target/test").join(c);
+                (0..10).map(move |n| test.join(format!("{n}.png")))
+            })
+            .collect();
+        let inputs = edgeadapt::inference::prepare_files(&probes, &classifier.bundle.manifest.input, &Default::default());
+        let inputs: Vec<_> = inputs.into_iter().map(|i| i.unwrap()).collect();
+        let batch = edgeadapt::imaging::stack(&inputs.iter().map(|i| i.view()).collect::<Vec<_>>());
+        let local = predict(classifier.logits(batch.view()).unwrap().view(), &classifier.bundle.head.classes, 1);
+        let mut same = 0;
+        for (probe, mine) in probes.iter().zip(&local) {
+            let bytes = std::fs::read(probe).unwrap();
+            let served: Prediction =
+                agent.post(daemon.url("/v1/classify")).send(bytes.as_slice()).unwrap().body_mut().read_json().unwrap();
+            same += usize::from(served.class == mine.class);
+        }
+        assert!(same >= probes.len() - 1, "{same} of {} predictions agree", probes.len());
+    });
+
+    // A command too malformed to have an id is answered with an empty id.
+    runtime.block_on(async {
+        let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("raw", "127.0.0.1", mqtt_port), 10);
+        client.publish("edgeadapt/v1/test-fleet/test-device/cmd", QoS::AtLeastOnce, false, "not json").await.unwrap();
+        for _ in 0..20 {
+            let _ = tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await;
+        }
+    });
+    wait_for(&messages, "the refusal", |m| {
+        m.iter().any(|(t, p)| t.ends_with("/response") && json(p)["id"] == "" && json(p)["ok"] == false)
+    });
+
+    // Every event in the store was delivered, and the status names the served version.
+    wait_for(&messages, "metrics", |m| m.iter().filter(|(t, _)| t.ends_with("/metrics")).count() >= 2);
+    let db = rusqlite::Connection::open(dir.path().join("data/store.db")).unwrap();
+    let stored: Vec<i64> = {
+        let mut statement =
+            db.prepare("SELECT id FROM events WHERE kind != 'adaptation.progress' ORDER BY id").unwrap();
+        statement.query_map([], |row| row.get(0)).unwrap().map(|r| r.unwrap()).collect()
+    };
+    wait_for(&messages, "every stored event", |m| {
+        let received: BTreeSet<i64> =
+            m.iter().filter(|(t, _)| t.ends_with("/events")).map(|(_, p)| json(p)["id"].as_i64().unwrap()).collect();
+        stored.iter().all(|id| received.contains(id))
+    });
+    let undelivered: i64 = db.query_row("SELECT COUNT(*) FROM events WHERE delivered = 0", [], |r| r.get(0)).unwrap();
+    assert!(undelivered <= 2, "{undelivered} events still undelivered");
+
+    daemon.stop();
+    let status_topic = status_topic.to_string();
+    wait_for(&messages, "the offline status", |m| {
+        m.iter().any(|(t, p)| *t == status_topic && json(p)["online"] == false && json(p)["reason"] == "shutdown")
+    });
+
+    // Every message matches the documented example for its leaf: the same fields.
+    let examples = documented_examples();
+    let messages = messages.lock().unwrap();
+    let mut checked = BTreeSet::new();
+    for (topic, payload) in messages.iter() {
+        let (_, leaf) = edgeadapt::fleet::topics::parse("test-fleet", topic).unwrap();
+        let leaf = if leaf.contains("/chunk/") {
+            continue;
+        } else if leaf.ends_with("/manifest") {
+            "weights-manifest".to_string()
+        } else {
+            leaf
+        };
+        if leaf == "cmd" {
+            continue;
+        }
+        let message = json(payload);
+        let documented = examples.get(&leaf).unwrap_or_else(|| panic!("docs/mqtt.md has no example for {leaf}"));
+        let fits = documented.iter().any(|example| {
+            let required: BTreeSet<String> = keys(example);
+            let got = keys(&message);
+            // Optional fields are absent rather than null; every field sent must be documented.
+            got.is_subset(&required) && got.len() + 3 >= required.len()
+        });
+        assert!(
+            fits,
+            "{leaf} message has fields {:?}, docs/mqtt.md documents {:?}",
+            keys(&message),
+            documented.iter().map(keys).collect::<Vec<_>>()
+        );
+        checked.insert(leaf);
+    }
+    for leaf in ["status", "metrics", "events", "response", "weights-manifest"] {
+        assert!(checked.contains(leaf), "no {leaf} message was seen");
+    }
+}
