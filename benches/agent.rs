@@ -102,7 +102,7 @@ fn ingest_vs_extraction(files: &[(String, PathBuf)], rounds: usize) -> (Vec<f64>
                 started.elapsed().as_secs_f64()
             };
             // Which goes first alternates: the second of a pair finds the caches warm.
-            if (start / BATCH) % 2 == 0 {
+            if (start / BATCH).is_multiple_of(2) {
                 bare_s += run_bare();
                 ingest_s += run_ingest();
             } else {

@@ -25,11 +25,11 @@ pub fn to_f16(stored: &[u8]) -> Result<(Vec<u8>, Vec<TensorInfo>), String> {
 }
 
 /// The manifest and chunks of `payload`, each chunk at most `max_packet - PACKET_OVERHEAD` bytes.
-pub fn chunk<'a>(
-    payload: &'a [u8],
+pub fn chunk(
+    payload: &[u8],
     max_packet: usize,
     describe: impl FnOnce(usize, usize, String) -> WeightsManifest,
-) -> (WeightsManifest, Vec<&'a [u8]>) {
+) -> (WeightsManifest, Vec<&[u8]>) {
     let chunk_bytes = max_packet.saturating_sub(PACKET_OVERHEAD).max(1024);
     let chunks: Vec<&[u8]> = payload.chunks(chunk_bytes).collect();
     let manifest = describe(chunk_bytes, chunks.len(), hex::encode(Sha256::digest(payload)));
