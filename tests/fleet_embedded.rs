@@ -30,9 +30,13 @@ fn collect(port: u16) -> Messages {
             let mut options = MqttOptions::new("collector", "127.0.0.1", port);
             options.set_max_packet_size(1 << 24, 1 << 24);
             let (client, mut eventloop) = AsyncClient::new(options, 100);
-            client.subscribe("edgeadapt/v1/#", QoS::AtLeastOnce).await.unwrap();
             loop {
                 match eventloop.poll().await {
+                    // Subscribe on every connect: a request queued before a failed first
+                    // connect is dropped with the clean session.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client.subscribe("edgeadapt/v1/#", QoS::AtLeastOnce).await.unwrap();
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => sink.lock().unwrap().push((p.topic, p.payload.to_vec())),
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

@@ -160,9 +160,13 @@ fn collect(dir: &Path, port: u16) -> Messages {
             options.set_transport(transport);
             options.set_max_packet_size(1 << 22, 1 << 22);
             let (client, mut eventloop) = AsyncClient::new(options, 100);
-            client.subscribe(format!("edgeadapt/v1/{FLEET}/#"), QoS::AtLeastOnce).await.unwrap();
             loop {
                 match eventloop.poll().await {
+                    // Subscribe on every connect: a request queued before a failed first
+                    // connect is dropped with the clean session.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client.subscribe(format!("edgeadapt/v1/{FLEET}/#"), QoS::AtLeastOnce).await.unwrap();
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(value) = serde_json::from_slice(&p.payload) {
                             sink.lock().unwrap().push((p.topic, value));
