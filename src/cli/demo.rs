@@ -24,6 +24,9 @@ pub struct DemoArgs {
     /// Images per class and domain (0: all).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub per_class: usize,
+    /// Only the accuracy report, without the on-site story (agent, labels, adaptation, fleet).
+    #[arg(long)]
+    pub no_story: bool,
 }
 
 struct DomainResult {
@@ -126,7 +129,10 @@ pub fn run(args: DemoArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32>
     }
     println!("## Some target-domain mistakes\n\n{}\n", examples.render());
     println!(
-        "The drop from source to target is the domain shift that on-device adaptation addresses: staff label a few classes on site and the model adapts without losing the others."
+        "The drop from source to target is the domain shift that on-device adaptation addresses: staff label a few classes on site and the model adapts without losing the others.\n"
     );
+    if !args.no_story {
+        super::story::run(&bundle_dir, &args.data, &classes)?;
+    }
     Ok(0)
 }

@@ -190,7 +190,7 @@ pub fn run(args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
     })
 }
 
-fn render(view: &FleetView) -> String {
+pub(super) fn render(view: &FleetView) -> String {
     let mut table = Table::new(&[
         "device",
         "online",

@@ -7,6 +7,7 @@ mod demo;
 mod fleet;
 mod import;
 mod reference;
+mod story;
 mod table;
 
 use std::path::PathBuf;

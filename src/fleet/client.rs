@@ -32,6 +32,7 @@ pub struct FleetClient {
     /// Messages that arrived while waiting for something else (e.g. retained messages during a
     /// later subscription).
     buffered: std::collections::VecDeque<rumqttc::Publish>,
+    watching: bool,
     pub options: BrokerOptions,
 }
 
@@ -76,7 +77,7 @@ impl FleetClient {
         })
         .await;
         match connected {
-            Ok(Ok(())) => Ok(FleetClient { client, eventloop, buffered: Default::default(), options }),
+            Ok(Ok(())) => Ok(FleetClient { client, eventloop, buffered: Default::default(), watching: false, options }),
             Ok(Err(error)) => Err(anyhow::anyhow!("cannot connect to {}: {error}", options.url)),
             Err(_) => Err(anyhow::anyhow!("no answer from {} within {timeout:?}", options.url)),
         }
@@ -224,6 +225,24 @@ impl FleetClient {
                 return Ok((set.manifest.clone(), payload));
             }
         }
+    }
+
+    /// Follows the fleet for `duration` more, continuing `view`.
+    pub async fn watch_more(&mut self, mut view: FleetView, duration: Duration) -> anyhow::Result<FleetView> {
+        let fleet = self.options.fleet.clone();
+        if !self.watching {
+            for leaf in ["status", "metrics", "events"] {
+                self.subscribe(topics::fleet_filter(&fleet, leaf)).await?;
+            }
+            self.watching = true;
+        }
+        let started = Instant::now();
+        while started.elapsed() < duration {
+            if let Some(publish) = self.next_publish(duration.saturating_sub(started.elapsed())).await? {
+                view.apply(&fleet, &publish.topic, &publish.payload);
+            }
+        }
+        Ok(view)
     }
 
     /// Follows every device of the fleet for `duration` (forever if `None`), calling `render`
