@@ -300,3 +300,54 @@ fn mutual_tls_acl_outage_and_last_will_with_mosquitto() {
         m.iter().any(|(t, v)| *t == status_topic && v["online"] == false && v["reason"] == "connection lost")
     });
 }
+
+#[test]
+fn username_and_password_with_mosquitto() {
+    let Some(binary) = mosquitto_binary() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must install mosquitto (see .ci/run)");
+        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
+        return;
+    };
+    let passwd =
+        ["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"].iter().map(PathBuf::from).find(|p| p.is_file());
+    let Some(passwd) = passwd else { panic!("mosquitto is installed without mosquitto_passwd") };
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    let status = Command::new(passwd).arg("-b").arg("-c").arg(&passwords).arg(DEVICE).arg("s3cret").status().unwrap();
+    assert!(status.success());
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nuser root\n", passwords.display()),
+    )
+    .unwrap();
+    let log = dir.path().join("mosquitto.log");
+    let mut broker = Mosquitto { child: spawn(&binary, &conf, &log), conf, port, log };
+    broker.wait_ready();
+
+    let run = |password: &str, name: &str| -> bool {
+        let run_dir = dir.path().join(name);
+        std::fs::create_dir_all(&run_dir).unwrap();
+        std::fs::write(run_dir.join("password"), format!("{password}\n")).unwrap();
+        let http_port = free_port();
+        let extra = format!(
+            "[mqtt]\nenabled = true\nbroker = \"mqtt://127.0.0.1:{port}\"\nfleet = \"{FLEET}\"\nusername = \"{DEVICE}\"\n\
+             password_file = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n",
+            run_dir.join("password").display()
+        );
+        let config = write_config(&run_dir, http_port, &extra);
+        let daemon = Daemon::start(&config, http_port, &run_dir.join("daemon.log"));
+        let started = Instant::now();
+        let mut online = false;
+        while started.elapsed() < Duration::from_secs(5) && !online {
+            online =
+                std::fs::read_to_string(run_dir.join("daemon.log")).unwrap().contains("connected to the fleet broker");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon.stop();
+        online
+    };
+    assert!(run("s3cret", "right"), "the right password must connect");
+    assert!(!run("guess", "wrong"), "a wrong password must not connect");
+}
