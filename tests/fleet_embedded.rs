@@ -92,6 +92,9 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     let messages = collect(mqtt_port);
     let status_topic = "edgeadapt/v1/test-fleet/test-device/status";
     wait_for(&messages, "the online status", |m| m.iter().any(|(t, p)| t == status_topic && json(p)["online"] == true));
+    // The recorder is subscribed from here on (it has the retained status); events are not
+    // retained, so only those recorded later can be expected.
+    let recording_since = edgeadapt::store::now_ms();
 
     let fonts36 = repo().join("target/data/fonts36");
     assert!(fonts36.is_dir(), "run tools/setup.sh first");
@@ -217,6 +220,7 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
             m.iter().filter(|(t, _)| t.ends_with("/events")).map(|(_, p)| json(p)["id"].as_i64().unwrap()).collect();
         stored.iter().all(|id| received.contains(id))
     });
+    assert!(stored.len() > 30, "only {} events recorded", stored.len());
     let undelivered: i64 = db.query_row("SELECT COUNT(*) FROM events WHERE delivered = 0", [], |r| r.get(0)).unwrap();
     assert!(undelivered <= 2, "{undelivered} events still undelivered");
 
