@@ -211,9 +211,8 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     wait_for(&messages, "metrics", |m| m.iter().filter(|(t, _)| t.ends_with("/metrics")).count() >= 2);
     let db = rusqlite::Connection::open(dir.path().join("data/store.db")).unwrap();
     let stored: Vec<i64> = {
-        let mut statement =
-            db.prepare("SELECT id FROM events WHERE kind != 'adaptation.progress' ORDER BY id").unwrap();
-        statement.query_map([], |row| row.get(0)).unwrap().map(|r| r.unwrap()).collect()
+        let mut statement = db.prepare("SELECT id FROM events WHERE at_ms > ?1 ORDER BY id").unwrap();
+        statement.query_map([recording_since], |row| row.get(0)).unwrap().map(|r| r.unwrap()).collect()
     };
     wait_for(&messages, "every stored event", |m| {
         let received: BTreeSet<i64> =
