@@ -12,6 +12,7 @@ pub const CONFIDENCE_BINS: usize = 10;
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     per_class: BTreeMap<String, u64>,
+    confidence_sum: BTreeMap<String, f64>,
     confidence: [u64; CONFIDENCE_BINS],
     latencies_ms: VecDeque<f64>,
     classified: u64,
@@ -23,6 +24,8 @@ pub struct CountersReport {
     pub classified: u64,
     pub failed: u64,
     pub per_class: BTreeMap<String, u64>,
+    /// Mean top-1 confidence of the predictions of each class.
+    pub per_class_confidence: BTreeMap<String, f64>,
     /// Counts of top-1 confidence in tenths: [0, 0.1), [0.1, 0.2), ... [0.9, 1].
     pub confidence_histogram: [u64; CONFIDENCE_BINS],
     pub latency_ms: Option<Latency>,
@@ -40,6 +43,7 @@ impl Counters {
     pub fn record(&mut self, class: &str, confidence: f32, latency_ms: f64) {
         self.classified += 1;
         *self.per_class.entry(class.to_string()).or_default() += 1;
+        *self.confidence_sum.entry(class.to_string()).or_default() += f64::from(confidence);
         let bin = ((confidence.clamp(0.0, 1.0) * CONFIDENCE_BINS as f32) as usize).min(CONFIDENCE_BINS - 1);
         self.confidence[bin] += 1;
         if self.latencies_ms.len() == LATENCY_WINDOW {
@@ -64,6 +68,11 @@ impl Counters {
             classified: self.classified,
             failed: self.failed,
             per_class: self.per_class.clone(),
+            per_class_confidence: self
+                .confidence_sum
+                .iter()
+                .map(|(class, sum)| (class.clone(), sum / self.per_class[class] as f64))
+                .collect(),
             confidence_histogram: self.confidence,
             latency_ms,
         }
@@ -91,6 +100,8 @@ mod tests {
         assert_eq!(report.classified, 100);
         assert_eq!(report.failed, 1);
         assert_eq!(report.per_class["a"], 50);
+        // Class "a" got the even i: confidences (i - 0.5) / 100 for i = 2, 4, ..., 100.
+        assert!((report.per_class_confidence["a"] - 0.505).abs() < 1e-6, "{:?}", report.per_class_confidence);
         assert_eq!(report.confidence_histogram.iter().sum::<u64>(), 100);
         assert_eq!(report.confidence_histogram, [10; CONFIDENCE_BINS]);
         let latency = report.latency_ms.unwrap();
