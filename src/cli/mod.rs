@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod classify;
 mod demo;
+mod doctor;
 mod fleet;
 mod import;
 mod reference;
@@ -57,6 +58,8 @@ pub enum Command {
     Status(agent::StatusArgs),
     /// Watch and command devices over MQTT.
     Fleet(fleet::FleetArgs),
+    /// Check the runtime, providers, GPU, bundle, store, disk, clock, TLS files and broker.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -75,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Rollback(args) => agent::rollback(args, agent::load_config(config)?),
         Command::Status(args) => agent::status(args, agent::load_config(config)?),
         Command::Fleet(args) => fleet::run(args, config.as_ref()),
+        Command::Doctor(args) => doctor::run(args, agent::load_config(config)?),
     }
 }
 

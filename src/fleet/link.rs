@@ -65,8 +65,13 @@ pub enum LinkMessage {
     Weights { version: i64, manifest: Vec<u8>, chunks: Vec<Vec<u8>> },
 }
 
-/// Builds the client options: identity, Last Will, credentials, TLS.
-pub fn options(config: &MqttConfig, device: &str, embedded_port: Option<u16>) -> anyhow::Result<MqttOptions> {
+/// Builds the client options: identity, credentials, TLS, and the Last Will when `with_will`.
+pub fn options(
+    config: &MqttConfig,
+    device: &str,
+    embedded_port: Option<u16>,
+    with_will: bool,
+) -> anyhow::Result<MqttOptions> {
     let client_id = config.client_id.clone().unwrap_or_else(|| device.to_string());
     let (host, port, tls) = match BrokerAddress::parse(&config.broker).map_err(anyhow::Error::msg)? {
         BrokerAddress::Embedded => ("127.0.0.1".to_string(), embedded_port.unwrap_or(1883), false),
@@ -80,8 +85,10 @@ pub fn options(config: &MqttConfig, device: &str, embedded_port: Option<u16>) ->
     options.set_request_channel_capacity(10_000);
     options.set_inflight(100);
     let topics = DeviceTopics::new(&config.fleet, device);
-    let will = serde_json::to_vec(&status_message(config, device, false, "connection lost", None))?;
-    options.set_last_will(LastWill::new(topics.status(), will, QoS::AtLeastOnce, true));
+    if with_will {
+        let will = serde_json::to_vec(&status_message(config, device, false, "connection lost", None))?;
+        options.set_last_will(LastWill::new(topics.status(), will, QoS::AtLeastOnce, true));
+    }
     if let Some(user) = &config.username {
         let password = match &config.password_file {
             Some(file) => std::fs::read_to_string(file)
@@ -201,7 +208,7 @@ pub async fn run(
     commands_in: mpsc::Sender<Vec<u8>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let options = options(&config, &device, embedded_port)?;
+    let options = options(&config, &device, embedded_port, true)?;
     let (client, mut eventloop) = AsyncClient::new(options, 10_000);
     no_delay(&mut eventloop);
     let mut link = Link {

@@ -1,0 +1,310 @@
+//! `edgeadapt doctor`: checks what a field device needs, each with a fix when it fails. The
+//! checks only read: the store is opened read-only and the broker check connects under a
+//! separate client id without a Last Will, so a running agent is not disturbed.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::DeviceConfig;
+use crate::runtime::ProviderKind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    pub detail: String,
+    /// What to do about a warning or failure.
+    pub fix: String,
+}
+
+fn ok(name: &'static str, detail: impl Into<String>) -> Check {
+    Check { name, level: Level::Ok, detail: detail.into(), fix: String::new() }
+}
+
+fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { name, level: Level::Warn, detail: detail.into(), fix: fix.into() }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { name, level: Level::Fail, detail: detail.into(), fix: fix.into() }
+}
+
+/// Free-space thresholds for the data folder.
+const DISK_WARN_BYTES: u64 = 1 << 30;
+const DISK_FAIL_BYTES: u64 = 100 << 20;
+/// No clock on a working device is earlier than this (2025-01-01).
+const CLOCK_FLOOR_MS: i64 = 1_735_689_600_000;
+
+pub fn run(config: &DeviceConfig) -> Vec<Check> {
+    let mut checks = Vec::new();
+    checks.push(onnx_runtime(config));
+    let runtime_loaded = checks[0].level != Level::Fail;
+    checks.push(providers(config, runtime_loaded));
+    checks.push(gpu_visibility(config));
+    checks.push(bundle(config));
+    checks.extend(store(config));
+    checks.push(disk_space(config));
+    checks.push(clock(config));
+    checks.extend(tls_files(config));
+    checks.push(broker(config));
+    checks
+}
+
+fn onnx_runtime(config: &DeviceConfig) -> Check {
+    match crate::runtime::init(config.runtime.ort_library.as_deref()) {
+        Ok(runtime) => ok(
+            "ONNX Runtime",
+            format!("{} from {} ({})", runtime.version, runtime.library.path.display(), runtime.library.source),
+        ),
+        Err(error) => fail(
+            "ONNX Runtime",
+            error.to_string(),
+            "run `python3 tools/fetch-onnxruntime.py`, or point `runtime.ort_library` / ORT_DYLIB_PATH at the library \
+             (JetPack's build on Jetson)",
+        ),
+    }
+}
+
+fn providers(config: &DeviceConfig, runtime_loaded: bool) -> Check {
+    if !runtime_loaded {
+        return fail("execution providers", "not checked: ONNX Runtime did not load", "fix ONNX Runtime first");
+    }
+    let wanted = &config.runtime.providers;
+    let missing: Vec<ProviderKind> = wanted.iter().copied().filter(|&k| !crate::runtime::is_available(k)).collect();
+    let present: Vec<String> =
+        wanted.iter().filter(|k| !missing.contains(k)).map(|k| k.to_string()).collect::<Vec<_>>();
+    let detail = format!("configured {:?}; in this build: {}", names(wanted), present.join(", "));
+    if missing.is_empty() {
+        return ok("execution providers", detail);
+    }
+    let fix = "use an ONNX Runtime build with these providers (JetPack's on Jetson; the onnxruntime-gpu build on x86 \
+               with CUDA), or remove them from `runtime.providers`";
+    let gpu_left = wanted.iter().any(|k| k.is_gpu() && !missing.contains(k));
+    if config.runtime.require_gpu && !gpu_left {
+        fail("execution providers", format!("{detail}; missing {:?} and `require_gpu` is set", names(&missing)), fix)
+    } else {
+        warn("execution providers", format!("{detail}; missing {:?}: the next one is used", names(&missing)), fix)
+    }
+}
+
+fn names(kinds: &[ProviderKind]) -> Vec<&'static str> {
+    kinds.iter().map(|k| k.name()).collect()
+}
+
+fn gpu_visibility(config: &DeviceConfig) -> Check {
+    let wants_gpu = config.runtime.providers.iter().any(|k| k.is_gpu());
+    let desktop = Path::new("/dev/nvidiactl").exists() || Path::new("/dev/nvidia0").exists();
+    let jetson = Path::new("/dev/nvhost-ctrl-gpu").exists() || Path::new("/etc/nv_tegra_release").exists();
+    match (wants_gpu, desktop || jetson) {
+        (false, _) => ok("GPU", "not used (CPU providers only)"),
+        (true, true) => {
+            ok("GPU", if jetson { "Jetson GPU device nodes present" } else { "NVIDIA device nodes present" })
+        }
+        (true, false) => {
+            let fix = "install the NVIDIA driver (JetPack on Jetson) and give the service user access to /dev/nvidia*";
+            if config.runtime.require_gpu {
+                fail("GPU", "no NVIDIA device nodes (/dev/nvidia*, /dev/nvhost-*)", fix)
+            } else {
+                warn("GPU", "no NVIDIA device nodes: the CPU fallback will run", fix)
+            }
+        }
+    }
+}
+
+fn bundle(config: &DeviceConfig) -> Check {
+    match crate::model::Bundle::load(&config.bundle) {
+        Ok(bundle) => ok(
+            "bundle",
+            format!(
+                "{}: {} classes, every file's sha256 matches ({})",
+                bundle.manifest.name,
+                bundle.head.num_classes(),
+                config.bundle.display()
+            ),
+        ),
+        Err(error) => fail("bundle", error.to_string(), "reinstall the bundle, or fix `bundle` in the config"),
+    }
+}
+
+fn store(config: &DeviceConfig) -> Vec<Check> {
+    let Some(data_dir) = config.data_dir.as_deref() else {
+        return vec![warn("store", "`data_dir` is not set", "set `data_dir` to use the agent")];
+    };
+    let path = crate::agent::store_path(data_dir);
+    if !path.exists() {
+        return vec![ok("store", format!("{} does not exist yet; the agent creates it", path.display()))];
+    }
+    let opened = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY);
+    let result = opened.and_then(|conn| {
+        let integrity: String = conn.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let samples: i64 = conn.query_row("SELECT COUNT(*) FROM samples", [], |row| row.get(0)).unwrap_or(0);
+        let versions: i64 = conn.query_row("SELECT COUNT(*) FROM versions", [], |row| row.get(0)).unwrap_or(0);
+        Ok((integrity, version, samples, versions))
+    });
+    let known = crate::store::MIGRATIONS.len() as u32;
+    vec![match result {
+        Ok((integrity, version, samples, versions)) if integrity == "ok" && version <= known => ok(
+            "store",
+            format!("{}: schema {version}, integrity ok, {samples} samples, {versions} versions", path.display()),
+        ),
+        Ok((integrity, version, ..)) if integrity == "ok" => fail(
+            "store",
+            format!("schema {version} is newer than this build's {known}"),
+            "upgrade edgeadapt to the version that wrote this store",
+        ),
+        Ok((integrity, ..)) => fail(
+            "store",
+            format!("integrity check: {integrity}"),
+            "stop the agent, keep a copy of the folder, and restore the store from a backup",
+        ),
+        Err(error) => fail("store", format!("{}: {error}", path.display()), "check the file's permissions"),
+    }]
+}
+
+fn disk_space(config: &DeviceConfig) -> Check {
+    let Some(data_dir) = config.data_dir.as_deref() else {
+        return ok("disk space", "no data folder configured");
+    };
+    let mut probe = data_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    match free_bytes(&probe) {
+        Some(free) => {
+            let detail = format!("{:.1} GiB free at {}", free as f64 / (1u64 << 30) as f64, probe.display());
+            let fix = "free space or move `data_dir` to a larger volume";
+            if free < DISK_FAIL_BYTES {
+                fail("disk space", detail, fix)
+            } else if free < DISK_WARN_BYTES {
+                warn("disk space", detail, fix)
+            } else {
+                ok("disk space", detail)
+            }
+        }
+        None => warn("disk space", format!("cannot read free space at {}", probe.display()), "check the mount"),
+    }
+}
+
+#[cfg(unix)]
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statvfs.
+    let result = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    (result == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_path: &Path) -> Option<u64> {
+    None
+}
+
+/// The clock must be plausible and not behind what the store already recorded: timestamps order
+/// versions and events, and TLS certificates are checked against it.
+fn clock(config: &DeviceConfig) -> Check {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let fix = "enable time synchronisation (systemd-timesyncd or chrony); devices without a battery-backed clock \
+               need it before the agent starts";
+    if now < CLOCK_FLOOR_MS {
+        return fail("clock", format!("system time {now} ms is before 2025"), fix);
+    }
+    let newest = config.data_dir.as_deref().map(crate::agent::store_path).filter(|p| p.exists()).and_then(|path| {
+        let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+        conn.query_row("SELECT MAX(at_ms) FROM events", [], |row| row.get::<_, Option<i64>>(0)).ok().flatten()
+    });
+    match newest {
+        Some(newest) if newest > now + 60_000 => fail(
+            "clock",
+            format!("the store's newest event is {:.0} s in the future", (newest - now) as f64 / 1000.0),
+            fix,
+        ),
+        _ => ok("clock", humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+    }
+}
+
+fn tls_files(config: &DeviceConfig) -> Vec<Check> {
+    if !config.mqtt.enabled {
+        return Vec::new();
+    }
+    let mut checks = Vec::new();
+    let files = [
+        ("mqtt.ca_file", config.mqtt.ca_file.as_deref(), "CERTIFICATE"),
+        ("mqtt.client_cert", config.mqtt.client_cert.as_deref(), "CERTIFICATE"),
+        ("mqtt.client_key", config.mqtt.client_key.as_deref(), "PRIVATE KEY"),
+        ("mqtt.password_file", config.mqtt.password_file.as_deref(), ""),
+        ("mqtt.command_key_file", config.mqtt.command_key_file.as_deref(), ""),
+    ];
+    for (key, path, pem) in files {
+        let Some(path) = path else { continue };
+        let check = match std::fs::read_to_string(path) {
+            Ok(text) if pem.is_empty() || text.contains(&format!("{pem}-----")) => {
+                ok("TLS and secret files", format!("{key}: {} readable", path.display()))
+            }
+            Ok(_) => fail(
+                "TLS and secret files",
+                format!("{key}: {} has no PEM {pem}", path.display()),
+                "point the key at the PEM file",
+            ),
+            Err(error) => fail(
+                "TLS and secret files",
+                format!("{key}: {}: {error}", path.display()),
+                "install the file and let the service user read it",
+            ),
+        };
+        checks.push(check);
+    }
+    checks
+}
+
+fn broker(config: &DeviceConfig) -> Check {
+    if !config.mqtt.enabled {
+        return ok("MQTT broker", "the fleet link is off (`mqtt.enabled = false`)");
+    }
+    if config.mqtt.broker == "embedded" {
+        return ok("MQTT broker", format!("embedded, started by the agent on {}", config.mqtt.embedded_listen));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail("MQTT broker", error.to_string(), "-"),
+    };
+    let outcome = runtime.block_on(async {
+        let mut options = crate::fleet::link::options(&config.mqtt, &config.device_id, None, false)?;
+        options.set_client_id(format!("{}-doctor", options.client_id()));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+        let connected = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(error) => return Err(anyhow::anyhow!("{error}")),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?;
+        let _ = client.disconnect().await;
+        connected
+    });
+    match outcome {
+        Ok(()) => ok("MQTT broker", format!("{}: connected (TLS and credentials accepted)", config.mqtt.broker)),
+        Err(error) => fail(
+            "MQTT broker",
+            format!("{}: {error}", config.mqtt.broker),
+            "check the address, the firewall, the CA and client certificates, and the credentials",
+        ),
+    }
+}
