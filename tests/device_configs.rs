@@ -14,7 +14,7 @@ fn every_shipped_device_config_is_valid() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "expected the default and the example configs, found {checked}");
+    assert!(checked >= 5, "expected the default and the four example configs, found {checked}");
 }
 
 #[test]
@@ -23,4 +23,23 @@ fn the_default_config_runs_the_bundled_model_on_the_cpu() {
     let config = DeviceConfig::load(&path).unwrap();
     assert_eq!(config.runtime.providers, vec![ProviderKind::Cpu]);
     assert!(config.bundle.join("manifest.toml").is_file(), "{}", config.bundle.display());
+}
+
+#[test]
+fn each_example_device_has_its_providers_and_a_secured_fleet_link() {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-config");
+    let cases = [
+        ("jetson-agx-orin.toml", vec![ProviderKind::Tensorrt, ProviderKind::Cuda], true),
+        ("jetson-orin-nano.toml", vec![ProviderKind::Tensorrt, ProviderKind::Cuda], true),
+        ("x86-cuda.toml", vec![ProviderKind::Tensorrt, ProviderKind::Cuda, ProviderKind::Cpu], false),
+        ("cpu-only.toml", vec![ProviderKind::Cpu], false),
+    ];
+    for (file, providers, require_gpu) in cases {
+        let config = DeviceConfig::load(&folder.join(file)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.runtime.providers, providers, "{file}");
+        assert_eq!(config.runtime.require_gpu, require_gpu, "{file}");
+        assert!(config.mqtt.enabled && config.mqtt.broker.starts_with("mqtts://"), "{file}");
+        assert!(config.mqtt.client_cert.is_some() && config.mqtt.command_key_file.is_some(), "{file}");
+        assert!(config.data_dir.as_deref() == Some(std::path::Path::new("/var/lib/edgeadapt")), "{file}");
+    }
 }
