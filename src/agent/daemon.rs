@@ -282,7 +282,11 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     tasks.spawn(housekeeping(Arc::clone(&shared)));
     let (stop_link, link_stopped) = tokio::sync::watch::channel(false);
     let link = if config.mqtt.enabled { Some(start_link(&shared, &config, link_stopped, &mut tasks)?) } else { None };
+    // Under systemd (Type=notify): ready now, and the watchdog is fed by housekeeping, which
+    // takes the agent's lock each second, so a stuck agent stops feeding it.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     shutdown_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping");
     tasks.abort_all();
     let cancelled = shared.cancel_run();
@@ -464,6 +468,7 @@ async fn shutdown_signal() {
 
 /// Starts policy runs and writes out traffic.
 async fn housekeeping(shared: Arc<Shared>) {
+    let watchdog = sd_notify::watchdog_enabled().is_some();
     let mut ticker = tokio::time::interval(HOUSEKEEPING);
     let mut flushed = Instant::now();
     loop {
@@ -476,6 +481,12 @@ async fn housekeeping(shared: Arc<Shared>) {
         let result = tokio::task::spawn_blocking(move || -> Result<(), StartError> {
             if flush {
                 shared.lock().flush_traffic()?;
+            }
+            if watchdog {
+                // Taking the lock shows the agent is not stuck; it is released before the run
+                // lock is taken (start_run takes them in the other order).
+                drop(shared.lock());
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
             if shared.is_running() {
                 return Ok(());
