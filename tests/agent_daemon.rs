@@ -222,3 +222,48 @@ fn the_policy_adapts_after_enough_new_labels() {
     assert_eq!(status["versions"].as_array().unwrap().len(), 2);
     daemon.stop();
 }
+
+#[test]
+fn sighup_reloads_what_can_change_and_names_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    let hangup = || {
+        let status = std::process::Command::new("kill").arg("-HUP").arg(daemon.child.id().to_string()).status();
+        assert!(status.unwrap().success());
+    };
+    let reloads = || -> Vec<serde_json::Value> {
+        let conn = rusqlite::Connection::open(dir.path().join("data/store.db")).unwrap();
+        let mut statement =
+            conn.prepare("SELECT payload FROM events WHERE kind = 'config.reloaded' ORDER BY id").unwrap();
+        statement
+            .query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|p| serde_json::from_str(&p.unwrap()).unwrap())
+            .collect()
+    };
+    // A broken file changes nothing and the agent stays up.
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{original}[gate]\nmax_seen_drop = 7\n")).unwrap();
+    hangup();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(reloads().is_empty());
+    // A valid change: the gate applies at once, the watched folder's settings need a restart.
+    std::fs::write(&config, original.replace("poll_ms = 50", "poll_ms = 60") + "[gate]\nmax_seen_drop = 0.1\n")
+        .unwrap();
+    hangup();
+    let started = Instant::now();
+    while reloads().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reload = &reloads()[0];
+    assert_eq!(reload["applied"], serde_json::json!(["gate"]));
+    assert_eq!(reload["needs_restart"], serde_json::json!(["watch"]));
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("config not reloaded") && log.contains("gate.max_seen_drop"), "{log}");
+    let status = http().get(daemon.url("/v1/status")).call().unwrap();
+    assert_eq!(status.status(), 200);
+    daemon.stop();
+}

@@ -235,7 +235,7 @@ impl Shared {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. `ready` is called once the endpoint listens.
-pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
+pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?.to_path_buf();
     std::fs::create_dir_all(&data_dir)?;
     let _lock = lock_data_dir(&data_dir)?;
@@ -280,6 +280,9 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     }
     tasks.spawn(poll_folders(Arc::clone(&shared), folders));
     tasks.spawn(housekeeping(Arc::clone(&shared)));
+    if let Some(path) = config_path {
+        tasks.spawn(reload_on_hangup(Arc::clone(&shared), path));
+    }
     let (stop_link, link_stopped) = tokio::sync::watch::channel(false);
     let link = if config.mqtt.enabled { Some(start_link(&shared, &config, link_stopped, &mut tasks)?) } else { None };
     // Under systemd (Type=notify): ready now, and the watchdog is fed by housekeeping, which
@@ -449,6 +452,32 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }
+}
+
+/// SIGHUP: read the config file again and take what can change while running; name the rest.
+async fn reload_on_hangup(shared: Arc<Shared>, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hangup.recv().await.is_some() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+            let shared = Arc::clone(&shared);
+            let path = path.clone();
+            let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let new = DeviceConfig::load(&path)?;
+                Ok(shared.lock().reload(&new)?)
+            })
+            .await;
+            match outcome {
+                Ok(Ok((applied, restart))) => tracing::info!(?applied, needs_restart = ?restart, "config reloaded"),
+                Ok(Err(error)) => tracing::error!(%error, "config not reloaded; the running one stays"),
+                Err(error) => tracing::error!(%error, "config reload failed"),
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (shared, path);
 }
 
 async fn shutdown_signal() {

@@ -272,6 +272,19 @@ impl Agent {
         Ok(())
     }
 
+    /// Takes the sections a running agent can change (see [`DeviceConfig::reload_plan`]).
+    pub fn reload(&mut self, new: &DeviceConfig) -> Result<(Vec<&'static str>, Vec<&'static str>), AgentError> {
+        let (applied, restart) = self.config.reload_plan(new);
+        self.config.gate = new.gate.clone();
+        self.config.adaptation = new.adaptation.clone();
+        self.config.labelling = new.labelling.clone();
+        self.store.push_event(&event(
+            "config.reloaded",
+            serde_json::json!({ "applied": applied, "needs_restart": restart }),
+        ))?;
+        Ok((applied, restart))
+    }
+
     pub fn config(&self) -> &DeviceConfig {
         &self.config
     }

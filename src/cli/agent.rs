@@ -70,9 +70,9 @@ fn offline(config: &DeviceConfig) -> anyhow::Result<(std::fs::File, Agent)> {
     Ok((lock, Agent::open(config)?))
 }
 
-pub fn run(_args: RunArgs, config: DeviceConfig) -> anyhow::Result<i32> {
+pub fn run(_args: RunArgs, config: DeviceConfig, config_path: PathBuf) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(crate::agent::daemon::run(config))?;
+    runtime.block_on(crate::agent::daemon::run(config, Some(config_path)))?;
     Ok(0)
 }
 

@@ -64,6 +64,7 @@ pub enum Command {
 
 /// Runs the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(agent::DEFAULT_CONFIG));
     let config = cli.config.as_deref().map(DeviceConfig::load).transpose()?;
     match cli.command {
         Command::Classify(args) => classify::run(args, config.as_ref()),
@@ -72,7 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
         Command::AddReference(args) => reference::run(args, config.as_ref()),
         Command::Demo(args) => demo::run(args, config.as_ref()),
-        Command::Run(args) => agent::run(args, agent::load_config(config)?),
+        Command::Run(args) => agent::run(args, agent::load_config(config)?, config_path),
         Command::Label(args) => agent::label(args, agent::load_config(config)?),
         Command::Adapt(args) => agent::adapt(args, agent::load_config(config)?),
         Command::Rollback(args) => agent::rollback(args, agent::load_config(config)?),

@@ -186,6 +186,29 @@ impl DeviceConfig {
         Ok(())
     }
 
+    /// What a running agent can take from `new` on SIGHUP (the gate, the adaptation policy and
+    /// labelling settings) and which changed sections need a restart. Pure.
+    pub fn reload_plan(&self, new: &DeviceConfig) -> (Vec<&'static str>, Vec<&'static str>) {
+        let mut applied = Vec::new();
+        let mut restart = Vec::new();
+        let mut changed = |name: &'static str, differs: bool, live: bool| {
+            if differs {
+                if live { applied.push(name) } else { restart.push(name) }
+            }
+        };
+        changed("gate", self.gate != new.gate, true);
+        changed("adaptation", self.adaptation != new.adaptation, true);
+        changed("labelling", self.labelling != new.labelling, true);
+        changed("device_id", self.device_id != new.device_id, false);
+        changed("bundle", self.bundle != new.bundle, false);
+        changed("data_dir", self.data_dir != new.data_dir, false);
+        changed("runtime", self.runtime != new.runtime, false);
+        changed("http", self.http != new.http, false);
+        changed("watch", self.watch != new.watch, false);
+        changed("mqtt", self.mqtt != new.mqtt, false);
+        (applied, restart)
+    }
+
     /// The data folder, or an error naming the key for commands that need one.
     pub fn require_data_dir(&self) -> Result<&Path, String> {
         self.data_dir
@@ -268,6 +291,15 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn reload_applies_policy_sections_and_names_those_that_need_a_restart() {
+        let old = DeviceConfig::parse(MINIMAL, Path::new(".")).unwrap();
+        let text = format!("{MINIMAL}[gate]\nmax_seen_drop = 0.05\n[http]\nlisten = \"127.0.0.1:9000\"\n");
+        let new = DeviceConfig::parse(&text, Path::new(".")).unwrap();
+        assert_eq!(old.reload_plan(&new), (vec!["gate"], vec!["http"]));
+        assert_eq!(old.reload_plan(&old), (vec![], vec![]));
     }
 
     #[test]
