@@ -88,7 +88,7 @@ fn main() {
     let full = export::full_model(&trunk, &bundle.manifest.trunk.output, &bundle.tail, &bundle.head).unwrap();
     let full_path = std::env::temp_dir().join(format!("edgeadapt-bench-{}.onnx", std::process::id()));
     std::fs::write(&full_path, encode_model(&full)).unwrap();
-    let mut bare = runtime::open_session(&full_path, "bench", &options).expect("bare session opens");
+    let mut bare = runtime::open_session(&full_path, "bench", None, &options).expect("bare session opens");
     let input_name = bundle.manifest.input.tensor.clone();
 
     let samples: Vec<Array3<f32>> =

@@ -24,8 +24,8 @@ fn with_providers(providers: &[ProviderKind], require_gpu: bool) -> RuntimeOptio
 #[test]
 fn gpu_providers_fall_back_to_the_cpu_unless_a_gpu_is_required() {
     runtime::init(None).expect("ONNX Runtime loads");
-    if runtime::is_available(ProviderKind::Cuda) {
-        eprintln!("skipped: this ONNX Runtime build has CUDA, so there is no fallback to observe");
+    if common::gpu::missing(ProviderKind::Cuda).is_none() {
+        eprintln!("skipped: CUDA runs here, so there is no fallback to observe");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -38,7 +38,12 @@ fn gpu_providers_fall_back_to_the_cpu_unless_a_gpu_is_required() {
     let error = Classifier::open(bundle, &options).err().expect("require_gpu refuses the CPU");
     let text = error.to_string();
     assert!(text.contains("require_gpu") && text.contains("cuda") && text.contains("tensorrt"), "{text}");
-    assert!(matches!(error, edgeadapt::inference::InferenceError::Runtime(RuntimeError::Providers(_))));
+    // Refused by the plan (a CPU-only build) or after each GPU provider failed to open (a GPU
+    // build without a GPU).
+    assert!(matches!(
+        error,
+        edgeadapt::inference::InferenceError::Runtime(RuntimeError::Providers(_) | RuntimeError::Session { .. })
+    ));
 }
 
 fn max_diff_against_cpu(options: &RuntimeOptions) -> f32 {
@@ -54,24 +59,19 @@ fn max_diff_against_cpu(options: &RuntimeOptions) -> f32 {
 
 #[test]
 fn cuda_agrees_with_the_cpu_where_a_gpu_exists() {
-    runtime::init(None).expect("ONNX Runtime loads");
-    if !runtime::is_available(ProviderKind::Cuda) {
-        eprintln!(
-            "skipped: the loaded ONNX Runtime has no CUDA execution provider (the PyPI `onnxruntime` wheel is CPU-only; point ORT_DYLIB_PATH at a GPU build)"
-        );
-        return;
+    if let Some(reason) = common::gpu::missing(ProviderKind::Cuda) {
+        return common::gpu::skip(&reason);
     }
     let diff = max_diff_against_cpu(&with_providers(&[ProviderKind::Cuda], true));
     eprintln!("cuda vs cpu: max |logit difference| {diff:.2e}");
-    assert!(diff < 1e-3, "{diff}");
+    // CUDA convolutions run in TF32 on Ampere and newer GPUs (10-bit mantissa).
+    assert!(diff < 1e-2, "{diff}");
 }
 
 #[test]
 fn tensorrt_agrees_with_the_cpu_where_a_gpu_exists() {
-    runtime::init(None).expect("ONNX Runtime loads");
-    if !runtime::is_available(ProviderKind::Tensorrt) {
-        eprintln!("skipped: the loaded ONNX Runtime has no TensorRT execution provider");
-        return;
+    if let Some(reason) = common::gpu::missing(ProviderKind::Tensorrt) {
+        return common::gpu::skip(&reason);
     }
     let cache = tempfile::tempdir().unwrap();
     let mut options = with_providers(&[ProviderKind::Tensorrt], true);
@@ -79,9 +79,30 @@ fn tensorrt_agrees_with_the_cpu_where_a_gpu_exists() {
     options.tensorrt.fp16 = false;
     let diff = max_diff_against_cpu(&options);
     eprintln!("tensorrt fp32 vs cpu: max |logit difference| {diff:.2e}");
-    assert!(diff < 1e-3, "{diff}");
+    // TensorRT's fp32 engines may use TF32 tactics, as CUDA does.
+    assert!(diff < 1e-2, "{diff}");
     options.tensorrt.fp16 = true;
     let diff = max_diff_against_cpu(&options);
     eprintln!("tensorrt fp16 vs cpu: max |logit difference| {diff:.2e}");
     assert!(diff < 5e-2, "{diff}");
+}
+
+#[test]
+fn padding_to_the_fixed_gpu_batch_leaves_results_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = tiny_bundle(dir.path());
+    let batch = pseudo_random_batch([13, 3, 8, 8], 11);
+    let mut classifier = Classifier::open(bundle, &RuntimeOptions::default()).unwrap();
+    let plain = classifier.logits(batch.view()).unwrap();
+    // 13 images as a batch of 8 and a batch of 5 padded to 8.
+    classifier.set_fixed_batch(Some(8));
+    let padded = classifier.logits(batch.view()).unwrap();
+    assert_eq!(padded.shape(), plain.shape());
+    let diff = plain.iter().zip(padded.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+    // A single image padded to a batch of 8.
+    classifier.set_fixed_batch(Some(8));
+    let one = classifier.logits(batch.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..1))).unwrap();
+    assert_eq!(one.nrows(), 1);
+    assert!((one[[0, 0]] - plain[[0, 0]]).abs() < 1e-4);
 }

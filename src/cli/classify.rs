@@ -31,7 +31,19 @@ pub struct ClassifyArgs {
 pub fn run(args: ClassifyArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
     let (bundle_dir, runtime) = super::bundle_and_runtime(args.bundle, config);
     let bundle = super::load_bundle(&bundle_dir)?;
-    let mut classifier = Classifier::open(bundle, &runtime)?;
+    let spinner = indicatif::ProgressBar::new_spinner();
+    if args.json {
+        spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let tick = |elapsed: std::time::Duration| {
+        spinner.set_message(format!(
+            "opening the model: {} s (a first TensorRT engine build can take minutes)",
+            elapsed.as_secs()
+        ));
+        spinner.tick();
+    };
+    let (mut classifier, _) = Classifier::open_warm(bundle, &runtime, &tick)?;
+    spinner.finish_and_clear();
     let files = collect_image_files(&args.paths)?;
     if files.is_empty() {
         anyhow::bail!("no image files (.png, .jpg, .jpeg) under {:?}", args.paths);

@@ -68,7 +68,11 @@ impl DeviceConfig {
         config.bundle = resolve(base, &config.bundle);
         config.runtime.ort_library = config.runtime.ort_library.as_deref().map(|p| resolve(base, p));
         config.runtime.tensorrt.cache_dir = config.runtime.tensorrt.cache_dir.as_deref().map(|p| resolve(base, p));
+        config.runtime.profile_dir = config.runtime.profile_dir.as_deref().map(|p| resolve(base, p));
         config.data_dir = config.data_dir.as_deref().map(|p| resolve(base, p));
+        if config.runtime.tensorrt.cache_dir.is_none() {
+            config.runtime.tensorrt.cache_dir = config.data_dir.as_ref().map(|d| d.join("tensorrt"));
+        }
         config.watch.folder = config.watch.folder.as_deref().map(|p| resolve(base, p));
         config.labelling.inbox = config.labelling.inbox.as_deref().map(|p| resolve(base, p));
         for path in [
@@ -104,6 +108,9 @@ impl DeviceConfig {
         }
         if self.runtime.intra_threads > 256 {
             return Err(invalid("runtime.intra_threads", "must be at most 256 (0 = one per core)"));
+        }
+        if !(1..=1024).contains(&self.runtime.gpu_batch) {
+            return Err(invalid("runtime.gpu_batch", "must be between 1 and 1024"));
         }
         if self.data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return Err(invalid("data_dir", "is empty"));
@@ -253,6 +260,10 @@ mod tests {
         assert_eq!(config.runtime.gpu_device, 1);
         assert_eq!(config.runtime.tensorrt.cache_dir, Some(PathBuf::from("/cfg/trt")));
         assert!(!config.runtime.tensorrt.fp16);
+        assert_eq!(config.runtime.gpu_batch, 32);
+        // Without its own folder the engine cache lives in the data directory.
+        let config = DeviceConfig::parse(&format!("{MINIMAL}data_dir = \"/var/lib/e\"\n"), Path::new("/cfg")).unwrap();
+        assert_eq!(config.runtime.tensorrt.cache_dir, Some(PathBuf::from("/var/lib/e/tensorrt")));
     }
 
     #[test]
@@ -278,6 +289,7 @@ mod tests {
                 "runtime.providers",
             ),
             ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\ngpu_device = -1\n", "runtime.gpu_device"),
+            ("device_id = \"a\"\nbundle = \"m\"\n[runtime]\ngpu_batch = 0\n", "runtime.gpu_batch"),
             ("device_id = \"a\"\nbundle = \"m\"\n[http]\nlisten = \"0.0.0.0:80\"\n", "http.listen"),
             ("device_id = \"a\"\nbundle = \"m\"\n[http]\nlisten = \"localhost\"\n", "http.listen"),
             ("device_id = \"a\"\nbundle = \"m\"\n[labelling]\nvalidation_every = 1\n", "labelling.validation_every"),

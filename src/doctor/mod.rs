@@ -51,6 +51,7 @@ pub fn run(config: &DeviceConfig) -> Vec<Check> {
     let runtime_loaded = checks[0].level != Level::Fail;
     checks.push(providers(config, runtime_loaded));
     checks.push(gpu_visibility(config));
+    checks.extend(tensorrt(config));
     checks.push(bundle(config));
     checks.extend(store(config));
     checks.push(disk_space(config));
@@ -103,22 +104,58 @@ fn names(kinds: &[ProviderKind]) -> Vec<&'static str> {
 
 fn gpu_visibility(config: &DeviceConfig) -> Check {
     let wants_gpu = config.runtime.providers.iter().any(|k| k.is_gpu());
-    let desktop = Path::new("/dev/nvidiactl").exists() || Path::new("/dev/nvidia0").exists();
-    let jetson = Path::new("/dev/nvhost-ctrl-gpu").exists() || Path::new("/etc/nv_tegra_release").exists();
-    match (wants_gpu, desktop || jetson) {
-        (false, _) => ok("GPU", "not used (CPU providers only)"),
-        (true, true) => {
-            ok("GPU", if jetson { "Jetson GPU device nodes present" } else { "NVIDIA device nodes present" })
-        }
-        (true, false) => {
-            let fix = "install the NVIDIA driver (JetPack on Jetson) and give the service user access to /dev/nvidia*";
-            if config.runtime.require_gpu {
-                fail("GPU", "no NVIDIA device nodes (/dev/nvidia*, /dev/nvhost-*)", fix)
-            } else {
-                warn("GPU", "no NVIDIA device nodes: the CPU fallback will run", fix)
-            }
-        }
+    if !wants_gpu {
+        return ok("GPU", "not used (CPU providers only)");
     }
+    let fix = "install the NVIDIA driver (JetPack on Jetson) and give the service user access to /dev/nvidia* \
+               (the `video` and `render` groups on Jetson)";
+    let not_usable = |detail: String| {
+        if config.runtime.require_gpu {
+            fail("GPU", detail, fix)
+        } else {
+            warn("GPU", format!("{detail}: the CPU fallback will run"), fix)
+        }
+    };
+    match crate::runtime::gpu::cuda_driver() {
+        Ok(driver) => match driver.devices.iter().find(|d| d.ordinal == config.runtime.gpu_device) {
+            Some(device) => ok(
+                "GPU",
+                format!(
+                    "{} (compute capability {}, {} MiB), CUDA driver {}",
+                    device.name, device.compute_capability, device.memory_mib, driver.cuda_version
+                ),
+            ),
+            None => not_usable(format!(
+                "`runtime.gpu_device` = {} but the CUDA driver sees {} device(s)",
+                config.runtime.gpu_device,
+                driver.devices.len()
+            )),
+        },
+        Err(problem) => not_usable(problem),
+    }
+}
+
+fn tensorrt(config: &DeviceConfig) -> Option<Check> {
+    if !config.runtime.providers.contains(&ProviderKind::Tensorrt) {
+        return None;
+    }
+    let cache = match &config.runtime.tensorrt.cache_dir {
+        Some(dir) => format!("engine cache {}", dir.display()),
+        None => "no engine cache (set `data_dir` or `runtime.tensorrt.cache_dir`): engines are rebuilt at every start"
+            .to_string(),
+    };
+    Some(match crate::runtime::gpu::tensorrt_version() {
+        Ok(version) if config.runtime.tensorrt.cache_dir.is_some() => ok("TensorRT", format!("{version}; {cache}")),
+        Ok(version) => {
+            warn("TensorRT", format!("{version}; {cache}"), "set `data_dir` or `runtime.tensorrt.cache_dir`")
+        }
+        Err(problem) => warn(
+            "TensorRT",
+            problem,
+            "install TensorRT 10 (JetPack 6 ships it; on x86 the `tensorrt` packages from NVIDIA) and make libnvinfer \
+             findable (ldconfig or LD_LIBRARY_PATH), or remove `tensorrt` from `runtime.providers`",
+        ),
+    })
 }
 
 fn bundle(config: &DeviceConfig) -> Check {

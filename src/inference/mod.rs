@@ -33,6 +33,18 @@ pub struct Classifier {
     /// Bias added to the unseen classes' logits by the active adapted version (0 for the source).
     calibration: Calibration,
     trunk: ModelSession,
+    /// The one batch size the trunk runs on (GPU providers; the CPU takes any size).
+    fixed_batch: Option<usize>,
+}
+
+/// How the start-up warm-up went.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Warmup {
+    pub provider: ProviderKind,
+    /// Opening the model and the first run, TensorRT engine build included.
+    pub seconds: f64,
+    /// What happened to the TensorRT engine cache (`None` without one).
+    pub engine_cache: Option<String>,
 }
 
 /// The unseen-class logit bias of an adapted version.
@@ -44,12 +56,47 @@ pub struct Calibration {
 
 impl Classifier {
     pub fn open(bundle: Bundle, options: &RuntimeOptions) -> Result<Classifier, InferenceError> {
-        let trunk = runtime::open_session(&bundle.trunk_path(), bundle.trunk_sha256(), options)?;
         let contract = &bundle.manifest.input;
+        let input = runtime::InputShape { name: contract.tensor.clone(), sample: sample_shape(contract) };
+        let trunk = runtime::open_session(&bundle.trunk_path(), bundle.trunk_sha256(), Some(&input), options)?;
         check_names(&trunk, "input", &contract.tensor, trunk.session.inputs().iter().map(|o| o.name()))?;
         check_names(&trunk, "output", &bundle.manifest.trunk.output, trunk.session.outputs().iter().map(|o| o.name()))?;
         let network = Network::from_bundle(&bundle);
-        Ok(Classifier { bundle, network, calibration: Calibration::default(), trunk })
+        let fixed_batch = trunk.provider.is_gpu().then_some(options.gpu_batch.max(1));
+        Ok(Classifier { bundle, network, calibration: Calibration::default(), trunk, fixed_batch })
+    }
+
+    /// Opens the bundle and runs it once, so that a TensorRT engine is built (or loaded from its
+    /// cache) and cuDNN has picked its algorithms at start rather than on live images: a first engine build can take minutes on a Jetson. `tick`
+    /// gets the time so far about once a second meanwhile.
+    pub fn open_warm(
+        bundle: Bundle,
+        options: &RuntimeOptions,
+        tick: &(dyn Fn(std::time::Duration) + Sync),
+    ) -> Result<(Classifier, Warmup), InferenceError> {
+        let started = std::time::Instant::now();
+        let mut classifier = with_ticker(tick, || -> Result<Classifier, InferenceError> {
+            let mut classifier = Classifier::open(bundle, options)?;
+            let sample = sample_shape(&classifier.bundle.manifest.input);
+            let zeros = ndarray::Array4::<f32>::zeros((1, sample[0], sample[1], sample[2]));
+            classifier.split(zeros.view())?;
+            Ok(classifier)
+        })?;
+        let engine_cache = classifier.trunk.engine_cache.take().map(|cache| {
+            if let Err(problem) = cache.seal() {
+                tracing::warn!(%problem, "TensorRT engine cache left unsealed; it will be rebuilt next start");
+            }
+            cache.verdict.describe()
+        });
+        let warmup = Warmup { provider: classifier.provider(), seconds: started.elapsed().as_secs_f64(), engine_cache };
+        tracing::info!(provider = %warmup.provider, seconds = warmup.seconds, engine_cache = ?warmup.engine_cache, "model warmed up");
+        Ok((classifier, warmup))
+    }
+
+    /// Runs the trunk on batches of exactly `size` (padded or in parts), as GPU providers do
+    /// from `runtime.gpu_batch`; `None` passes batches through. Lets the CPU check the padding.
+    pub fn set_fixed_batch(&mut self, size: Option<usize>) {
+        self.fixed_batch = size.map(|s| s.max(1));
     }
 
     /// Serves another version of the tail, adapter and head from now on.
@@ -70,6 +117,32 @@ impl Classifier {
 
     /// Runs the trunk: a batch in the contract's layout to split tensors `[N, ...]`.
     pub fn split(&mut self, batch: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, InferenceError> {
+        let Some(size) = self.fixed_batch else {
+            return self.split_once(batch);
+        };
+        let samples = batch.shape()[0];
+        let mut parts = Vec::with_capacity(samples.div_ceil(size));
+        for start in (0..samples).step_by(size) {
+            let end = (start + size).min(samples);
+            let part = batch.slice_axis(Axis(0), ndarray::Slice::from(start..end));
+            if size == end - start {
+                parts.push(self.split_once(part)?);
+            } else {
+                let mut padded =
+                    ndarray::Array4::<f32>::zeros((size, part.shape()[1], part.shape()[2], part.shape()[3]));
+                padded.slice_axis_mut(Axis(0), ndarray::Slice::from(0..end - start)).assign(&part);
+                let split = self.split_once(padded.view())?;
+                parts.push(split.slice_axis(Axis(0), ndarray::Slice::from(0..end - start)).to_owned());
+            }
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().expect("one part"));
+        }
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        Ok(ndarray::concatenate(Axis(0), &views).expect("parts share the split shape"))
+    }
+
+    fn split_once(&mut self, batch: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, InferenceError> {
         let run_error = |problem: String| InferenceError::Run { model: self.trunk.model.clone(), problem };
         let batch = batch.as_standard_layout();
         let input = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| run_error(e.to_string()))?;
@@ -164,6 +237,36 @@ impl Classifier {
         }
         Ok(results)
     }
+}
+
+/// One sample's input shape in the contract's layout.
+fn sample_shape(contract: &crate::model::manifest::InputContract) -> Vec<usize> {
+    let (c, h, w) = (contract.channels as usize, contract.height as usize, contract.width as usize);
+    match contract.layout {
+        crate::model::manifest::Layout::Nchw => vec![c, h, w],
+        crate::model::manifest::Layout::Nhwc => vec![h, w, c],
+    }
+}
+
+/// Runs `work` while a helper thread calls `tick` with the elapsed time about once a second.
+fn with_ticker<T>(tick: &(dyn Fn(std::time::Duration) + Sync), work: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut next = 1;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if started.elapsed().as_secs() >= next {
+                    tick(started.elapsed());
+                    next += 1;
+                }
+            }
+        });
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
 }
 
 fn check_names<'a>(

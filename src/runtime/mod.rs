@@ -1,6 +1,8 @@
 //! ONNX Runtime: loading the native library once per process and opening sessions on the
 //! configured execution providers.
 
+pub mod engine_cache;
+pub mod gpu;
 pub mod library;
 pub mod providers;
 
@@ -28,14 +30,48 @@ pub struct RuntimeOptions {
     pub gpu_device: i32,
     /// Threads for one inference (0: ONNX Runtime's default, one per core).
     pub intra_threads: usize,
+    /// On GPU providers the trunk always runs on batches of exactly this size: smaller ones are
+    /// padded, larger ones run in parts. ONNX Runtime's CUDA provider prepares every convolution
+    /// again whenever the batch size changes, which costs far more than the padding.
+    pub gpu_batch: usize,
+    /// Writes ONNX Runtime's per-node profile (which provider ran each node, and how long) to
+    /// this folder when a session closes: for finding out why a GPU provider is slow.
+    pub profile_dir: Option<PathBuf>,
+    pub cuda: CudaOptions,
     pub tensorrt: TensorrtOptions,
+}
+
+/// The `[runtime.cuda]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CudaOptions {
+    /// How cuDNN picks each convolution's algorithm for a new input shape.
+    pub conv_algo_search: ConvAlgoSearch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvAlgoSearch {
+    /// Benchmark every algorithm once per input shape (ONNX Runtime's default).
+    Exhaustive,
+    /// Take cuDNN's heuristic choice: a third of the warm-up and as fast afterwards, measured.
+    Heuristic,
+    /// cuDNN's default algorithm.
+    Default,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions { conv_algo_search: ConvAlgoSearch::Heuristic }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TensorrtOptions {
     pub fp16: bool,
-    /// Engine and timing caches; a subfolder per model hash keeps engines of different models apart.
+    /// Engine and timing caches (default: `<data_dir>/tensorrt`); a subfolder per model, sealed
+    /// with the TensorRT, CUDA and GPU it was built for.
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -47,6 +83,9 @@ impl Default for RuntimeOptions {
             require_gpu: false,
             gpu_device: 0,
             intra_threads: 0,
+            gpu_batch: 32,
+            profile_dir: None,
+            cuda: CudaOptions::default(),
             tensorrt: TensorrtOptions::default(),
         }
     }
@@ -122,13 +161,37 @@ pub struct ModelSession {
     pub session: Session,
     pub provider: ProviderKind,
     pub model: PathBuf,
+    /// The TensorRT engine cache in use, to be sealed once the engines have run.
+    pub engine_cache: Option<engine_cache::PreparedCache>,
+}
+
+/// The model's image input, so that TensorRT builds one engine for every batch size up to
+/// the one batch size it will be given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputShape {
+    pub name: String,
+    /// The shape of one sample (without the batch axis).
+    pub sample: Vec<usize>,
+}
+
+impl InputShape {
+    fn profile(&self, batch: usize) -> String {
+        let dims: Vec<String> =
+            std::iter::once(batch).chain(self.sample.iter().copied()).map(|d| d.to_string()).collect();
+        format!("{}:{}", self.name, dims.join("x"))
+    }
 }
 
 /// Opens `model` on the first provider of the plan that accepts it.
 ///
 /// `model_sha256` keys the TensorRT engine cache so that an engine built for another model is
-/// never reused.
-pub fn open_session(model: &Path, model_sha256: &str, options: &RuntimeOptions) -> Result<ModelSession, RuntimeError> {
+/// never reused; `input` (when known) gives TensorRT its optimisation profile.
+pub fn open_session(
+    model: &Path,
+    model_sha256: &str,
+    input: Option<&InputShape>,
+    options: &RuntimeOptions,
+) -> Result<ModelSession, RuntimeError> {
     let runtime = init(options.ort_library.as_deref())?;
     let plan = providers::plan(&options.providers, is_available, options.require_gpu)?;
     for (kind, why) in &plan.skipped {
@@ -136,10 +199,10 @@ pub fn open_session(model: &Path, model_sha256: &str, options: &RuntimeOptions) 
     }
     let mut failures = plan.skipped.clone();
     for &kind in &plan.attempts {
-        match build_session(runtime, model, model_sha256, kind, options) {
-            Ok(session) => {
+        match build_session(runtime, model, model_sha256, input, kind, options) {
+            Ok((session, engine_cache)) => {
                 tracing::info!(model = %model.display(), provider = %kind, "session running");
-                return Ok(ModelSession { session, provider: kind, model: model.to_path_buf() });
+                return Ok(ModelSession { session, provider: kind, model: model.to_path_buf(), engine_cache });
             }
             Err(problem) => {
                 tracing::warn!(provider = %kind, %problem, "execution provider failed");
@@ -154,26 +217,48 @@ fn build_session(
     runtime: &Runtime,
     model: &Path,
     model_sha256: &str,
+    input: Option<&InputShape>,
     kind: ProviderKind,
     options: &RuntimeOptions,
-) -> Result<Session, String> {
+) -> Result<(Session, Option<engine_cache::PreparedCache>), String> {
+    let mut engine_cache = None;
     let provider = match kind {
         ProviderKind::Tensorrt => {
-            let mut trt =
-                ort::ep::TensorRT::default().with_device_id(options.gpu_device).with_fp16(options.tensorrt.fp16);
-            if let Some(dir) = &options.tensorrt.cache_dir {
-                let engines = dir.join(&model_sha256[..16.min(model_sha256.len())]);
-                std::fs::create_dir_all(&engines).map_err(|e| format!("cannot create {}: {e}", engines.display()))?;
-                let engines = engines.display().to_string();
+            let settings = &options.tensorrt;
+            let mut trt = ort::ep::TensorRT::default().with_device_id(options.gpu_device).with_fp16(settings.fp16);
+            if let Some(input) = input {
+                let batch = options.gpu_batch.max(1);
+                trt = trt
+                    .with_profile_min_shapes(input.profile(batch))
+                    .with_profile_opt_shapes(input.profile(batch))
+                    .with_profile_max_shapes(input.profile(batch));
+            }
+            if let Some(root) = &settings.cache_dir {
+                let key = engine_key(runtime, model_sha256, options)?;
+                let prepared = engine_cache::prepare(root, key)?;
+                let dir = prepared.dir.display().to_string();
                 trt = trt
                     .with_engine_cache(true)
-                    .with_engine_cache_path(&engines)
+                    .with_engine_cache_path(&dir)
                     .with_timing_cache(true)
-                    .with_timing_cache_path(&engines);
+                    .with_timing_cache_path(&dir);
+                engine_cache = Some(prepared);
             }
             trt.build().error_on_failure()
         }
-        ProviderKind::Cuda => ort::ep::CUDA::default().with_device_id(options.gpu_device).build().error_on_failure(),
+        ProviderKind::Cuda => {
+            use ort::ep::cuda::ConvAlgorithmSearch;
+            let search = match options.cuda.conv_algo_search {
+                ConvAlgoSearch::Exhaustive => ConvAlgorithmSearch::Exhaustive,
+                ConvAlgoSearch::Heuristic => ConvAlgorithmSearch::Heuristic,
+                ConvAlgoSearch::Default => ConvAlgorithmSearch::Default,
+            };
+            ort::ep::CUDA::default()
+                .with_device_id(options.gpu_device)
+                .with_conv_algorithm_search(search)
+                .build()
+                .error_on_failure()
+        }
         ProviderKind::Cpu => ort::ep::CPU::default().build().error_on_failure(),
     };
     // Idle ONNX Runtime workers would otherwise spin after each run and take the cores from the
@@ -185,9 +270,39 @@ fn build_session(
     if options.intra_threads > 0 {
         builder = builder.with_intra_threads(options.intra_threads).map_err(|e| e.to_string())?;
     }
-    builder
+    if let Some(dir) = &options.profile_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy());
+        builder = builder.with_profiling(dir.join(format!("{stem}-{kind}"))).map_err(|e| e.to_string())?;
+    }
+    let session = builder
         .with_execution_providers([provider])
         .map_err(|e| e.to_string())?
         .commit_from_file(model)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok((session, engine_cache))
+}
+
+/// The facts a TensorRT engine for this model depends on; fails where TensorRT or the GPU
+/// cannot be queried, since TensorRT could not run there either.
+fn engine_key(
+    runtime: &Runtime,
+    model_sha256: &str,
+    options: &RuntimeOptions,
+) -> Result<engine_cache::EngineKey, String> {
+    let driver = gpu::cuda_driver()?;
+    let device =
+        driver.devices.iter().find(|d| d.ordinal == options.gpu_device).ok_or_else(|| {
+            format!("no CUDA device {} (the driver sees {})", options.gpu_device, driver.devices.len())
+        })?;
+    Ok(engine_cache::EngineKey {
+        model_sha256: model_sha256.to_string(),
+        onnxruntime: runtime.version.clone(),
+        tensorrt: gpu::tensorrt_version()?,
+        cuda: driver.cuda_version.clone(),
+        gpu: device.name.clone(),
+        compute_capability: device.compute_capability.clone(),
+        fp16: options.tensorrt.fp16,
+        batch: options.gpu_batch.max(1),
+    })
 }

@@ -3,6 +3,45 @@
 
 pub mod daemon;
 
+/// Gates for tests that need a GPU.
+pub mod gpu {
+    use edgeadapt::runtime::{self, ProviderKind, gpu};
+
+    pub fn skip(reason: &str) {
+        if std::env::var("EDGEADAPT_GPU_TESTS").as_deref() == Ok("require") {
+            panic!("EDGEADAPT_GPU_TESTS=require, but: {reason}");
+        }
+        eprintln!("skipped: {reason}");
+    }
+
+    /// Why `kind` cannot run here, if it cannot.
+    pub fn missing(kind: ProviderKind) -> Option<String> {
+        let runtime = match runtime::init(None) {
+            Ok(runtime) => runtime,
+            Err(error) => return Some(error.to_string()),
+        };
+        if !runtime::is_available(kind) {
+            return Some(format!(
+                "the loaded ONNX Runtime ({}) has no {kind} execution provider (the PyPI `onnxruntime` wheel is \
+                 CPU-only; point ORT_DYLIB_PATH at a GPU build)",
+                runtime.library.path.display()
+            ));
+        }
+        match gpu::cuda_driver() {
+            Ok(driver) if driver.devices.is_empty() => return Some("the CUDA driver sees no device".into()),
+            Ok(driver) => eprintln!("GPU: {:?}, CUDA driver {}", driver.devices, driver.cuda_version),
+            Err(problem) => return Some(problem),
+        }
+        if kind == ProviderKind::Tensorrt {
+            match gpu::tensorrt_version() {
+                Ok(version) => eprintln!("TensorRT {version}"),
+                Err(problem) => return Some(problem),
+            }
+        }
+        None
+    }
+}
+
 use std::path::{Path, PathBuf};
 
 use edgeadapt::runtime::{self, RuntimeOptions};
@@ -47,7 +86,7 @@ pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
 
 /// Runs a plain ONNX model on one input and returns one output.
 pub fn run_onnx(model: &Path, input_name: &str, input: &ArrayD<f32>, output: &str) -> ArrayD<f32> {
-    let mut session = runtime::open_session(model, "test", &RuntimeOptions::default()).expect("session opens");
+    let mut session = runtime::open_session(model, "test", None, &RuntimeOptions::default()).expect("session opens");
     let tensor = ort::value::TensorRef::from_array_view(input.view()).expect("input tensor");
     let outputs = session.session.run(ort::inputs![input_name => tensor]).expect("model runs");
     outputs[output].try_extract_array::<f32>().expect("f32 output").to_owned()

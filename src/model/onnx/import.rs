@@ -317,7 +317,7 @@ fn split_shape(
     let scratch = std::env::temp_dir().join(format!("edgeadapt-trunk-{}-{}.onnx", std::process::id(), unique()));
     std::fs::write(&scratch, trunk).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let result = (|| {
-        let mut session = runtime::open_session(&scratch, "import", options).map_err(|e| e.to_string())?;
+        let mut session = runtime::open_session(&scratch, "import", None, options).map_err(|e| e.to_string())?;
         let batch = Array4::<f32>::zeros(batch_shape(input, 1));
         let tensor = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| e.to_string())?;
         let outputs = session.session.run(ort::inputs![input.tensor.as_str() => tensor]).map_err(|e| e.to_string())?;
@@ -340,7 +340,7 @@ fn verify(bundle_dir: &Path, original: &Path, logits_name: &str, options: &Runti
     let mut classifier = Classifier::open(bundle, options)?;
     let ours = classifier.logits(batch.view())?;
     let run_error = |problem: String| ImportError::Run { path: original.to_path_buf(), problem };
-    let mut session = runtime::open_session(original, "import-original", options)?;
+    let mut session = runtime::open_session(original, "import-original", None, options)?;
     let tensor = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| run_error(e.to_string()))?;
     let input_name = classifier.bundle.manifest.input.tensor.clone();
     let outputs =
