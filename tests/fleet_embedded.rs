@@ -265,3 +265,61 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
         assert!(checked.contains(leaf), "no {leaf} message was seen");
     }
 }
+
+/// While the model warms up, the device's retained status says it is starting and for how long;
+/// a failed start says why; neither is followed by a Last Will.
+#[test]
+fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
+    use edgeadapt::config::MqttConfig;
+    use edgeadapt::fleet::link::{StartProgress, announce_start};
+
+    let port = free_port();
+    edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20).unwrap();
+    let messages = collect(port);
+    std::thread::sleep(Duration::from_millis(500));
+    let config = MqttConfig {
+        enabled: true,
+        broker: format!("mqtt://127.0.0.1:{port}"),
+        fleet: "warm".into(),
+        ..MqttConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        for (device, outcome) in
+            [("starts", StartProgress::Ready), ("fails", StartProgress::Failed("no bundle".into()))]
+        {
+            let (progress, watcher) = tokio::sync::watch::channel(StartProgress::WarmingUp(0));
+            let announcer = tokio::spawn(announce_start(config.clone(), device.into(), None, watcher));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Refreshed at most every five seconds of warm-up.
+            for seconds in [1, 3, 6] {
+                progress.send(StartProgress::WarmingUp(seconds)).unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            progress.send(outcome).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), announcer).await.unwrap().unwrap();
+        }
+    });
+    let reasons = |all: &[(String, Vec<u8>)], device: &str| -> Vec<String> {
+        let topic = format!("edgeadapt/v1/warm/{device}/status");
+        let statuses: Vec<serde_json::Value> = all.iter().filter(|(t, _)| *t == topic).map(|(_, p)| json(p)).collect();
+        for status in &statuses {
+            assert_eq!(status["online"], false, "{status}");
+            let documented = &documented_examples()["status"][1];
+            assert_eq!(keys(status), keys(documented), "{status}");
+        }
+        statuses.iter().map(|s| s["reason"].as_str().unwrap().to_string()).collect()
+    };
+    wait_for(&messages, "the failed start", |all| reasons(all, "fails").len() == 3);
+    // Anything published after a clean disconnect (a Last Will) would show up here.
+    std::thread::sleep(Duration::from_secs(1));
+    let all = messages.lock().unwrap();
+    assert_eq!(
+        reasons(&all, "starts"),
+        vec!["starting: warming up the model (0 s)", "starting: warming up the model (6 s)"]
+    );
+    assert_eq!(
+        reasons(&all, "fails"),
+        vec!["starting: warming up the model (0 s)", "starting: warming up the model (6 s)", "start failed: no bundle"]
+    );
+}

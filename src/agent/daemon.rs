@@ -239,10 +239,8 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?.to_path_buf();
     std::fs::create_dir_all(&data_dir)?;
     let _lock = lock_data_dir(&data_dir)?;
-    let agent = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || Agent::open(&config)).await??
-    };
+    let embedded_port = if config.mqtt.enabled { start_embedded_broker(&config)? } else { None };
+    let agent = open_agent_announcing(&config, embedded_port).await?;
     let shared = Arc::new(Shared {
         agent: Mutex::new(agent),
         run: Mutex::new(None),
@@ -284,7 +282,11 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
         tasks.spawn(reload_on_hangup(Arc::clone(&shared), path));
     }
     let (stop_link, link_stopped) = tokio::sync::watch::channel(false);
-    let link = if config.mqtt.enabled { Some(start_link(&shared, &config, link_stopped, &mut tasks)?) } else { None };
+    let link = if config.mqtt.enabled {
+        Some(start_link(&shared, &config, embedded_port, link_stopped, &mut tasks)?)
+    } else {
+        None
+    };
     // Under systemd (Type=notify): ready now, and the watchdog is fed by housekeeping, which
     // takes the agent's lock each second, so a stuck agent stops feeding it.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -319,22 +321,58 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     Ok(())
 }
 
-/// Starts the embedded broker if configured, the broker link and the command handler.
+/// Starts the embedded broker if the config asks for one; its port.
+fn start_embedded_broker(config: &DeviceConfig) -> anyhow::Result<Option<u16>> {
+    let mqtt = &config.mqtt;
+    if mqtt.broker != "embedded" {
+        return Ok(None);
+    }
+    let address: std::net::SocketAddr = mqtt.embedded_listen.parse()?;
+    crate::fleet::broker::start(address, mqtt.max_packet_bytes)?;
+    tracing::info!(%address, "embedded MQTT broker listening");
+    Ok(Some(address.port()))
+}
+
+/// Opens the agent (the model's warm-up included) while, with MQTT on, a retained status tells
+/// the fleet that the device is starting and for how long it has been warming up.
+async fn open_agent_announcing(config: &DeviceConfig, embedded_port: Option<u16>) -> anyhow::Result<Agent> {
+    use crate::fleet::link::{StartProgress, announce_start};
+    let (progress, watcher) = tokio::sync::watch::channel(StartProgress::WarmingUp(0));
+    let announcer = config
+        .mqtt
+        .enabled
+        .then(|| tokio::spawn(announce_start(config.mqtt.clone(), config.device_id.clone(), embedded_port, watcher)));
+    let opened = {
+        let config = config.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || {
+            let warming_up = |elapsed: Duration| {
+                super::report_warmup(elapsed);
+                let _ = progress.send(StartProgress::WarmingUp(elapsed.as_secs()));
+            };
+            Agent::open_with_progress(&config, &warming_up)
+        })
+        .await?
+    };
+    let _ = progress.send(match &opened {
+        Ok(_) => StartProgress::Ready,
+        Err(error) => StartProgress::Failed(error.to_string()),
+    });
+    if let Some(announcer) = announcer {
+        let _ = tokio::time::timeout(Duration::from_secs(5), announcer).await;
+    }
+    Ok(opened?)
+}
+
+/// Starts the broker link and the command handler.
 fn start_link(
     shared: &Arc<Shared>,
     config: &DeviceConfig,
+    embedded_port: Option<u16>,
     stop: tokio::sync::watch::Receiver<bool>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let mqtt = config.mqtt.clone();
-    let embedded_port = if mqtt.broker == "embedded" {
-        let address: std::net::SocketAddr = mqtt.embedded_listen.parse()?;
-        crate::fleet::broker::start(address, mqtt.max_packet_bytes)?;
-        tracing::info!(%address, "embedded MQTT broker listening");
-        Some(address.port())
-    } else {
-        None
-    };
     let key = match &mqtt.command_key_file {
         Some(file) => Some(
             std::fs::read(file)

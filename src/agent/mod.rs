@@ -216,7 +216,7 @@ pub struct Agent {
 /// Progress of the start-up warm-up, which can take minutes while TensorRT builds its engine:
 /// logged every ten seconds and shown as the systemd status, whose start timeout is extended
 /// so that the service manager waits for it.
-fn report_warmup(elapsed: std::time::Duration) {
+pub fn report_warmup(elapsed: std::time::Duration) {
     let seconds = elapsed.as_secs();
     let status = format!("warming up the model ({seconds} s; a first TensorRT engine build can take minutes)");
     let _ = sd_notify::notify(&[
@@ -236,6 +236,14 @@ impl Agent {
     /// Opens the bundle, the runtime and the store, and serves the promoted version. A promoted
     /// version that cannot be loaded is reported and the source model is served instead.
     pub fn open(config: &DeviceConfig) -> Result<Agent, AgentError> {
+        Agent::open_with_progress(config, &report_warmup)
+    }
+
+    /// [`Agent::open`], calling `warming_up` about once a second while the model warms up.
+    pub fn open_with_progress(
+        config: &DeviceConfig,
+        warming_up: &(dyn Fn(std::time::Duration) + Sync),
+    ) -> Result<Agent, AgentError> {
         let data_dir = config.require_data_dir().map_err(AgentError::Config)?;
         let bundle = Bundle::load(&config.bundle)
             .map_err(|e| AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() })?;
@@ -245,7 +253,7 @@ impl Agent {
             Err(e) => return Err(AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() }),
         };
         let store = Store::open(&store_path(data_dir), &bundle_id(&bundle))?;
-        let (classifier, warmup) = Classifier::open_warm(bundle, &config.runtime, &report_warmup)?;
+        let (classifier, warmup) = Classifier::open_warm(bundle, &config.runtime, warming_up)?;
         let source = Network::from_bundle(&classifier.bundle);
         let traffic_rows = store.traffic()?.len();
         let mut agent = Agent {

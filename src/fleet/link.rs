@@ -148,6 +148,111 @@ pub fn status_message(
     }
 }
 
+/// How the agent's start is going, for [`announce_start`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartProgress {
+    /// Warming up the model for this many seconds so far.
+    WarmingUp(u64),
+    /// Ready: the link proper takes over.
+    Ready,
+    Failed(String),
+}
+
+/// Seconds between two refreshes of the starting status.
+const START_REFRESH_S: u64 = 5;
+
+/// While the agent warms up its model (minutes, for a first TensorRT engine build), keeps a
+/// retained offline status on the broker that says so and for how long, so that the fleet sees
+/// a device starting rather than one that is gone. Returns once `progress` says ready (after a
+/// clean disconnect, for the link proper to connect) or failed (after publishing why).
+pub async fn announce_start(
+    config: MqttConfig,
+    device: String,
+    embedded_port: Option<u16>,
+    mut progress: watch::Receiver<StartProgress>,
+) {
+    let options = match options(&config, &device, embedded_port, true) {
+        Ok(options) => options,
+        Err(error) => {
+            tracing::debug!(%error, "no start-up status");
+            return;
+        }
+    };
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    no_delay(&mut eventloop);
+    let topic = DeviceTopics::new(&config.fleet, &device).status();
+    let publish = |reason: String| {
+        let status = status_message(&config, &device, false, &reason, None);
+        let payload = serde_json::to_vec(&status).expect("messages serialise");
+        let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, true, payload);
+    };
+    let warming = |seconds: u64| format!("starting: warming up the model ({seconds} s)");
+    let mut connected = false;
+    let mut last_sent: Option<u64> = None;
+    let outcome = loop {
+        tokio::select! {
+            changed = progress.changed() => {
+                let state = if changed.is_ok() { progress.borrow_and_update().clone() } else { StartProgress::Ready };
+                match state {
+                    StartProgress::WarmingUp(seconds) => {
+                        if connected && last_sent.is_none_or(|sent| seconds >= sent + START_REFRESH_S) {
+                            publish(warming(seconds));
+                            last_sent = Some(seconds);
+                        }
+                    }
+                    done => break done,
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    let seconds = match *progress.borrow() {
+                        StartProgress::WarmingUp(seconds) => seconds,
+                        _ => 0,
+                    };
+                    publish(warming(seconds));
+                    last_sent = Some(seconds);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    connected = false;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
+        }
+    };
+    // A connection still being set up is finished first: dropped half-way, it would make the
+    // broker publish the Last Will.
+    if !connected {
+        let handshake = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => break true,
+                    Ok(_) => {}
+                    Err(_) => break false,
+                }
+            }
+        });
+        if !matches!(handshake.await, Ok(true)) {
+            return;
+        }
+    }
+    if let StartProgress::Failed(error) = outcome {
+        publish(format!("start failed: {error}"));
+    }
+    // Let the last status and the disconnect leave, so that no Last Will follows.
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
 /// Publishes in call order and maps packet ids back to outbox events when acknowledged.
 struct Tracker {
     /// One entry per publish call not yet seen leaving: the outbox event it carries, if any.
