@@ -132,7 +132,7 @@ pub fn run(args: DemoArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32>
         "The drop from source to target is the domain shift that on-device adaptation addresses: staff label a few classes on site and the model adapts without losing the others.\n"
     );
     if !args.no_story {
-        super::story::run(&bundle_dir, &args.data, &classes)?;
+        super::story::run(&bundle_dir, &runtime, &args.data, &classes)?;
     }
     Ok(0)
 }

@@ -12,6 +12,7 @@ use super::table::Table;
 use crate::dataset::read_image_folder;
 use crate::fleet::client::{BrokerOptions, FleetClient, FleetView};
 use crate::inference::Prediction;
+use crate::runtime::RuntimeOptions;
 
 /// Classes the site labels.
 const SEEN: [&str; 8] = ["0", "2", "4", "6", "A", "C", "E", "G"];
@@ -33,7 +34,19 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn start_agent(bundle: &Path, work: &Path, http_port: u16, mqtt_port: u16) -> anyhow::Result<Agent> {
+/// The agent's `[runtime]` table: the demo's own, so that the story runs on the same providers.
+#[derive(serde::Serialize)]
+struct RuntimeSection<'a> {
+    runtime: &'a RuntimeOptions,
+}
+
+fn start_agent(
+    bundle: &Path,
+    runtime: &RuntimeOptions,
+    work: &Path,
+    http_port: u16,
+    mqtt_port: u16,
+) -> anyhow::Result<Agent> {
     if work.exists() {
         std::fs::remove_dir_all(work)?;
     }
@@ -46,7 +59,7 @@ fn start_agent(bundle: &Path, work: &Path, http_port: u16, mqtt_port: u16) -> an
              [mqtt]\nenabled = true\nembedded_listen = \"127.0.0.1:{mqtt_port}\"\nfleet = \"demo\"\nmetrics_every_s = 1\n",
             std::fs::canonicalize(bundle)?.display(),
             work.join("data").display()
-        ),
+        ) + &toml::to_string(&RuntimeSection { runtime })?,
     )?;
     let child = Command::new(std::env::current_exe()?)
         .arg("--config")
@@ -90,11 +103,11 @@ fn evaluate(http: &ureq::Agent, agent: &Agent, images: &[(String, PathBuf)], wha
     Ok([rate(counts[0]), rate(counts[1]), overall])
 }
 
-pub fn run(bundle: &Path, data: &Path, classes: &[String]) -> anyhow::Result<()> {
+pub fn run(bundle: &Path, runtime: &RuntimeOptions, data: &Path, classes: &[String]) -> anyhow::Result<()> {
     println!("## On site: label, adapt, check, roll back\n");
     let (http_port, mqtt_port) = (free_port()?, free_port()?);
     let work = PathBuf::from("target/demo-agent");
-    let agent = start_agent(bundle, &work, http_port, mqtt_port)?;
+    let agent = start_agent(bundle, runtime, &work, http_port, mqtt_port)?;
     println!(
         "agent `{DEVICE}` running on the bundled model, HTTP {} and embedded MQTT broker on 127.0.0.1:{mqtt_port}",
         agent.http
