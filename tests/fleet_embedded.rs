@@ -276,7 +276,6 @@ fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
     let port = free_port();
     edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20).unwrap();
     let messages = collect(port);
-    std::thread::sleep(Duration::from_millis(500));
     let config = MqttConfig {
         enabled: true,
         broker: format!("mqtt://127.0.0.1:{port}"),
@@ -290,7 +289,12 @@ fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
         {
             let (progress, watcher) = tokio::sync::watch::channel(StartProgress::WarmingUp(0));
             let announcer = tokio::spawn(announce_start(config.clone(), device.into(), None, watcher));
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let topic = format!("edgeadapt/v1/warm/{device}/status");
+            let started = std::time::Instant::now();
+            while !messages.lock().unwrap().iter().any(|(t, _)| *t == topic) {
+                assert!(started.elapsed() < Duration::from_secs(30), "no starting status from {device}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             // Refreshed at most every five seconds of warm-up.
             for seconds in [1, 3, 6] {
                 progress.send(StartProgress::WarmingUp(seconds)).unwrap();

@@ -180,6 +180,24 @@ pub async fn announce_start(
     };
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     no_delay(&mut eventloop);
+    // The event loop runs in a task of its own: cancelled half-way through a connect, it would
+    // drop a connection the broker has accepted, and the broker would publish the Last Will.
+    let (connected_tx, mut connected) = watch::channel(false);
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = connected_tx.send(true);
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = connected_tx.send(false);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
     let topic = DeviceTopics::new(&config.fleet, &device).status();
     let publish = |reason: String| {
         let status = status_message(&config, &device, false, &reason, None);
@@ -187,7 +205,6 @@ pub async fn announce_start(
         let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, true, payload);
     };
     let warming = |seconds: u64| format!("starting: warming up the model ({seconds} s)");
-    let mut connected = false;
     let mut last_sent: Option<u64> = None;
     let outcome = loop {
         tokio::select! {
@@ -195,7 +212,7 @@ pub async fn announce_start(
                 let state = if changed.is_ok() { progress.borrow_and_update().clone() } else { StartProgress::Ready };
                 match state {
                     StartProgress::WarmingUp(seconds) => {
-                        if connected && last_sent.is_none_or(|sent| seconds >= sent + START_REFRESH_S) {
+                        if *connected.borrow() && last_sent.is_none_or(|sent| seconds >= sent + START_REFRESH_S) {
                             publish(warming(seconds));
                             last_sent = Some(seconds);
                         }
@@ -203,9 +220,8 @@ pub async fn announce_start(
                     done => break done,
                 }
             }
-            event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
+            Ok(()) = connected.changed() => {
+                if *connected.borrow_and_update() {
                     let seconds = match *progress.borrow() {
                         StartProgress::WarmingUp(seconds) => seconds,
                         _ => 0,
@@ -213,44 +229,22 @@ pub async fn announce_start(
                     publish(warming(seconds));
                     last_sent = Some(seconds);
                 }
-                Ok(_) => {}
-                Err(_) => {
-                    connected = false;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            },
+            }
         }
     };
-    // A connection still being set up is finished first: dropped half-way, it would make the
-    // broker publish the Last Will.
-    if !connected {
-        let handshake = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => break true,
-                    Ok(_) => {}
-                    Err(_) => break false,
-                }
-            }
-        });
-        if !matches!(handshake.await, Ok(true)) {
-            return;
-        }
+    // A connection still being set up is finished first, then closed cleanly: no Last Will.
+    let handshake = tokio::time::timeout(Duration::from_secs(2), async { connected.wait_for(|up| *up).await.is_ok() });
+    if !matches!(handshake.await, Ok(true)) {
+        driver.abort();
+        return;
     }
     if let StartProgress::Failed(error) = outcome {
         publish(format!("start failed: {error}"));
     }
-    // Let the last status and the disconnect leave, so that no Last Will follows.
     let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    if tokio::time::timeout(Duration::from_secs(2), driver).await.is_err() {
+        tracing::debug!("start-up status connection did not close in time");
+    }
 }
 
 /// Publishes in call order and maps packet ids back to outbox events when acknowledged.
