@@ -135,16 +135,7 @@ fn measure(broker_port: u16) -> Figures {
                 .unwrap();
         }
     }
-    let options = BrokerOptions {
-        url: format!("mqtt://127.0.0.1:{broker_port}"),
-        fleet: "bench".into(),
-        username: None,
-        password_file: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-        command_key: None,
-    };
+    let options = BrokerOptions::plain(format!("mqtt://127.0.0.1:{broker_port}"), "bench");
     runtime.block_on(async {
         let mut fleet = FleetClient::connect(options, Duration::from_secs(10)).await.unwrap();
         let timeout = Duration::from_secs(60);

@@ -109,16 +109,7 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let options = BrokerOptions {
-        url: format!("mqtt://127.0.0.1:{mqtt_port}"),
-        fleet: "test-fleet".into(),
-        username: None,
-        password_file: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-        command_key: None,
-    };
+    let options = BrokerOptions::plain(format!("mqtt://127.0.0.1:{mqtt_port}"), "test-fleet");
     let timeout = Duration::from_secs(120);
     runtime.block_on(async {
         let mut fleet = FleetClient::connect(options, Duration::from_secs(10)).await.unwrap();

@@ -221,14 +221,10 @@ fn mutual_tls_acl_outage_and_last_will_with_mosquitto() {
     // Commands from the operator over TLS; an intruder's command is stopped by the ACL.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let options = BrokerOptions {
-        url: format!("mqtts://127.0.0.1:{broker_port}"),
-        fleet: FLEET.into(),
-        username: None,
-        password_file: None,
         ca_file: Some(pki.ca.clone()),
         client_cert: Some(dir.path().join("operator.pem")),
         client_key: Some(dir.path().join("operator.key")),
-        command_key: None,
+        ..BrokerOptions::plain(format!("mqtts://127.0.0.1:{broker_port}"), FLEET)
     };
     runtime.block_on(async {
         let mut fleet = FleetClient::connect(options.clone(), Duration::from_secs(10)).await.unwrap();

@@ -15,6 +15,7 @@ use std::time::Instant;
 use common::gpu::{missing, skip};
 use edgeadapt::imaging::{self, DecodeLimits};
 use edgeadapt::inference::{Classifier, Warmup, collect_image_files, prepare_files};
+use edgeadapt::metrics::argmax_rows;
 use edgeadapt::model::Bundle;
 use edgeadapt::runtime::{ConvAlgoSearch, CudaOptions, ProviderKind, RuntimeOptions};
 use ndarray::{Array2, Axis};
@@ -78,13 +79,9 @@ fn softmax(mut logits: Array2<f32>) -> Array2<f32> {
     logits
 }
 
-fn argmax(row: ndarray::ArrayView1<'_, f32>) -> usize {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap()
-}
-
 /// Top-1 agreement and the largest probability difference between two runs.
 fn compare(a: &Array2<f32>, b: &Array2<f32>) -> (f64, f32) {
-    let agree = a.axis_iter(Axis(0)).zip(b.axis_iter(Axis(0))).filter(|(x, y)| argmax(*x) == argmax(*y)).count();
+    let agree = argmax_rows(a.view()).into_iter().zip(argmax_rows(b.view())).filter(|(x, y)| x == y).count();
     let diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     (agree as f64 / a.nrows() as f64, diff)
 }

@@ -4,11 +4,11 @@
 //! the unseen classes shipped in the bundle, from how often unlabelled local traffic is still
 //! predicted as an unseen class, and from agreement with the source model.
 
-use ndarray::{Array2, Axis};
 use serde::Serialize;
 
 use super::data::SplitSet;
 use super::method::{Adapted, Traffic};
+use crate::metrics::argmax_rows;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Health {
@@ -18,13 +18,6 @@ pub struct Health {
     pub predicted_unseen_rate: Option<(f32, f32)>,
     /// Share of unlabelled target samples on which adapted and source predictions agree.
     pub source_agreement: Option<f32>,
-}
-
-fn argmax_rows(logits: &Array2<f32>) -> Vec<usize> {
-    logits
-        .axis_iter(Axis(0))
-        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(c, _)| c))
-        .collect()
 }
 
 pub fn estimate(
@@ -37,15 +30,15 @@ pub fn estimate(
     let reference_unseen =
         reference.map(|set| set.filter(|label| unseen.contains(&label))).filter(|set| !set.is_empty()).map(|set| {
             let accuracy = |model: &Adapted| {
-                let predicted = argmax_rows(&model.logits_of(&set));
+                let predicted = argmax_rows(model.logits_of(&set).view());
                 predicted.iter().zip(&set.labels).filter(|(p, l)| p == l).count() as f32 / set.len() as f32
             };
             (accuracy(adapted), accuracy(source))
         });
     let (predicted_unseen_rate, source_agreement) = match unlabelled.filter(|traffic| !traffic.splits.is_empty()) {
         Some(traffic) => {
-            let ours = argmax_rows(&adapted.logits_of(&traffic.splits));
-            let theirs = argmax_rows(&traffic.source_logits);
+            let ours = argmax_rows(adapted.logits_of(&traffic.splits).view());
+            let theirs = argmax_rows(traffic.source_logits.view());
             let rate = |predictions: &[usize]| {
                 predictions.iter().filter(|p| unseen.contains(p)).count() as f32 / predictions.len() as f32
             };

@@ -353,15 +353,9 @@ fn adapt_recommended(
             let candidate = Hyper { learning_rate: Some(rate), steps: hyper.selection_steps, ..hyper.clone() };
             let adapted = adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n))?;
             done += hyper.selection_steps;
-            let predicted = adapted.logits_of(&held_out);
-            let correct = predicted
-                .axis_iter(Axis(0))
-                .zip(&held_out.labels)
-                .filter(|(row, label)| {
-                    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).is_some_and(|(c, _)| c == **label)
-                })
-                .count();
-            scores.push((rate, correct as f32 / held_out.len() as f32));
+            let predicted = crate::metrics::argmax_rows(adapted.logits_of(&held_out).view());
+            let score = crate::metrics::accuracy(&held_out.labels, &predicted).unwrap_or(0.0) as f32;
+            scores.push((rate, score));
         }
     }
     // Highest validation accuracy; ties go to the smaller rate.
@@ -611,12 +605,7 @@ fn pcv_gamma(
 
 /// Share of rows whose argmax is one of `classes`.
 fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
-    let hits = logits
-        .axis_iter(Axis(0))
-        .filter(|row| {
-            row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).is_some_and(|(c, _)| classes.contains(&c))
-        })
-        .count();
+    let hits = crate::metrics::argmax_rows(logits.view()).into_iter().filter(|c| classes.contains(c)).count();
     hits as f32 / logits.nrows().max(1) as f32
 }
 

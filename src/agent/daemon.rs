@@ -346,8 +346,15 @@ async fn open_agent_announcing(config: &DeviceConfig, embedded_port: Option<u16>
         let config = config.clone();
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || {
+            // Under systemd the status shows the time so far, and the start timeout is extended so
+            // that the service manager waits for the warm-up.
             let warming_up = |elapsed: Duration| {
-                super::report_warmup(elapsed);
+                super::log_warmup(elapsed);
+                let status = format!("warming up the model ({} s)", elapsed.as_secs());
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::Status(&status),
+                    sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
+                ]);
                 let _ = progress.send(StartProgress::WarmingUp(elapsed.as_secs()));
             };
             Agent::open_with_progress(&config, &warming_up)

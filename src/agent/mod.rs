@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array2, Axis};
+use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -213,16 +213,9 @@ pub struct Agent {
     limits: DecodeLimits,
 }
 
-/// Progress of the start-up warm-up, which can take minutes while TensorRT builds its engine:
-/// logged every ten seconds and shown as the systemd status, whose start timeout is extended
-/// so that the service manager waits for it.
-pub fn report_warmup(elapsed: std::time::Duration) {
+/// Logs the start-up warm-up every ten seconds: a first TensorRT engine build takes minutes.
+pub fn log_warmup(elapsed: std::time::Duration) {
     let seconds = elapsed.as_secs();
-    let status = format!("warming up the model ({seconds} s; a first TensorRT engine build can take minutes)");
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Status(&status),
-        sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
-    ]);
     if seconds.is_multiple_of(10) {
         tracing::info!(seconds, "warming up the model");
     }
@@ -236,7 +229,7 @@ impl Agent {
     /// Opens the bundle, the runtime and the store, and serves the promoted version. A promoted
     /// version that cannot be loaded is reported and the source model is served instead.
     pub fn open(config: &DeviceConfig) -> Result<Agent, AgentError> {
-        Agent::open_with_progress(config, &report_warmup)
+        Agent::open_with_progress(config, &log_warmup)
     }
 
     /// [`Agent::open`], calling `warming_up` about once a second while the model warms up.
@@ -913,14 +906,7 @@ fn summary(record: VersionRecord) -> VersionSummary {
 }
 
 fn accuracy(logits: &Array2<f32>, labels: &[usize]) -> f32 {
-    let correct = logits
-        .axis_iter(Axis(0))
-        .zip(labels)
-        .filter(|(row, label)| {
-            row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).is_some_and(|(c, _)| c == **label)
-        })
-        .count();
-    correct as f32 / labels.len().max(1) as f32
+    crate::metrics::accuracy(labels, &crate::metrics::argmax_rows(logits.view())).unwrap_or(0.0) as f32
 }
 
 fn unknown_label(class: &str) -> AgentError {

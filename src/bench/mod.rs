@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ndarray::{Array2, Axis};
+use ndarray::Array2;
 use serde::Serialize;
 
 use crate::adapt::data::SplitSet;
@@ -149,7 +149,7 @@ pub fn run(
                 progress(Progress::Adapting { method: name, seed, step, steps })
             })?;
             let seconds = started.elapsed().as_secs_f64();
-            let predicted = argmax(&adapted.logits_of(&test));
+            let predicted = crate::metrics::argmax_rows(adapted.logits_of(&test).view());
             let (health_model, health_source) = if name == "oracle" {
                 // The oracle has no unseen classes; judge its health against the benchmark's.
                 let as_partial = Adapted { unseen: unseen.clone(), ..adapted.clone() };
@@ -175,13 +175,6 @@ pub fn run(
         order: options.methods.clone(),
         indicator_rank_correlation,
     })
-}
-
-fn argmax(logits: &Array2<f32>) -> Vec<usize> {
-    logits
-        .axis_iter(Axis(0))
-        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(c, _)| c))
-        .collect()
 }
 
 fn evaluate(

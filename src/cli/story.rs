@@ -115,16 +115,7 @@ pub fn run(bundle: &Path, runtime: &RuntimeOptions, data: &Path, classes: &[Stri
     let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
 
     // A fleet watcher, in the background, as an operator would run `edgeadapt fleet watch`.
-    let options = BrokerOptions {
-        url: format!("mqtt://127.0.0.1:{mqtt_port}"),
-        fleet: "demo".into(),
-        username: None,
-        password_file: None,
-        ca_file: None,
-        client_cert: None,
-        client_key: None,
-        command_key: None,
-    };
+    let options = BrokerOptions::plain(format!("mqtt://127.0.0.1:{mqtt_port}"), "demo");
     let watcher_options = options.clone();
     let (stop_watch, stopped) = std::sync::mpsc::channel::<()>();
     let watcher = std::thread::spawn(move || -> anyhow::Result<FleetView> {

@@ -26,6 +26,22 @@ pub struct BrokerOptions {
     pub command_key: Option<Vec<u8>>,
 }
 
+impl BrokerOptions {
+    /// A broker without TLS, credentials or command signing (loopback, tests, the demo).
+    pub fn plain(url: impl Into<String>, fleet: impl Into<String>) -> BrokerOptions {
+        BrokerOptions {
+            url: url.into(),
+            fleet: fleet.into(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            command_key: None,
+        }
+    }
+}
+
 pub struct FleetClient {
     client: AsyncClient,
     eventloop: EventLoop,

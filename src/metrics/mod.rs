@@ -1,5 +1,15 @@
 //! Accuracy figures, always with the argmax over all classes.
 
+use ndarray::{ArrayView2, Axis};
+
+/// The predicted class of each row of logits (of equal maxima, the last).
+pub fn argmax_rows(logits: ArrayView2<'_, f32>) -> Vec<usize> {
+    logits
+        .axis_iter(Axis(0))
+        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(c, _)| c))
+        .collect()
+}
+
 /// Fraction of `predicted[i] == labels[i]`; `None` for no samples.
 pub fn accuracy(labels: &[usize], predicted: &[usize]) -> Option<f64> {
     if labels.is_empty() {

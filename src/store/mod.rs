@@ -487,84 +487,44 @@ impl Store {
 
     /// Events not yet delivered, oldest first.
     pub fn pending_events(&self, limit: usize) -> Result<Vec<PendingEvent>> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT id, at_ms, kind, payload FROM events WHERE delivered = 0 ORDER BY id LIMIT ?1")
-            .map_err(self.err())?;
-        let rows = statement
-            .query_map([limit as i64], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
-            })
-            .map_err(self.err())?;
-        let mut events = Vec::new();
-        for row in rows {
-            let (id, at_ms, kind, payload) = row.map_err(self.err())?;
-            let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
-            events.push(PendingEvent { id, at_ms, kind, payload });
-        }
-        Ok(events)
+        // Event ids start at 1.
+        self.pending_events_after(0, limit)
     }
 
     /// Undelivered events with ids above `after`, oldest first.
     pub fn pending_events_after(&self, after: i64, limit: usize) -> Result<Vec<PendingEvent>> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT id, at_ms, kind, payload FROM events WHERE delivered = 0 AND id > ?1 ORDER BY id LIMIT ?2")
-            .map_err(self.err())?;
-        let rows = statement
-            .query_map([after, limit as i64], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
-            })
-            .map_err(self.err())?;
-        let mut events = Vec::new();
-        for row in rows {
-            let (id, at_ms, kind, payload) = row.map_err(self.err())?;
-            let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
-            events.push(PendingEvent { id, at_ms, kind, payload });
-        }
-        Ok(events)
+        self.events_where("WHERE delivered = 0 AND id > ?1 ORDER BY id LIMIT ?2", [after, limit as i64])
     }
 
     /// The most recent events, newest first.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<PendingEvent>> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT id, at_ms, kind, payload FROM events ORDER BY id DESC LIMIT ?1")
-            .map_err(self.err())?;
-        let rows = statement
-            .query_map([limit as i64], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
-            })
-            .map_err(self.err())?;
-        let mut events = Vec::new();
-        for row in rows {
-            let (id, at_ms, kind, payload) = row.map_err(self.err())?;
-            let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
-            events.push(PendingEvent { id, at_ms, kind, payload });
-        }
-        Ok(events)
+        self.events_where("ORDER BY id DESC LIMIT ?1", [limit as i64])
     }
 
     /// The newest event of one of these kinds.
     pub fn last_event_of(&self, kinds: &[&str]) -> Result<Option<PendingEvent>> {
         let placeholders = vec!["?"; kinds.len()].join(", ");
-        let sql = format!(
-            "SELECT id, at_ms, kind, payload FROM events WHERE kind IN ({placeholders}) ORDER BY id DESC LIMIT 1"
-        );
-        self.conn
-            .query_row(&sql, rusqlite::params_from_iter(kinds), |row| {
+        let clause = format!("WHERE kind IN ({placeholders}) ORDER BY id DESC LIMIT 1");
+        Ok(self.events_where(&clause, rusqlite::params_from_iter(kinds))?.pop())
+    }
+
+    /// Events selected by `clause` (what follows `FROM events`); a payload that is not JSON is
+    /// returned as a string rather than lost.
+    fn events_where(&self, clause: &str, params: impl rusqlite::Params) -> Result<Vec<PendingEvent>> {
+        let mut statement =
+            self.conn.prepare(&format!("SELECT id, at_ms, kind, payload FROM events {clause}")).map_err(self.err())?;
+        let rows = statement
+            .query_map(params, |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?))
             })
-            .optional()
-            .map_err(self.err())
-            .map(|row| {
-                row.map(|(id, at_ms, kind, payload)| PendingEvent {
-                    id,
-                    at_ms,
-                    kind,
-                    payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload)),
-                })
-            })
+            .map_err(self.err())?;
+        let mut events = Vec::new();
+        for row in rows {
+            let (id, at_ms, kind, payload) = row.map_err(self.err())?;
+            let payload = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
+            events.push(PendingEvent { id, at_ms, kind, payload });
+        }
+        Ok(events)
     }
 
     pub fn mark_delivered(&mut self, ids: &[i64]) -> Result<()> {
