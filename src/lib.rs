@@ -13,5 +13,6 @@ pub mod imaging;
 pub mod inference;
 pub mod metrics;
 pub mod model;
+pub mod output;
 pub mod runtime;
 pub mod store;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::daemon::{ErrorBody, RunState};
+use super::http::{ErrorBody, RunState};
 use super::{Ingested, RunProgress, Status, VersionRef};
 use crate::config::DeviceConfig;
 use crate::inference::Prediction;
@@ -30,7 +30,7 @@ impl Client {
         if !config.http.enabled {
             return None;
         }
-        let address: SocketAddr = config.http.listen.parse().ok()?;
+        let address: SocketAddr = config.http.address().ok()?;
         TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok()?;
         let http: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)

@@ -2,25 +2,19 @@
 //! folder and a labelling inbox feed the agent core; the adaptation policy starts runs; one run
 //! at a time trains on its own thread while classification goes on.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::{Agent, AgentError, IngestError, Labelled, RunProgress, RunSummary, VersionRef, event, execute, policy};
+use super::folders::{Folders, Poller};
+use super::{Agent, AgentError, Labelled, RunProgress, RunSummary, event, execute, policy};
 use crate::adapt::train::{AdaptError, Cancel};
-use crate::config::{AfterClassify, DeviceConfig};
+use crate::config::DeviceConfig;
 
-/// Images classified together from the watched folder, and labelled together from the inbox.
-const FOLDER_BATCH: usize = 32;
+/// How long the agent waits at start for a CLI command working on the store offline.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
 /// How often the policy is checked and traffic written out.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
@@ -68,6 +62,16 @@ impl Shared {
         // A panic while holding the lock leaves the agent usable: every change it makes is a
         // committed transaction or nothing.
         self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The run in progress.
+    pub fn run_progress(&self) -> Option<RunProgress> {
+        self.run.lock().expect("run lock").as_ref().map(|r| r.progress.clone())
+    }
+
+    /// The last finished run's result.
+    pub fn last_result(&self) -> Option<Result<RunSummary, String>> {
+        self.last_run.lock().expect("last run lock").as_ref().map(|(_, result)| result.clone())
     }
 
     pub fn status(&self) -> Result<super::Status, AgentError> {
@@ -238,7 +242,13 @@ impl Shared {
 pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?.to_path_buf();
     std::fs::create_dir_all(&data_dir)?;
-    let _lock = lock_data_dir(&data_dir)?;
+    // A CLI command that opened the store while no agent ran (after a crash, say) is given
+    // time to finish rather than making the agent fail to start.
+    let _lock = tokio::task::spawn_blocking({
+        let data_dir = data_dir.clone();
+        move || super::lock::acquire(&data_dir, super::lock::AGENT, LOCK_WAIT)
+    })
+    .await??;
     let embedded_port = if config.mqtt.enabled { start_embedded_broker(&config)? } else { None };
     let agent = open_agent_announcing(&config, embedded_port).await?;
     let shared = Arc::new(Shared {
@@ -265,16 +275,19 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     );
     let mut tasks = tokio::task::JoinSet::new();
     if config.http.enabled {
-        let listener = tokio::net::TcpListener::bind(&config.http.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (key `http.listen`): {e}", config.http.listen))?;
-        tracing::info!(address = %config.http.listen, "HTTP endpoint listening");
-        let app = router(Arc::clone(&shared));
-        tasks.spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                tracing::error!(%error, "HTTP endpoint stopped");
-            }
-        });
+        let address = config.http.address().map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {address} (key `http.listen`): {e}{}",
+                if e.kind() == std::io::ErrorKind::AddrInUse {
+                    "; another program (or another agent) uses the port: choose another `http.listen`"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        tracing::info!(%address, "HTTP endpoint listening");
+        tasks.spawn(super::http::serve(listener, Arc::clone(&shared), config.http.clone()));
     }
     tasks.spawn(poll_folders(Arc::clone(&shared), folders));
     tasks.spawn(housekeeping(Arc::clone(&shared)));
@@ -484,21 +497,6 @@ async fn handle_commands(
     }
 }
 
-/// Holds an exclusive lock on the data folder for the life of the process, so a second agent
-/// (or an offline CLI command) cannot work on the same store at the same time.
-pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
-    let path = data_dir.join("agent.lock");
-    let file = File::options().create(true).truncate(false).write(true).open(&path)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "{}: another edgeadapt agent is using this data folder; talk to it instead (is its HTTP endpoint disabled?)",
-            data_dir.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-    }
-}
-
 /// SIGHUP: read the config file again and take what can change while running; name the rest.
 async fn reload_on_hangup(shared: Arc<Shared>, path: PathBuf) {
     #[cfg(unix)]
@@ -588,351 +586,28 @@ async fn housekeeping(shared: Arc<Shared>) {
     }
 }
 
-/// The watched folder and the labelling inbox, with where their files go afterwards.
-#[derive(Debug, Clone)]
-pub struct Folders {
-    pub watch: PathBuf,
-    pub classified: PathBuf,
-    pub inbox: PathBuf,
-    pub processed: PathBuf,
-    pub rejected: PathBuf,
-    pub results_log: PathBuf,
-    after: AfterClassify,
-    poll: Duration,
-}
-
-impl Folders {
-    pub fn new(config: &DeviceConfig, data_dir: &Path) -> Folders {
-        Folders {
-            watch: config.watch.folder.clone().unwrap_or_else(|| data_dir.join("watch")),
-            classified: data_dir.join("classified"),
-            inbox: config.labelling.inbox.clone().unwrap_or_else(|| data_dir.join("inbox")),
-            processed: data_dir.join("processed"),
-            rejected: data_dir.join("rejected"),
-            results_log: data_dir.join("classifications.jsonl"),
-            after: config.watch.after,
-            poll: Duration::from_millis(config.watch.poll_ms),
-        }
-    }
-
-    fn create(&self) -> std::io::Result<()> {
-        for dir in [&self.watch, &self.classified, &self.inbox, &self.processed, &self.rejected] {
-            std::fs::create_dir_all(dir)?;
-        }
-        Ok(())
-    }
-}
-
 async fn poll_folders(shared: Arc<Shared>, folders: Folders) {
     let mut ticker = tokio::time::interval(folders.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poller = Some(Poller::new(folders.clone()));
     loop {
         ticker.tick().await;
         let shared = Arc::clone(&shared);
-        let folders = folders.clone();
-        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            classify_watched(&shared, &folders)?;
-            ingest_inbox(&shared, &folders)
+        let mut current = poller.take().unwrap_or_else(|| Poller::new(folders.clone()));
+        let result = tokio::task::spawn_blocking(move || {
+            let outcome = current.poll(&shared.agent);
+            (current, outcome)
         })
         .await;
         match result {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "folder poll failed"),
-            Err(error) => tracing::error!(%error, "folder task failed"),
-        }
-    }
-}
-
-/// Files ready to take: writers are expected to write elsewhere (or under a hidden or `.tmp`
-/// name) and rename into the folder, so a half-written file is never picked up.
-fn ready_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if path.is_file() && !name.starts_with('.') && !name.ends_with(".tmp") && !name.ends_with(".part") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-#[derive(Serialize)]
-struct ResultLine<'a> {
-    at_ms: i64,
-    file: &'a str,
-    version: i64,
-    #[serde(flatten)]
-    outcome: serde_json::Value,
-}
-
-fn classify_watched(shared: &Shared, folders: &Folders) -> anyhow::Result<()> {
-    let files = ready_files(&folders.watch)?;
-    for chunk in files.chunks(FOLDER_BATCH) {
-        let mut loaded = Vec::new();
-        for path in chunk {
-            match std::fs::read(path) {
-                Ok(bytes) => loaded.push((path.clone(), bytes)),
-                Err(error) => tracing::warn!(file = %path.display(), %error, "cannot read"),
-            }
-        }
-        let names: Vec<String> = loaded.iter().map(|(p, _)| p.display().to_string()).collect();
-        let images: Vec<(&str, &[u8])> =
-            names.iter().zip(&loaded).map(|(name, (_, bytes))| (name.as_str(), bytes.as_slice())).collect();
-        let (results, version) = {
-            let mut agent = shared.lock();
-            (agent.classify(&images, 3), agent.serving())
-        };
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&folders.results_log)?;
-        for ((path, _), result) in loaded.iter().zip(results) {
-            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("image");
-            let outcome = match &result {
-                Ok(prediction) => serde_json::json!({ "prediction": prediction }),
-                Err(error) => serde_json::json!({ "error": error }),
-            };
-            let line = ResultLine { at_ms: crate::store::now_ms(), file: file_name, version, outcome };
-            use std::io::Write;
-            writeln!(log, "{}", serde_json::to_string(&line)?)?;
-            match &result {
-                Ok(prediction) => tracing::debug!(file = file_name, class = %prediction.class,
-                    confidence = prediction.confidence, version, "classified"),
-                Err(error) => tracing::warn!(file = file_name, %error, "cannot classify"),
-            }
-            let target = if result.is_ok() { folders.classified.clone() } else { folders.classified.join("failed") };
-            match (folders.after, result.is_ok()) {
-                (AfterClassify::Delete, true) => std::fs::remove_file(path)?,
-                _ => {
-                    move_file(path, &target)?;
+            Ok((current, outcome)) => {
+                poller = Some(current);
+                if let Err(error) = outcome {
+                    tracing::warn!(error = format!("{error:#}"), "folder poll failed");
                 }
             }
+            Err(error) => tracing::error!(%error, "folder task failed"),
         }
-    }
-    Ok(())
-}
-
-fn ingest_inbox(shared: &Shared, folders: &Folders) -> anyhow::Result<()> {
-    for entry in std::fs::read_dir(&folders.inbox)? {
-        let class_dir = entry?.path();
-        if !class_dir.is_dir() {
-            continue;
-        }
-        let class = class_dir.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
-        let files = ready_files(&class_dir)?;
-        for chunk in files.chunks(FOLDER_BATCH) {
-            let loaded: Vec<(PathBuf, std::io::Result<Vec<u8>>)> =
-                chunk.iter().map(|p| (p.clone(), std::fs::read(p))).collect();
-            let names: Vec<String> = loaded.iter().map(|(p, _)| p.display().to_string()).collect();
-            let items: Vec<Labelled<'_>> = names
-                .iter()
-                .zip(&loaded)
-                .filter_map(|(name, (_, bytes))| {
-                    bytes.as_ref().ok().map(|bytes| Labelled { what: name, bytes, class: &class })
-                })
-                .collect();
-            let mut results = shared.lock().ingest(&items, "inbox").into_iter();
-            for (path, bytes) in &loaded {
-                let outcome = match bytes {
-                    Ok(_) => results.next().expect("one result per item"),
-                    Err(error) => {
-                        Err(IngestError::Failed { what: path.display().to_string(), problem: error.to_string() })
-                    }
-                };
-                settle_inbox_file(shared, folders, &class, path, outcome)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Moves an inbox file once its outcome is durable. A file stored before a crash but not yet
-/// moved comes back as a duplicate of the same class, which counts as processed.
-fn settle_inbox_file(
-    shared: &Shared,
-    folders: &Folders,
-    class: &str,
-    path: &Path,
-    outcome: Result<super::Ingested, IngestError>,
-) -> anyhow::Result<()> {
-    match outcome {
-        Ok(_) => move_file(path, &folders.processed.join(class)),
-        Err(IngestError::Duplicate { class: stored, .. }) if stored == class => {
-            move_file(path, &folders.processed.join(class))
-        }
-        Err(error) => {
-            tracing::warn!(file = %path.display(), %error, "label refused");
-            let target = folders.rejected.join(class);
-            let moved = move_file(path, &target)?;
-            let reason = moved.with_file_name(format!(
-                "{}.reason.txt",
-                moved.file_name().and_then(|n| n.to_str()).unwrap_or("sample")
-            ));
-            std::fs::write(&reason, format!("{error}\n"))?;
-            shared.lock().store().push_event(&event(
-                "sample.rejected",
-                serde_json::json!({ "file": path.display().to_string(), "class": class, "error": error }),
-            ))?;
-            Ok(moved)
-        }
-    }
-    .map(|_| ())
-}
-
-/// Moves `path` into `dir`, adding a number to the name if it is taken.
-fn move_file(path: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().ok_or_else(|| anyhow::anyhow!("{}: no file name", path.display()))?;
-    let mut target = dir.join(name);
-    let mut n = 1;
-    while target.exists() {
-        target = dir.join(format!("{n}-{}", name.to_string_lossy()));
-        n += 1;
-    }
-    std::fs::rename(path, &target)?;
-    Ok(target)
-}
-
-// ---- HTTP endpoint ----
-
-type SharedState = State<Arc<Shared>>;
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<serde_json::Value>,
-}
-
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, axum::Json(ErrorBody { error: message.to_string(), detail: None })).into_response()
-}
-
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/v1/status", get(http_status))
-        .route("/v1/classify", post(http_classify))
-        .route("/v1/label", post(http_label))
-        .route("/v1/adapt", post(http_adapt).get(http_adapt_state))
-        .route("/v1/adapt/cancel", post(http_cancel))
-        .route("/v1/rollback", post(http_rollback))
-        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-        .with_state(shared)
-}
-
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
-}
-
-async fn http_status(State(shared): SharedState) -> Response {
-    match blocking(move || shared.status()).await {
-        Ok(Ok(status)) => axum::Json(status).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(response) => response,
-    }
-}
-
-#[derive(Deserialize)]
-struct ClassifyQuery {
-    top: Option<usize>,
-    name: Option<String>,
-}
-
-async fn http_classify(State(shared): SharedState, Query(query): Query<ClassifyQuery>, body: Bytes) -> Response {
-    let result = blocking(move || {
-        let name = query.name.unwrap_or_else(|| "request body".into());
-        shared.lock().classify(&[(name.as_str(), &body)], query.top.unwrap_or(3).clamp(1, 100)).remove(0)
-    })
-    .await;
-    match result {
-        Ok(Ok(prediction)) => axum::Json(prediction).into_response(),
-        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
-        Err(response) => response,
-    }
-}
-
-#[derive(Deserialize)]
-struct LabelQuery {
-    class: Option<String>,
-    name: Option<String>,
-}
-
-async fn http_label(State(shared): SharedState, Query(query): Query<LabelQuery>, body: Bytes) -> Response {
-    let Some(class) = query.class else {
-        return error(StatusCode::BAD_REQUEST, "missing query parameter `class`");
-    };
-    let result = blocking(move || {
-        let name = query.name.unwrap_or_else(|| "request body".into());
-        let item = Labelled { what: &name, bytes: &body, class: &class };
-        shared.lock().ingest(&[item], "http").remove(0)
-    })
-    .await;
-    match result {
-        Ok(Ok(ingested)) => axum::Json(ingested).into_response(),
-        Ok(Err(e)) => {
-            let status = match e {
-                IngestError::Duplicate { .. } => StatusCode::CONFLICT,
-                IngestError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            let detail = serde_json::to_value(&e).ok();
-            (status, axum::Json(ErrorBody { error: e.to_string(), detail })).into_response()
-        }
-        Err(response) => response,
-    }
-}
-
-#[derive(Deserialize)]
-struct AdaptQuery {
-    method: Option<String>,
-}
-
-async fn http_adapt(State(shared): SharedState, Query(query): Query<AdaptQuery>) -> Response {
-    match blocking(move || shared.start_run(query.method.as_deref(), Origin::Command)).await {
-        Ok(Ok((_, progress))) => (StatusCode::ACCEPTED, axum::Json(progress)).into_response(),
-        Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e),
-        Ok(Err(StartError::Agent(e @ AgentError::Adapt(_) | e @ AgentError::Input(_)))) => {
-            error(StatusCode::BAD_REQUEST, e)
-        }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(response) => response,
-    }
-}
-
-/// The run in progress and the last finished one.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RunState {
-    pub running: Option<RunProgress>,
-    pub last: Option<Result<RunSummary, String>>,
-}
-
-async fn http_adapt_state(State(shared): SharedState) -> Response {
-    let running = shared.run.lock().expect("run lock").as_ref().map(|r| r.progress.clone());
-    let last = shared.last_run.lock().expect("last run lock").as_ref().map(|(_, result)| result.clone());
-    axum::Json(RunState { running, last }).into_response()
-}
-
-async fn http_cancel(State(shared): SharedState) -> Response {
-    axum::Json(serde_json::json!({ "cancelled": shared.cancel_run() })).into_response()
-}
-
-#[derive(Deserialize)]
-struct RollbackQuery {
-    to: Option<String>,
-}
-
-async fn http_rollback(State(shared): SharedState, Query(query): Query<RollbackQuery>) -> Response {
-    let to = match query.to.as_deref().unwrap_or("source").parse::<VersionRef>() {
-        Ok(to) => to,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    match blocking(move || shared.lock().rollback(to)).await {
-        Ok(Ok(serving)) => axum::Json(serde_json::json!({ "serving": serving })).into_response(),
-        Ok(Err(e @ AgentError::Store(crate::store::StoreError::NoSuchVersion(_)))) => error(StatusCode::NOT_FOUND, e),
-        Ok(Err(e @ AgentError::Store(crate::store::StoreError::Rejected { .. }))) => error(StatusCode::CONFLICT, e),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(response) => response,
     }
 }
 

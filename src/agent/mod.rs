@@ -5,7 +5,10 @@
 pub mod client;
 pub mod counters;
 pub mod daemon;
+pub mod folders;
 pub mod gate;
+pub mod http;
+pub mod lock;
 pub mod policy;
 pub mod weights;
 

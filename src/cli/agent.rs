@@ -2,13 +2,13 @@
 //! agent over its loopback endpoint, or works on the store directly when no agent runs.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
 use super::table::Table;
-use crate::agent::client::Client;
-use crate::agent::daemon::lock_data_dir;
+use crate::agent::client::{Client, Refused};
+use crate::agent::lock::{self, DataLock, LockError};
 use crate::agent::{Agent, Labelled, RunSummary, Status, VersionRef};
 use crate::config::DeviceConfig;
 
@@ -62,16 +62,63 @@ pub fn load_config(config: Option<DeviceConfig>) -> anyhow::Result<DeviceConfig>
     }
 }
 
-/// Opens the store directly, holding the data folder's lock so no agent starts meanwhile.
-fn offline(config: &DeviceConfig) -> anyhow::Result<(std::fs::File, Agent)> {
+/// How long a command waits for an agent that is starting, or for another command to finish.
+const REACH_WAIT: Duration = Duration::from_secs(120);
+
+/// The agent to talk to: the running one, or the store opened directly (holding the data
+/// folder's lock, so no agent starts meanwhile).
+enum Reached {
+    Live(Client),
+    Offline(DataLock, Box<Agent>),
+}
+
+/// Finds the running agent, or opens the store when none runs. An agent that holds the lock
+/// but does not answer yet is starting: wait for its endpoint rather than failing or racing it.
+fn reach(config: &DeviceConfig, role: &str) -> anyhow::Result<Reached> {
+    if let Some(client) = Client::connect(config) {
+        return Ok(Reached::Live(client));
+    }
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(data_dir)?;
-    let lock = lock_data_dir(data_dir)?;
-    Ok((lock, Agent::open(config)?))
+    let lock = match lock::try_acquire(data_dir, role) {
+        Err(LockError::Held { agent: true, holder, .. }) => {
+            anyhow::ensure!(
+                config.http.enabled,
+                "{holder} is using {} and its HTTP endpoint is disabled (`http.enabled = false`); \
+                 stop it to work on the store directly",
+                data_dir.display()
+            );
+            eprintln!("{holder} is starting; waiting for its endpoint ({}) ...", config.http.listen);
+            let started = Instant::now();
+            while started.elapsed() < REACH_WAIT {
+                if let Some(client) = Client::connect(config) {
+                    return Ok(Reached::Live(client));
+                }
+                match lock::holder(data_dir) {
+                    Some(holder) if holder.is_agent() => std::thread::sleep(Duration::from_millis(200)),
+                    // The agent went away (or never got the lock): take the store.
+                    _ => return reach(config, role),
+                }
+            }
+            anyhow::bail!("{holder} did not answer on {} within {} s", config.http.listen, REACH_WAIT.as_secs());
+        }
+        Err(LockError::Held { .. }) => lock::acquire(data_dir, role, REACH_WAIT)?,
+        other => other?,
+    };
+    // The agent may have started while this command waited for the lock.
+    if let Some(client) = Client::connect(config) {
+        return Ok(Reached::Live(client));
+    }
+    Ok(Reached::Offline(lock, Box::new(Agent::open(config)?)))
 }
 
 pub fn run(_args: RunArgs, config: DeviceConfig, config_path: PathBuf) -> anyhow::Result<i32> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        // Bounded: HTTP requests, folder polls and housekeeping each hold at most a few.
+        .max_blocking_threads(32)
+        .enable_all()
+        .build()?;
     runtime.block_on(crate::agent::daemon::run(config, Some(config_path)))?;
     Ok(0)
 }
@@ -79,10 +126,9 @@ pub fn run(_args: RunArgs, config: DeviceConfig, config_path: PathBuf) -> anyhow
 pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
     let files = crate::inference::collect_image_files(&args.images)?;
     anyhow::ensure!(!files.is_empty(), "no image files in {:?}", args.images);
-    let client = Client::connect(&config);
-    let mut offline_agent = match client {
-        Some(_) => None,
-        None => Some(offline(&config)?),
+    let (client, mut offline_agent) = match reach(&config, "label")? {
+        Reached::Live(client) => (Some(client), None),
+        Reached::Offline(lock, agent) => (None, Some((lock, agent))),
     };
     let bar = super::progress_bar(files.len(), "labelling");
     let mut refused = 0;
@@ -99,9 +145,16 @@ pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
             (Some(client), _) => {
                 for (file, bytes) in &loaded {
                     let outcome = match bytes {
-                        Ok(bytes) => {
-                            client.label(bytes, &args.class, &file.display().to_string()).map_err(|e| e.to_string())
-                        }
+                        Ok(bytes) => client.label(bytes, &args.class, &file.display().to_string()).map_err(|e| {
+                            match e.downcast_ref::<Refused>() {
+                                Some(refused) => refused.message.clone(),
+                                None => format!(
+                                    "no answer from the agent at {} ({e}); it may have stopped after storing \
+                                     the label: label the file again (a stored one is reported as a duplicate)",
+                                    client.base()
+                                ),
+                            }
+                        }),
                         Err(e) => Err(e.to_string()),
                     };
                     report(file, outcome);
@@ -163,7 +216,9 @@ pub fn adapt(args: AdaptArgs, config: DeviceConfig) -> anyhow::Result<i32> {
             .map_err(anyhow::Error::msg)?
         }
         None => {
-            let (_lock, mut agent) = offline(&config)?;
+            let Reached::Offline(_lock, mut agent) = reach(&config, "adapt")? else {
+                anyhow::bail!("the agent started meanwhile; run `edgeadapt adapt` again to adapt on it");
+            };
             let bar = super::progress_bar(0, "adapting");
             let summary = agent.adapt_now(args.method.as_deref(), &mut |step, steps| {
                 bar.set_length(steps as u64);
@@ -201,18 +256,18 @@ fn print_summary(summary: &RunSummary) {
 }
 
 pub fn rollback(args: RollbackArgs, config: DeviceConfig) -> anyhow::Result<i32> {
-    let serving = match Client::connect(&config) {
-        Some(client) => client.rollback(args.to)?,
-        None => offline(&config)?.1.rollback(args.to)?,
+    let serving = match reach(&config, "rollback")? {
+        Reached::Live(client) => client.rollback(args.to)?,
+        Reached::Offline(_lock, mut agent) => agent.rollback(args.to)?,
     };
     println!("serving version {serving}{}", if serving == 0 { " (source model)" } else { "" });
     Ok(0)
 }
 
 pub fn status(args: StatusArgs, config: DeviceConfig) -> anyhow::Result<i32> {
-    let (status, live) = match Client::connect(&config) {
-        Some(client) => (client.status()?, true),
-        None => (offline(&config)?.1.status()?, false),
+    let (status, live) = match reach(&config, "status")? {
+        Reached::Live(client) => (client.status()?, true),
+        Reached::Offline(_lock, agent) => (agent.status()?, false),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);

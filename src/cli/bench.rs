@@ -8,6 +8,7 @@ use crate::adapt::method::Hyper;
 use crate::bench::{self, BenchOptions, Progress, seen::SeenSpec};
 use crate::config::DeviceConfig;
 use crate::inference::Classifier;
+use crate::output::{self, Overwrite};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -36,6 +37,9 @@ pub struct BenchArgs {
     /// Write a PNG plot.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Replace the files at `--json` and `--plot`.
+    #[arg(long)]
+    pub force: bool,
     /// Training steps (default 300).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -53,6 +57,11 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
     let (bundle_dir, runtime) = super::bundle_and_runtime(args.bundle, config);
+    let overwrite = Overwrite::from_force(args.force);
+    // Checked before the work: a long run should not end in a refusal.
+    for path in args.json.iter().chain(&args.plot) {
+        output::check_file(path, overwrite)?;
+    }
     let bundle = super::load_bundle(&bundle_dir)?;
     let mut classifier = Classifier::open(bundle, &runtime)?;
     let mut hyper = Hyper::default();
@@ -115,11 +124,11 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         .collect();
     println!("rank correlation of each indicator's change with the true unseen accuracy: {}", correlations.join(", "));
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        output::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes(), overwrite)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {
-        bench::plot::write(&report, "recommended", path)?;
+        output::write_file_with(path, overwrite, |temporary| bench::plot::write(&report, "recommended", temporary))?;
         println!("wrote {}", path.display());
     }
     Ok(0)

@@ -11,6 +11,10 @@ pub struct DoctorArgs {
     /// Print the checks as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Exit 1 only for failures that make the agent unusable (the systemd unit's check before
+    /// it starts the agent; an unreachable broker or a wrong clock does not stop it).
+    #[arg(long)]
+    pub before_start: bool,
 }
 
 /// Exit code 0 when nothing failed (warnings allowed), 1 otherwise.
@@ -31,5 +35,6 @@ pub fn run(args: DoctorArgs, config: DeviceConfig) -> anyhow::Result<i32> {
         }
         println!("device {} · config valid\n\n{}", config.device_id, table.render());
     }
-    Ok(if checks.iter().any(|c| c.level == Level::Fail) { 1 } else { 0 })
+    let blocking = |c: &&doctor::Check| c.level == Level::Fail && (!args.before_start || doctor::blocks_start(c));
+    Ok(if checks.iter().any(|c| blocking(&c)) { 1 } else { 0 })
 }

@@ -96,9 +96,12 @@ pub enum FleetCommand {
         /// The source bundle the device runs (default: the config's).
         #[arg(long)]
         bundle: Option<PathBuf>,
-        /// Where to write the rebuilt bundle.
+        /// Where to write the rebuilt bundle; must not exist yet, or be empty.
         #[arg(long)]
         out: PathBuf,
+        /// Replace the bundle at `--out` (a folder that is not a bundle is never replaced).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -148,12 +151,14 @@ pub fn run(args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
                 }
                 return Ok(0);
             }
-            FleetCommand::Weights { device, version, bundle, out } => {
+            FleetCommand::Weights { device, version, bundle, out, force } => {
+                let overwrite = crate::output::Overwrite::from_force(force);
+                crate::output::check_dir(&out, overwrite)?;
                 let bundle_dir =
                     bundle.or_else(|| config.map(|c| c.bundle.clone())).unwrap_or_else(|| super::DEFAULT_BUNDLE.into());
                 let source = super::load_bundle(&bundle_dir)?;
                 let (manifest, payload) = client.fetch_weights(&device, version, timeout).await?;
-                crate::fleet::rebuild::bundle_from_weights(&source, &manifest, &payload, &out)
+                crate::fleet::rebuild::bundle_from_weights(&source, &manifest, &payload, &out, overwrite)
                     .map_err(anyhow::Error::msg)?;
                 println!(
                     "version {} of {device} ({}, {} f16 bytes in {} chunks, sha256 verified) -> {}",

@@ -8,6 +8,7 @@ use crate::config::DeviceConfig;
 use crate::model::manifest::{ColorMode, ResizePolicy};
 use crate::model::onnx::import::{ImportOptions, import_onnx};
 use crate::model::onnx::{decode_model, encode_model, export};
+use crate::output::{self, Overwrite};
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
@@ -26,9 +27,12 @@ pub struct ImportArgs {
     /// Text file with one class name per line (default: 0..C-1).
     #[arg(long, value_name = "FILE")]
     pub classes: Option<PathBuf>,
-    /// Output bundle folder (replaced if it exists).
+    /// Output bundle folder; must not exist yet, or be empty.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Replace the bundle at `--out` (a folder that is not a bundle is never replaced).
+    #[arg(long)]
+    pub force: bool,
     /// Input size H or HxW, when the model does not declare it.
     #[arg(long, value_name = "H[xW]", value_parser = parse_size)]
     pub size: Option<(u32, u32)>,
@@ -66,6 +70,9 @@ pub struct ExportArgs {
     /// Output ONNX file; the logits output is named `logits`.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Replace the file at `--out`.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_size(text: &str) -> Result<(u32, u32), String> {
@@ -95,6 +102,7 @@ fn parse_resize(text: &str) -> Result<ResizePolicy, String> {
 
 pub fn run_import(args: ImportArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
     let mut options = ImportOptions::new(&args.model, &args.features, &args.out);
+    options.overwrite = Overwrite::from_force(args.force);
     options.split = args.split;
     options.head = args.head;
     options.classes = args.classes;
@@ -133,12 +141,14 @@ pub fn run_import(args: ImportArgs, config: Option<&DeviceConfig>) -> anyhow::Re
 
 pub fn run_export(args: ExportArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
     let (bundle_dir, _) = super::bundle_and_runtime(args.bundle, config);
+    let overwrite = Overwrite::from_force(args.force);
+    output::check_file(&args.out, overwrite)?;
     let bundle = super::load_bundle(&bundle_dir)?;
     let trunk_bytes = std::fs::read(bundle.trunk_path())?;
     let trunk = decode_model(&trunk_bytes)?;
     let model = export::full_model(&trunk, &bundle.manifest.trunk.output, &bundle.tail, &bundle.head)
         .map_err(anyhow::Error::msg)?;
-    std::fs::write(&args.out, encode_model(&model))?;
+    output::write_file(&args.out, &encode_model(&model), overwrite)?;
     println!("wrote {} (input '{}', output '{}')", args.out.display(), bundle.manifest.input.tensor, export::LOGITS);
     Ok(0)
 }

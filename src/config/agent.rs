@@ -11,11 +11,43 @@ pub struct HttpConfig {
     /// Loopback address of the local endpoint (classification, labelling, commands).
     pub listen: String,
     pub enabled: bool,
+    /// Open connections; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Requests handled at once; more are answered 503 with Retry-After, before their body is read.
+    pub max_requests: usize,
+    /// Largest request body (an image to classify or label); larger gets 413.
+    pub max_body_bytes: u64,
+    /// A connection that does not send a request's headers within this time, or stays idle this
+    /// long between requests, is closed.
+    pub header_timeout_s: u64,
+    /// A request not answered within this time gets 503.
+    pub request_timeout_s: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: "127.0.0.1:8470".into(), enabled: true }
+        HttpConfig {
+            listen: "127.0.0.1:8470".into(),
+            enabled: true,
+            max_connections: 64,
+            max_requests: 8,
+            max_body_bytes: 16 << 20,
+            header_timeout_s: 10,
+            request_timeout_s: 120,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on; `localhost` stands for 127.0.0.1.
+    pub fn address(&self) -> Result<std::net::SocketAddr, String> {
+        let text = self.listen.trim();
+        let text = match text.strip_prefix("localhost:") {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => text.to_string(),
+        };
+        text.parse()
+            .map_err(|_| format!("\"{}\" is not an IP address with a port, e.g. \"127.0.0.1:8470\"", self.listen))
     }
 }
 

@@ -115,16 +115,28 @@ impl DeviceConfig {
         if self.data_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return Err(invalid("data_dir", "is empty"));
         }
-        match self.http.listen.parse::<std::net::SocketAddr>() {
+        match self.http.address() {
             Ok(address) if address.ip().is_loopback() => {}
             Ok(_) => {
                 return Err(invalid(
                     "http.listen",
-                    "must be a loopback address (127.0.0.1 or [::1]): the local endpoint has no authentication; \
-                     remote control goes through MQTT",
+                    "must be a loopback address (127.0.0.1, localhost or [::1]): the local endpoint has no \
+                     authentication; remote control goes through MQTT",
                 ));
             }
-            Err(_) => return Err(invalid("http.listen", "must be an address with a port, e.g. \"127.0.0.1:8470\"")),
+            Err(problem) => return Err(invalid("http.listen", &problem)),
+        }
+        let limits = [
+            ("http.max_connections", self.http.max_connections as u64, 1, 100_000),
+            ("http.max_requests", self.http.max_requests as u64, 1, 10_000),
+            ("http.max_body_bytes", self.http.max_body_bytes, 1024, 1 << 30),
+            ("http.header_timeout_s", self.http.header_timeout_s, 1, 3600),
+            ("http.request_timeout_s", self.http.request_timeout_s, 1, 86_400),
+        ];
+        for (key, value, low, high) in limits {
+            if !(low..=high).contains(&value) {
+                return Err(invalid(key, &format!("must be between {low} and {high}")));
+            }
         }
         if self.watch.poll_ms < 10 || self.watch.poll_ms > 60_000 {
             return Err(invalid("watch.poll_ms", "must be between 10 and 60000"));

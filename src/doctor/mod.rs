@@ -39,6 +39,12 @@ fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
     Check { name, level: Level::Fail, detail: detail.into(), fix: fix.into() }
 }
 
+/// Whether a failed check keeps the agent from starting: the agent works offline and with a
+/// wrong clock (the outbox waits), but not without its runtime, bundle, store or disk.
+pub fn blocks_start(check: &Check) -> bool {
+    check.level == Level::Fail && !matches!(check.name, "MQTT broker" | "clock")
+}
+
 /// Free-space thresholds for the data folder.
 const DISK_WARN_BYTES: u64 = 1 << 30;
 const DISK_FAIL_BYTES: u64 = 100 << 20;
@@ -177,9 +183,28 @@ fn store(config: &DeviceConfig) -> Vec<Check> {
     let Some(data_dir) = config.data_dir.as_deref() else {
         return vec![warn("store", "`data_dir` is not set", "set `data_dir` to use the agent")];
     };
+    if let Some(problem) = unusable_folder(data_dir) {
+        return vec![fail("store", format!("data_dir {}: {problem}", data_dir.display()), DATA_DIR_FIX)];
+    }
     let path = crate::agent::store_path(data_dir);
-    if !path.exists() {
-        return vec![ok("store", format!("{} does not exist yet; the agent creates it", path.display()))];
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return vec![ok("store", format!("{} does not exist yet; the agent creates it", path.display()))];
+        }
+        Ok(metadata) if metadata.is_file() && metadata.len() == 0 => {
+            return vec![fail("store", format!("{}: empty file (0 bytes)", path.display()), DAMAGED_FIX)];
+        }
+        Ok(metadata) if !metadata.is_file() => {
+            return vec![fail("store", format!("{}: not a regular file", path.display()), DAMAGED_FIX)];
+        }
+        Ok(_) if !writable(&path) => {
+            return vec![fail(
+                "store",
+                format!("{}: not writable by this user", path.display()),
+                "give the agent's user write access to the store and its folder (`chown -R edgeadapt: DATA_DIR`)",
+            )];
+        }
+        _ => {}
     }
     let opened = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY);
     let result = opened.and_then(|conn| {
@@ -200,19 +225,53 @@ fn store(config: &DeviceConfig) -> Vec<Check> {
             format!("schema {version} is newer than this build's {known}"),
             "upgrade edgeadapt to the version that wrote this store",
         ),
-        Ok((integrity, ..)) => fail(
-            "store",
-            format!("integrity check: {integrity}"),
-            "stop the agent, keep a copy of the folder, and restore the store from a backup",
-        ),
-        Err(error) => fail("store", format!("{}: {error}", path.display()), "check the file's permissions"),
+        Ok((integrity, ..)) => fail("store", format!("integrity check: {integrity}"), DAMAGED_FIX),
+        Err(error) => match error.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                fail("store", format!("{}: {error}", path.display()), DAMAGED_FIX)
+            }
+            _ => fail("store", format!("{}: {error}", path.display()), "check the file's permissions and the disk"),
+        },
     }]
+}
+
+const DAMAGED_FIX: &str = "stop the agent, move store.db (with any -wal and -shm files) aside, then restore it from a \
+                           backup or salvage it with `sqlite3 BROKEN.db .recover | sqlite3 store.db`";
+const DATA_DIR_FIX: &str = "point `data_dir` at a folder the agent's user can write (it is created if missing)";
+
+/// Why `dir` cannot be the data folder, if it cannot: it exists but is not a folder, or it is
+/// not writable. A missing folder is fine (the agent creates it).
+fn unusable_folder(dir: &Path) -> Option<String> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(e.to_string()),
+        Ok(metadata) if !metadata.is_dir() => Some("exists but is not a folder".into()),
+        Ok(_) if !writable(dir) => Some("not writable by this user".into()),
+        Ok(_) => None,
+    }
+}
+
+/// Whether this process may write `path` (the kernel's answer, root and ACLs included).
+#[cfg(unix)]
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: c_path is a valid NUL-terminated string.
+    unsafe { libc::access(c_path.as_ptr(), libc::W_OK) == 0 }
+}
+
+#[cfg(not(unix))]
+fn writable(_path: &Path) -> bool {
+    true
 }
 
 fn disk_space(config: &DeviceConfig) -> Check {
     let Some(data_dir) = config.data_dir.as_deref() else {
         return ok("disk space", "no data folder configured");
     };
+    if let Some(problem) = unusable_folder(data_dir) {
+        return fail("disk space", format!("data_dir {}: {problem}", data_dir.display()), DATA_DIR_FIX);
+    }
     let mut probe = data_dir.to_path_buf();
     while !probe.exists() {
         if !probe.pop() {

@@ -17,6 +17,7 @@ pub fn bundle_from_weights(
     manifest: &WeightsManifest,
     payload: &[u8],
     out: &Path,
+    overwrite: crate::output::Overwrite,
 ) -> Result<(), String> {
     let expected = crate::agent::bundle_id(source);
     if manifest.bundle != expected {
@@ -96,5 +97,5 @@ pub fn bundle_from_weights(
     let mut new_manifest = source.manifest.clone();
     new_manifest.name = format!("{}-{}-v{}", source.manifest.name, manifest.device, manifest.version);
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
-    Bundle::write(out, new_manifest, &refs).map_err(|e| e.to_string())
+    Bundle::write(out, new_manifest, &refs, overwrite).map_err(|e| e.to_string())
 }

@@ -378,29 +378,37 @@ pub fn predict(logits: ArrayView2<'_, f32>, classes: &[String], k: usize) -> Vec
 
 /// Image files under `paths` (folders are walked recursively, in sorted order). Files named
 /// explicitly are kept whatever their extension so that a wrong file gets a clear error.
+/// Links to folders are followed, but a link back into a folder being walked (a loop) is
+/// skipped with a warning, and a file reached by several paths is listed once.
 pub fn collect_image_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for path in paths {
-        if path.is_dir() {
-            walk(path, &mut files)?;
-        } else {
+        if !path.is_dir() {
             files.push(path.clone());
+            continue;
+        }
+        let walk = walkdir::WalkDir::new(path).follow_links(true).sort_by_file_name();
+        for entry in walk {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(error) if error.loop_ancestor().is_some() => {
+                    let at = error.path().map(|p| p.display().to_string()).unwrap_or_default();
+                    tracing::warn!(link = %at, "skipped: a link back into a folder being walked");
+                    continue;
+                }
+                // walkdir's message names the path.
+                Err(error) => return Err(std::io::Error::other(error.to_string())),
+            };
+            if entry.file_type().is_file() && is_image_name(entry.path()) {
+                let identity = std::fs::canonicalize(entry.path()).unwrap_or_else(|_| entry.path().to_path_buf());
+                if seen.insert(identity) {
+                    files.push(entry.into_path());
+                }
+            }
         }
     }
     Ok(files)
-}
-
-fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
-    entries.sort();
-    for entry in entries {
-        if entry.is_dir() {
-            walk(&entry, files)?;
-        } else if is_image_name(&entry) {
-            files.push(entry);
-        }
-    }
-    Ok(())
 }
 
 pub fn is_image_name(path: &Path) -> bool {

@@ -14,6 +14,7 @@ use super::head::Head;
 use super::manifest::{MANIFEST_FILE, Manifest, TailLayerKind};
 use super::tail::{Tail, TailLayer};
 use super::tensors::{TensorFile, TensorFileError};
+use crate::output::{self, OutputError, Overwrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -29,6 +30,8 @@ pub enum BundleError {
     Tensor(#[from] TensorFileError),
     #[error("{path}: {problem}")]
     Weights { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 /// Reference split tensors `[n, ...]` and the class index of each.
@@ -85,9 +88,16 @@ impl Bundle {
         &self.manifest.checksums[&self.manifest.trunk.file]
     }
 
-    /// Writes a bundle atomically: files go to a sibling staging folder that replaces `dir` at the
-    /// end, so a crash never leaves a half-written bundle under the final name.
-    pub fn write(dir: &Path, mut manifest: Manifest, files: &[(&str, &[u8])]) -> Result<(), BundleError> {
+    /// Writes a bundle atomically: files go to a sibling staging folder that takes the place of
+    /// `dir` at the end, so a crash never leaves a half-written bundle under the final name. An
+    /// existing bundle at `dir` is replaced only with [`Overwrite::Replace`]; any other non-empty
+    /// folder never is (see [`crate::output`]).
+    pub fn write(
+        dir: &Path,
+        mut manifest: Manifest,
+        files: &[(&str, &[u8])],
+        overwrite: Overwrite,
+    ) -> Result<(), BundleError> {
         manifest.checksums = files.iter().map(|(name, bytes)| (name.to_string(), sha256_hex(bytes))).collect();
         manifest
             .validate()
@@ -100,25 +110,24 @@ impl Bundle {
                 problem: format!("files referenced but not written: {}", missing.join(", ")),
             });
         }
-        let file_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "bundle".into());
-        let staging = dir.with_file_name(format!(".{file_name}.partial"));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BundleError::Io { path, source }
-        };
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        let output = |error: OutputError| BundleError::Output(error);
+        output::check_dir(dir, overwrite).map_err(output)?;
+        let staging = output::staging_dir(dir).map_err(output)?;
+        let written = (|| {
+            for (name, bytes) in files {
+                write_synced(&staging.join(name), bytes).map_err(|source| (staging.join(name), source))?;
+            }
+            write_synced(&staging.join(MANIFEST_FILE), manifest.to_toml().as_bytes())
+                .map_err(|source| (staging.join(MANIFEST_FILE), source))
+        })();
+        if let Err((path, source)) = written {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(BundleError::Io { path, source });
         }
-        std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-        for (name, bytes) in files {
-            write_synced(&staging.join(name), bytes).map_err(io(&staging.join(name)))?;
-        }
-        write_synced(&staging.join(MANIFEST_FILE), manifest.to_toml().as_bytes()).map_err(io(&staging))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(io(dir))?;
-        }
-        std::fs::rename(&staging, dir).map_err(io(dir))?;
-        Ok(())
+        output::install_dir(&staging, dir, overwrite).map_err(|error| {
+            let _ = std::fs::remove_dir_all(&staging);
+            output(error)
+        })
     }
 
     /// Reads the optional source reference samples: split tensors `[n, ...]` and class indices.

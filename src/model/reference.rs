@@ -45,7 +45,8 @@ pub fn write_reference(
     }
     contents.push((REFERENCE_FILE.to_string(), bytes));
     let files: Vec<(&str, &[u8])> = contents.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
-    Bundle::write(&bundle.dir, manifest, &files)
+    // Adding references updates the bundle in place, as the command says.
+    Bundle::write(&bundle.dir, manifest, &files, crate::output::Overwrite::Replace)
 }
 
 /// Concatenates per-batch split tensors along the batch axis.

@@ -35,6 +35,13 @@ pub enum StoreError {
     Rejected { id: i64 },
     #[error("store {path}: {problem}")]
     Corrupt { path: PathBuf, problem: String },
+    #[error(
+        "store {path} is damaged ({problem}); the agent will not use it. Stop every edgeadapt process on this \
+         data folder, move the store (and any -wal and -shm files beside it) aside, then restore it from a \
+         backup, or salvage it with `sqlite3 BROKEN.db .recover | sqlite3 {path}`; with no store the agent \
+         starts a new, empty one (no samples, versions or events)"
+    )]
+    Damaged { path: PathBuf, problem: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -160,6 +167,10 @@ impl Store {
     /// Opens (creating and migrating as needed) the store at `path` for the bundle identified by
     /// `bundle_id`. A store made for another bundle is refused: its features and versions
     /// would not fit.
+    ///
+    /// A missing store is created under a temporary name and renamed into place once it is
+    /// complete, so an empty or half-made `store.db` is never ours: an existing file that is
+    /// empty, not a database or fails SQLite's quick check is refused with a way to recover.
     pub fn open(path: &Path, bundle_id: &str) -> Result<Store> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Corrupt {
@@ -167,7 +178,31 @@ impl Store {
                 problem: format!("cannot create {}: {e}", parent.display()),
             })?;
         }
-        let conn = Connection::open(path).map_err(sqlite(path))?;
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Store::create(path, bundle_id)?,
+            Err(e) => return Err(StoreError::Damaged { path: path.to_path_buf(), problem: e.to_string() }),
+            Ok(metadata) if !metadata.is_file() => {
+                return Err(StoreError::Damaged { path: path.to_path_buf(), problem: "not a regular file".into() });
+            }
+            Ok(metadata) if metadata.len() == 0 => {
+                return Err(StoreError::Damaged {
+                    path: path.to_path_buf(),
+                    problem: "the file is empty (0 bytes), so its samples and versions are gone".into(),
+                });
+            }
+            Ok(_) => {}
+        }
+        let damaged = |source: rusqlite::Error| match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                StoreError::Damaged { path: path.to_path_buf(), problem: source.to_string() }
+            }
+            _ => StoreError::Sqlite { path: path.to_path_buf(), source },
+        };
+        let conn = Connection::open(path).map_err(damaged)?;
+        let verdict: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(damaged)?;
+        if verdict != "ok" {
+            return Err(StoreError::Damaged { path: path.to_path_buf(), problem: format!("quick_check: {verdict}") });
+        }
         let mut store = Store { conn, path: path.to_path_buf() };
         store.configure()?;
         store.migrate()?;
@@ -179,6 +214,30 @@ impl Store {
             None => store.set_state("bundle", bundle_id)?,
         }
         Ok(store)
+    }
+
+    /// Makes a new store beside `path` and renames it into place once it is complete.
+    fn create(path: &Path, bundle_id: &str) -> Result<()> {
+        let fresh = path.with_extension("db.new");
+        for leftover in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(format!("{}{leftover}", fresh.display()));
+        }
+        {
+            let conn = Connection::open(&fresh).map_err(sqlite(&fresh))?;
+            let mut store = Store { conn, path: fresh.clone() };
+            store.configure()?;
+            store.migrate()?;
+            store.set_state("bundle", bundle_id)?;
+            // Closing the only connection checkpoints the WAL into the file and removes it.
+            store.conn.close().map_err(|(_, e)| StoreError::Sqlite { path: fresh.clone(), source: e })?;
+        }
+        let io = |e: std::io::Error| StoreError::Damaged { path: path.to_path_buf(), problem: e.to_string() };
+        std::fs::File::open(&fresh).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(&fresh, path).map_err(io)?;
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::File::open(parent).and_then(|dir| dir.sync_all());
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

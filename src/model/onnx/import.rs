@@ -19,6 +19,7 @@ use crate::model::manifest::{
 };
 use crate::model::tensors::{StoredAs, to_safetensors};
 use crate::model::{Bundle, BundleError, TailLayer};
+use crate::output::{self, Overwrite};
 use crate::runtime::{self, RuntimeOptions};
 
 /// Largest logit difference accepted between the bundle and the original model.
@@ -32,6 +33,8 @@ pub struct ImportOptions {
     pub head: Option<String>,
     pub classes: Option<PathBuf>,
     pub out: PathBuf,
+    /// Whether an existing bundle at `out` may be replaced.
+    pub overwrite: Overwrite,
     /// `(height, width)`; required when the model input has no static size.
     pub size: Option<(u32, u32)>,
     pub channels: Option<u32>,
@@ -53,6 +56,7 @@ impl ImportOptions {
             head: None,
             classes: None,
             out: out.into(),
+            overwrite: Overwrite::Refuse,
             size: None,
             channels: None,
             color: None,
@@ -106,6 +110,7 @@ pub struct ImportReport {
 
 pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError> {
     let path = options.model.clone();
+    output::check_dir(&options.out, options.overwrite).map_err(BundleError::Output)?;
     let bytes = std::fs::read(&path).map_err(|source| ImportError::Io { path: path.clone(), source })?;
     let model = decode_model(&bytes).map_err(|e| ImportError::Decode { path: path.clone(), problem: e.to_string() })?;
     let Some(graph_proto) = model.graph.as_ref() else {
@@ -171,17 +176,23 @@ pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError>
     if let Some(tail_bytes) = &tail_bytes {
         files.push((TAIL_FILE, tail_bytes));
     }
-    Bundle::write(&options.out, manifest, &files)?;
-
-    let verified = verify(&options.out, &path, &head.output, &options.runtime);
+    // The bundle is written and checked beside `out`, and takes its place only once it passed.
+    let checking = output::staging_dir(&options.out).map_err(BundleError::Output)?;
+    let verified = Bundle::write(&checking, manifest, &files, Overwrite::Refuse)
+        .map_err(ImportError::from)
+        .and_then(|()| verify(&checking, &path, &head.output, &options.runtime))
+        .and_then(|diff| match diff <= IMPORT_TOLERANCE {
+            true => Ok(diff),
+            false => Err(ImportError::Mismatch { max_diff: diff }),
+        })
+        .and_then(|diff| {
+            output::install_dir(&checking, &options.out, options.overwrite).map_err(BundleError::Output)?;
+            Ok(diff)
+        });
     let max_diff = match verified {
-        Ok(diff) if diff <= IMPORT_TOLERANCE => diff,
-        Ok(diff) => {
-            let _ = std::fs::remove_dir_all(&options.out);
-            return Err(ImportError::Mismatch { max_diff: diff });
-        }
+        Ok(diff) => diff,
         Err(error) => {
-            let _ = std::fs::remove_dir_all(&options.out);
+            let _ = std::fs::remove_dir_all(&checking);
             return Err(error);
         }
     };

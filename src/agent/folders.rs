@@ -1,0 +1,525 @@
+//! The watched folder and the labelling inbox.
+//!
+//! Every file operation here goes through a capability handle (`cap_std::fs::Dir`) opened on
+//! one of the agent's own folders, so no name, `..` or link can reach a file outside them; and
+//! links are never followed at all: a link dropped in is moved aside (the link itself, never
+//! its target) with a reason, and a linked class folder in the inbox is left alone with a
+//! warning. Which entries to take, and whether a failed file is retried, are decided by pure
+//! functions below; the functions that touch the disk only carry out those decisions.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use serde::Serialize;
+
+use super::{Agent, IngestError, Labelled, event};
+use crate::config::{AfterClassify, DeviceConfig};
+use crate::imaging::DecodeLimits;
+
+/// Images classified together from the watched folder, and labelled together from the inbox.
+const FOLDER_BATCH: usize = 32;
+/// A file that fails while it is still being written is tried again until it has been left
+/// alone this long.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// What an entry of the watched folder or of an inbox class folder is, without following links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Link,
+    Other,
+}
+
+/// What to do with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Triage {
+    /// A finished file: read it.
+    Take,
+    /// Still being written (hidden, `.tmp` or `.part` name), or not ours to touch: leave it.
+    Leave,
+    /// A link: move the link itself aside with a reason; its target is never read.
+    RefuseLink,
+}
+
+/// Entries of the watched folder and of inbox class folders. Writers are expected to write
+/// elsewhere (or under a hidden, `.tmp` or `.part` name) and rename into the folder.
+pub fn triage(name: &str, kind: EntryKind) -> Triage {
+    if name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part") {
+        return Triage::Leave;
+    }
+    match kind {
+        EntryKind::File => Triage::Take,
+        EntryKind::Link => Triage::RefuseLink,
+        EntryKind::Dir | EntryKind::Other => Triage::Leave,
+    }
+}
+
+/// Whether a file that failed is failed for good or tried again at the next poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    Again,
+    GiveUp,
+}
+
+/// Remembers files that failed while they may still have been written to. A file is tried
+/// again while it was modified less than [`SETTLE`] ago, and never for longer than [`SETTLE`]
+/// after its first failure (a clock that puts the file in the future cannot keep it forever).
+#[derive(Debug, Default)]
+pub struct Settling {
+    first_failed: HashMap<PathBuf, Instant>,
+}
+
+impl Settling {
+    /// `modified_ago` is `None` when the file's time is in the future or unknown.
+    pub fn on_failure(&mut self, file: &Path, modified_ago: Option<Duration>, now: Instant) -> Retry {
+        let first = *self.first_failed.entry(file.to_path_buf()).or_insert(now);
+        let fresh = modified_ago.is_none_or(|ago| ago < SETTLE);
+        if fresh && now.duration_since(first) < SETTLE {
+            Retry::Again
+        } else {
+            self.first_failed.remove(file);
+            Retry::GiveUp
+        }
+    }
+
+    /// The file is settled (taken, moved or failed for good).
+    pub fn on_settled(&mut self, file: &Path) {
+        self.first_failed.remove(file);
+    }
+
+    /// Forgets files that are gone, so the map stays as small as the folders.
+    pub fn retain_present(&mut self, present: &HashSet<PathBuf>) {
+        self.first_failed.retain(|path, _| present.contains(path));
+    }
+}
+
+/// The watched folder and the labelling inbox, with where their files go afterwards.
+#[derive(Debug, Clone)]
+pub struct Folders {
+    pub watch: PathBuf,
+    pub inbox: PathBuf,
+    pub data_dir: PathBuf,
+    after: AfterClassify,
+    pub poll: Duration,
+    limits: DecodeLimits,
+}
+
+/// Folders under the data folder.
+const CLASSIFIED: &str = "classified";
+const FAILED: &str = "failed";
+const PROCESSED: &str = "processed";
+const REJECTED: &str = "rejected";
+pub const RESULTS_LOG: &str = "classifications.jsonl";
+
+impl Folders {
+    pub fn new(config: &DeviceConfig, data_dir: &Path) -> Folders {
+        Folders {
+            watch: config.watch.folder.clone().unwrap_or_else(|| data_dir.join("watch")),
+            inbox: config.labelling.inbox.clone().unwrap_or_else(|| data_dir.join("inbox")),
+            data_dir: data_dir.to_path_buf(),
+            after: config.watch.after,
+            poll: Duration::from_millis(config.watch.poll_ms),
+            limits: DecodeLimits::default(),
+        }
+    }
+
+    /// Creates the folders the agent reads and writes.
+    pub fn create(&self) -> std::io::Result<()> {
+        for dir in [&self.watch, &self.inbox, &self.data_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| named(dir, e))?;
+        }
+        let data = self.open(&self.data_dir)?;
+        for dir in [CLASSIFIED, PROCESSED, REJECTED] {
+            data.create_dir_all(dir).map_err(|e| named(&self.data_dir.join(dir), e))?;
+        }
+        Ok(())
+    }
+
+    fn open(&self, dir: &Path) -> std::io::Result<Dir> {
+        Dir::open_ambient_dir(dir, ambient_authority()).map_err(|e| named(dir, e))
+    }
+}
+
+fn named(path: &Path, error: std::io::Error) -> std::io::Error {
+    std::io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+}
+
+/// A folder opened as a capability, with its path for messages.
+struct Opened {
+    dir: Dir,
+    path: PathBuf,
+}
+
+impl Opened {
+    fn open(path: &Path) -> std::io::Result<Opened> {
+        Ok(Opened {
+            dir: Dir::open_ambient_dir(path, ambient_authority()).map_err(|e| named(path, e))?,
+            path: path.into(),
+        })
+    }
+
+    /// A sub-folder, created if missing; a link there is refused by the capability.
+    fn sub(&self, name: &str) -> std::io::Result<Opened> {
+        let path = self.path.join(name);
+        self.dir.create_dir_all(name).map_err(|e| named(&path, e))?;
+        Ok(Opened { dir: self.dir.open_dir(name).map_err(|e| named(&path, e))?, path })
+    }
+
+    /// Entries with their kinds, links not followed, in name order.
+    fn entries(&self) -> std::io::Result<Vec<(OsString, EntryKind)>> {
+        let mut entries = Vec::new();
+        for entry in self.dir.entries().map_err(|e| named(&self.path, e))? {
+            let entry = entry.map_err(|e| named(&self.path, e))?;
+            let kind = match entry.file_type() {
+                Ok(t) if t.is_symlink() => EntryKind::Link,
+                Ok(t) if t.is_file() => EntryKind::File,
+                Ok(t) if t.is_dir() => EntryKind::Dir,
+                _ => EntryKind::Other,
+            };
+            entries.push((entry.file_name(), kind));
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(entries)
+    }
+
+    /// Reads a file up to `limit` bytes; a larger one is an error without reading it.
+    fn read(&self, name: &str, limit: u64) -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        let file = self.dir.open(name).map_err(|e| e.to_string())?;
+        let length = file.metadata().map_err(|e| e.to_string())?.len();
+        if length > limit {
+            return Err(format!("{length} bytes exceeds the {limit}-byte limit for an input image"));
+        }
+        let mut bytes = Vec::with_capacity(length as usize);
+        file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+        if bytes.len() as u64 > limit {
+            return Err(format!("the file grew past the {limit}-byte limit for an input image"));
+        }
+        Ok(bytes)
+    }
+
+    /// How long ago a file was last modified; `None` if unknown or in the future.
+    fn modified_ago(&self, name: &str) -> Option<Duration> {
+        let modified = self.dir.symlink_metadata(name).ok()?.modified().ok()?.into_std();
+        std::time::SystemTime::now().duration_since(modified).ok()
+    }
+
+    /// Moves `name` (the entry itself, never a link's target) into `to`, adding a number to
+    /// the name if it is taken. Returns the new name.
+    fn move_into(&self, name: &str, to: &Opened) -> std::io::Result<String> {
+        let mut target = name.to_string();
+        let mut n = 1;
+        while to.dir.symlink_metadata(&target).is_ok() {
+            target = format!("{n}-{name}");
+            n += 1;
+        }
+        self.dir.rename(name, &to.dir, &target).map_err(|e| named(&self.path.join(name), e))?;
+        Ok(target)
+    }
+
+    fn display(&self, name: &str) -> String {
+        self.path.join(name).display().to_string()
+    }
+}
+
+/// The folders' poll: classifies the watched folder, then ingests the inbox.
+pub struct Poller {
+    folders: Folders,
+    settling: Settling,
+    /// Inbox entries already warned about, so a link or a stray file is named once.
+    warned: HashSet<OsString>,
+}
+
+impl Poller {
+    pub fn new(folders: Folders) -> Poller {
+        Poller { folders, settling: Settling::default(), warned: HashSet::new() }
+    }
+
+    pub fn poll(&mut self, agent: &Mutex<Agent>) -> anyhow::Result<()> {
+        let data = Opened::open(&self.folders.data_dir)?;
+        let mut present = HashSet::new();
+        self.classify_watched(agent, &data, &mut present)?;
+        self.ingest_inbox(agent, &data, &mut present)?;
+        self.settling.retain_present(&present);
+        Ok(())
+    }
+
+    fn classify_watched(
+        &mut self,
+        agent: &Mutex<Agent>,
+        data: &Opened,
+        present: &mut HashSet<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let watch = Opened::open(&self.folders.watch)?;
+        let classified = data.sub(CLASSIFIED)?;
+        let failed = classified.sub(FAILED)?;
+        let mut files = Vec::new();
+        for (name, kind) in watch.entries()? {
+            let Some(name) = name.to_str().map(str::to_string) else {
+                self.warn_once(&name, &watch.path, "the name is not UTF-8; rename it");
+                continue;
+            };
+            match triage(&name, kind) {
+                Triage::Take => files.push(name),
+                Triage::Leave => {}
+                Triage::RefuseLink => {
+                    let moved = watch.move_into(&name, &failed)?;
+                    tracing::warn!(file = %watch.display(&name), moved_to = %failed.display(&moved),
+                        "links are not followed; copy or move the image itself into the watched folder");
+                }
+            }
+        }
+        for chunk in files.chunks(FOLDER_BATCH) {
+            let loaded: Vec<(String, Result<Vec<u8>, String>)> =
+                chunk.iter().map(|name| (name.clone(), watch.read(name, self.folders.limits.max_file_bytes))).collect();
+            let images: Vec<(&str, &[u8])> = loaded
+                .iter()
+                .filter_map(|(name, bytes)| bytes.as_ref().ok().map(|b| (name.as_str(), b.as_slice())))
+                .collect();
+            let (results, version) = {
+                let mut agent = agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                (agent.classify(&images, 3), agent.serving())
+            };
+            let mut results = results.into_iter();
+            let mut log = data
+                .dir
+                .open_with(RESULTS_LOG, cap_std::fs::OpenOptions::new().create(true).append(true))
+                .map_err(|e| named(&data.path.join(RESULTS_LOG), e))?;
+            for (name, bytes) in &loaded {
+                let result = match bytes {
+                    Ok(_) => results.next().expect("one result per image"),
+                    Err(problem) => Err(problem.clone()),
+                };
+                let path = watch.path.join(name);
+                if result.is_err() {
+                    let ago = watch.modified_ago(name);
+                    if self.settling.on_failure(&path, ago, Instant::now()) == Retry::Again {
+                        present.insert(path);
+                        tracing::debug!(file = name, "not readable yet; trying again");
+                        continue;
+                    }
+                }
+                self.settling.on_settled(&path);
+                let outcome = match &result {
+                    Ok(prediction) => serde_json::json!({ "prediction": prediction }),
+                    Err(error) => serde_json::json!({ "error": error }),
+                };
+                let line = ResultLine { at_ms: crate::store::now_ms(), file: name, version, outcome };
+                writeln!(log, "{}", serde_json::to_string(&line)?)?;
+                match &result {
+                    Ok(prediction) => tracing::info!(file = name, class = %prediction.class,
+                        confidence = prediction.confidence, version, "classified"),
+                    Err(error) => tracing::warn!(file = name, %error, "cannot classify"),
+                }
+                match (self.folders.after, result.is_ok()) {
+                    (AfterClassify::Delete, true) => {
+                        watch.dir.remove_file(name).map_err(|e| named(&path, e))?;
+                    }
+                    (_, true) => {
+                        watch.move_into(name, &classified)?;
+                    }
+                    (_, false) => {
+                        watch.move_into(name, &failed)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ingest_inbox(
+        &mut self,
+        agent: &Mutex<Agent>,
+        data: &Opened,
+        present: &mut HashSet<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let inbox = Opened::open(&self.folders.inbox)?;
+        let processed = data.sub(PROCESSED)?;
+        let rejected = data.sub(REJECTED)?;
+        for (entry, kind) in inbox.entries()? {
+            let class = match (entry.to_str(), kind) {
+                (Some(class), EntryKind::Dir) if !class.starts_with('.') => class.to_string(),
+                (_, EntryKind::Link) => {
+                    self.warn_once(&entry, &inbox.path, "links are not followed; make it a folder of its own");
+                    continue;
+                }
+                (None, EntryKind::Dir) => {
+                    self.warn_once(&entry, &inbox.path, "the class folder's name is not UTF-8");
+                    continue;
+                }
+                _ => continue,
+            };
+            let class_dir = Opened {
+                dir: inbox.dir.open_dir(&class).map_err(|e| named(&inbox.path.join(&class), e))?,
+                path: inbox.path.join(&class),
+            };
+            let mut files = Vec::new();
+            for (name, kind) in class_dir.entries()? {
+                let Some(name) = name.to_str().map(str::to_string) else {
+                    self.warn_once(&name, &class_dir.path, "the name is not UTF-8; rename it");
+                    continue;
+                };
+                match triage(&name, kind) {
+                    Triage::Take => files.push(name),
+                    Triage::Leave => {}
+                    Triage::RefuseLink => {
+                        let outcome = Err(IngestError::BadImage {
+                            what: class_dir.display(&name),
+                            problem: "is a link, and links are not followed; copy the image itself into the inbox"
+                                .into(),
+                        });
+                        settle_inbox_file(agent, &class_dir, &name, &class, &processed, &rejected, outcome)?;
+                    }
+                }
+            }
+            for chunk in files.chunks(FOLDER_BATCH) {
+                let loaded: Vec<(String, String, Result<Vec<u8>, String>)> = chunk
+                    .iter()
+                    .map(|name| {
+                        (
+                            name.clone(),
+                            class_dir.display(name),
+                            class_dir.read(name, self.folders.limits.max_file_bytes),
+                        )
+                    })
+                    .collect();
+                let items: Vec<Labelled<'_>> = loaded
+                    .iter()
+                    .filter_map(|(_, what, bytes)| {
+                        bytes.as_ref().ok().map(|bytes| Labelled { what, bytes, class: &class })
+                    })
+                    .collect();
+                let mut results =
+                    agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).ingest(&items, "inbox").into_iter();
+                for (name, what, bytes) in &loaded {
+                    let outcome = match bytes {
+                        Ok(_) => results.next().expect("one result per item"),
+                        Err(problem) => Err(IngestError::Failed { what: what.clone(), problem: problem.clone() }),
+                    };
+                    let path = class_dir.path.join(name);
+                    if matches!(outcome, Err(IngestError::BadImage { .. } | IngestError::Failed { .. })) {
+                        let ago = class_dir.modified_ago(name);
+                        if self.settling.on_failure(&path, ago, Instant::now()) == Retry::Again {
+                            present.insert(path);
+                            tracing::debug!(file = %what, "not readable yet; trying again");
+                            continue;
+                        }
+                    }
+                    self.settling.on_settled(&path);
+                    settle_inbox_file(agent, &class_dir, name, &class, &processed, &rejected, outcome)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn warn_once(&mut self, name: &std::ffi::OsStr, folder: &Path, problem: &str) {
+        if self.warned.insert(folder.join(name).into_os_string()) {
+            tracing::warn!(entry = %folder.join(name).display(), "left alone: {problem}");
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ResultLine<'a> {
+    at_ms: i64,
+    file: &'a str,
+    version: i64,
+    #[serde(flatten)]
+    outcome: serde_json::Value,
+}
+
+/// Moves an inbox file once its outcome is durable. A file stored before a crash but not yet
+/// moved comes back as a duplicate of the same class, which counts as processed.
+fn settle_inbox_file(
+    agent: &Mutex<Agent>,
+    from: &Opened,
+    name: &str,
+    class: &str,
+    processed: &Opened,
+    rejected: &Opened,
+    outcome: Result<super::Ingested, IngestError>,
+) -> anyhow::Result<()> {
+    match outcome {
+        Ok(_) => {
+            from.move_into(name, &processed.sub(class)?)?;
+        }
+        Err(IngestError::Duplicate { class: stored, id, .. }) if stored == class => {
+            tracing::info!(file = %from.display(name), sample = id, "already stored with this class; moved to processed");
+            from.move_into(name, &processed.sub(class)?)?;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "label refused");
+            let to = rejected.sub(class)?;
+            let moved = from.move_into(name, &to)?;
+            to.dir.write(format!("{moved}.reason.txt"), format!("{error}\n")).map_err(|e| named(&to.path, e))?;
+            agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).store().push_event(&event(
+                "sample.rejected",
+                serde_json::json!({ "file": from.display(name), "class": class, "error": error }),
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_files_are_taken_and_links_refused() {
+        assert_eq!(triage("a.png", EntryKind::File), Triage::Take);
+        assert_eq!(triage("a.png", EntryKind::Link), Triage::RefuseLink);
+        assert_eq!(triage("sub", EntryKind::Dir), Triage::Leave);
+        assert_eq!(triage("fifo", EntryKind::Other), Triage::Leave);
+        for name in [".hidden.png", "a.png.tmp", "a.png.part"] {
+            assert_eq!(triage(name, EntryKind::File), Triage::Leave, "{name}");
+            assert_eq!(triage(name, EntryKind::Link), Triage::Leave, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_file_being_written_is_retried_until_it_settles() {
+        let mut settling = Settling::default();
+        let file = Path::new("watch/a.png");
+        let start = Instant::now();
+        assert_eq!(settling.on_failure(file, Some(Duration::from_millis(10)), start), Retry::Again);
+        assert_eq!(settling.on_failure(file, Some(Duration::from_millis(300)), start + SETTLE / 2), Retry::Again);
+        // Unchanged for SETTLE: failed for good, and forgotten.
+        assert_eq!(settling.on_failure(file, Some(SETTLE), start + SETTLE), Retry::GiveUp);
+        assert!(settling.first_failed.is_empty());
+    }
+
+    #[test]
+    fn an_old_broken_file_fails_at_once() {
+        let mut settling = Settling::default();
+        let now = Instant::now();
+        assert_eq!(settling.on_failure(Path::new("a.png"), Some(Duration::from_secs(60)), now), Retry::GiveUp);
+    }
+
+    #[test]
+    fn a_file_dated_in_the_future_is_not_retried_forever() {
+        let mut settling = Settling::default();
+        let file = Path::new("a.png");
+        let start = Instant::now();
+        assert_eq!(settling.on_failure(file, None, start), Retry::Again);
+        assert_eq!(settling.on_failure(file, None, start + SETTLE), Retry::GiveUp);
+    }
+
+    #[test]
+    fn files_that_are_gone_are_forgotten() {
+        let mut settling = Settling::default();
+        let now = Instant::now();
+        settling.on_failure(Path::new("a.png"), None, now);
+        settling.on_failure(Path::new("b.png"), None, now);
+        settling.retain_present(&HashSet::from([PathBuf::from("b.png")]));
+        assert_eq!(settling.first_failed.len(), 1);
+    }
+}
