@@ -297,3 +297,56 @@ fn a_flood_of_requests_gets_answers_or_busy_and_slow_connections_are_closed() {
     assert_eq!(fine.status(), 200, "{:?}", fine.body_mut().read_to_string());
     daemon.stop();
 }
+
+#[test]
+fn a_half_written_file_is_retried_and_a_broken_one_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let data = dir.path().join("data");
+    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    let whole = std::fs::read(image("D", 0)).unwrap();
+    // The first half appears in the watched folder, as a writer that does not rename would do.
+    let slow = data.join("watch/slow.png");
+    std::fs::write(&slow, &whole[..whole.len() / 2]).unwrap();
+    // A later image classified means a poll has passed over the half-written one.
+    std::fs::copy(image("E", 0), data.join("stage-probe.png")).unwrap();
+    std::fs::rename(data.join("stage-probe.png"), data.join("watch/probe.png")).unwrap();
+    wait_for("the probe to be classified", Duration::from_secs(30), || data.join("classified/probe.png").exists());
+    assert!(slow.exists(), "a file modified a moment ago is not failed for good");
+    std::fs::OpenOptions::new().append(true).open(&slow).unwrap().write_all(&whole[whole.len() / 2..]).unwrap();
+    wait_for("the completed file to be classified", Duration::from_secs(30), || {
+        data.join("classified/slow.png").exists()
+    });
+
+    // A broken image labelled over HTTP: the message names it once.
+    let mut refused =
+        http().post(daemon.url("/v1/label?class=A&name=bomb.png")).send(&b"\x89PNG\r\n\x1a\nxx"[..]).unwrap();
+    assert_eq!(refused.status(), 400);
+    let error: serde_json::Value = refused.body_mut().read_json().unwrap();
+    let text = error["error"].as_str().unwrap();
+    assert_eq!(text.matches("bomb.png").count(), 1, "{text}");
+    daemon.stop();
+}
+
+#[test]
+fn a_data_folder_that_is_a_file_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    std::fs::write(dir.path().join("data"), b"not a folder").unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_edgeadapt")).arg("--config").arg(&config).args(args).output().unwrap()
+    };
+    let started = run(&["run"]);
+    let stderr = String::from_utf8_lossy(&started.stderr);
+    assert!(!started.status.success());
+    assert!(stderr.contains("data_dir") && stderr.contains(&dir.path().join("data").display().to_string()), "{stderr}");
+    let doctor = run(&["doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    for name in ["store", "disk space"] {
+        let check = checks.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap();
+        assert_eq!(check["level"], "fail", "{check}");
+    }
+    assert_eq!(std::fs::read(dir.path().join("data")).unwrap(), b"not a folder");
+}

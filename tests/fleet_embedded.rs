@@ -138,6 +138,18 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
         let again =
             fleet.command_with_id("test-device", "adapt-1", "adapt", serde_json::json!({}), timeout).await.unwrap();
         assert_eq!(again, response);
+        // The same id for a different command is refused, not answered with the adapt result.
+        let reused = fleet
+            .command_with_id("test-device", "adapt-1", "rollback", serde_json::json!({ "to": "source" }), timeout)
+            .await
+            .unwrap();
+        assert!(!reused.ok && reused.error.as_deref().unwrap().contains("different command"), "{reused:?}");
+        // A command over the broker's packet limit is refused before it is sent; the connection
+        // (and the next command) survive.
+        let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 300 * 1024]);
+        let oversized =
+            fleet.command("test-device", "label", serde_json::json!({ "class": "2", "image_base64": big }), timeout).await;
+        assert!(oversized.unwrap_err().to_string().contains("packet limit"));
         let status = fleet.command("test-device", "status", serde_json::json!({}), timeout).await.unwrap();
         assert_eq!(status.result.as_ref().unwrap()["versions"].as_array().unwrap().len(), 2);
 

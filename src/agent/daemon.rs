@@ -12,6 +12,7 @@ use super::folders::{Folders, Poller};
 use super::{Agent, AgentError, Labelled, RunProgress, RunSummary, event, execute, policy};
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::DeviceConfig;
+use crate::store::Claim;
 
 /// How long the agent waits at start for a CLI command working on the store offline.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
@@ -241,7 +242,8 @@ impl Shared {
 /// Runs the daemon until SIGINT or SIGTERM. `ready` is called once the endpoint listens.
 pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?.to_path_buf();
-    std::fs::create_dir_all(&data_dir)?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| anyhow::anyhow!("data_dir {} (key `data_dir`): {e}", data_dir.display()))?;
     // A CLI command that opened the store while no agent ran (after a crash, say) is given
     // time to finish rather than making the agent fail to start.
     let _lock = tokio::task::spawn_blocking({
@@ -451,34 +453,42 @@ async fn handle_commands(
             let (id, command) = match crate::fleet::commands::parse(&payload, key.as_deref()) {
                 Ok(parsed) => parsed,
                 Err(refusal) => {
-                    tracing::warn!(id = %refusal.id, error = %refusal.error, "command refused");
+                    tracing::warn!(id = %short(&refusal.id), error = %refusal.error, "command refused");
                     let response = response_error(&device, &refusal.id, &refusal.error);
                     let _ = outgoing.send(LinkMessage::Response(response)).await;
                     return;
                 }
             };
             let name = command.name();
+            let fingerprint = crate::fleet::commands::fingerprint(&payload);
             let claimed = {
                 let shared = Arc::clone(&shared);
                 let id = id.clone();
-                tokio::task::spawn_blocking(move || shared.lock().store().claim_command(&id, name)).await
+                tokio::task::spawn_blocking(move || shared.lock().store().claim_command(&id, &fingerprint)).await
             };
             match claimed {
-                Ok(Ok(None)) => {}
-                Ok(Ok(Some(Some(stored)))) => {
+                Ok(Ok(Claim::New)) => {}
+                Ok(Ok(Claim::Answered(stored))) => {
                     if let Ok(response) = serde_json::from_str(&stored) {
                         let _ = outgoing.send(LinkMessage::Response(response)).await;
                     }
                     return;
                 }
-                Ok(Ok(Some(None))) => return,
+                Ok(Ok(Claim::Running)) => return,
+                Ok(Ok(Claim::Conflict)) => {
+                    tracing::warn!(id = %short(&id), command = name, "command id reused for another command");
+                    let error = "this command id was already used for a different command; \
+                                 send each command with a new id (a retry must repeat the command exactly)";
+                    let _ = outgoing.send(LinkMessage::Response(response_error(&device, &id, error))).await;
+                    return;
+                }
                 Ok(Err(error)) => {
                     let _ = outgoing.send(LinkMessage::Response(response_error(&device, &id, error))).await;
                     return;
                 }
                 Err(_) => return,
             }
-            tracing::info!(%id, command = name, "fleet command");
+            tracing::info!(id = %short(&id), command = name, "fleet command");
             let (result, weights) = shared.execute(command).await;
             let response = match result {
                 Ok(value) => response_ok(&device, &id, value),
@@ -494,6 +504,15 @@ async fn handle_commands(
             }
             let _ = outgoing.send(LinkMessage::Response(response)).await;
         });
+    }
+}
+
+/// A command id as logged: ids come from outside, so a long one is cut.
+fn short(id: &str) -> String {
+    const MAX: usize = 80;
+    match id.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}... ({} bytes)", &id[..end], id.len()),
+        None => id.to_string(),
     }
 }
 
@@ -552,7 +571,12 @@ async fn housekeeping(shared: Arc<Shared>) {
         }
         let result = tokio::task::spawn_blocking(move || -> Result<(), StartError> {
             if flush {
-                shared.lock().flush_traffic()?;
+                let mut agent = shared.lock();
+                agent.flush_traffic()?;
+                let mqtt = &shared.config.mqtt;
+                let days = mqtt.command_ids_days.min(100_000) as i64;
+                agent.store().prune_commands(mqtt.command_ids_kept, days * 86_400_000)?;
+                agent.store().trim_outbox(mqtt.outbox_limit)?;
             }
             if watchdog {
                 // Taking the lock shows the agent is not stuck; it is released before the run

@@ -387,7 +387,7 @@ impl Agent {
                 Ok(input) => ready.push((index, sha, input)),
                 Err(e) => {
                     results[index] =
-                        Some(Err(IngestError::BadImage { what: items[index].what.to_string(), problem: e.to_string() }))
+                        Some(Err(IngestError::BadImage { what: items[index].what.to_string(), problem: e.problem() }))
                 }
             }
         }
@@ -538,8 +538,13 @@ impl Agent {
 
     /// Serves another version: `source` or an earlier promoted one. Atomic: the store's pointer
     /// moves in one transaction, then the classifier swaps weights.
+    /// Serves version `to`. Asking for the version already served changes nothing and records
+    /// no event, so repeated requests cannot flood the outbox.
     pub fn rollback(&mut self, to: VersionRef) -> Result<i64, AgentError> {
         let id = to.id();
+        if id == self.serving {
+            return Ok(id);
+        }
         let (network, calibration) = self.load_version(id)?;
         let from = self.serving;
         self.store.promote(id, &event("version.rollback", serde_json::json!({ "from": from, "to": id })))?;

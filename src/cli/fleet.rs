@@ -127,6 +127,7 @@ fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::R
         client_cert: args.cert.clone().or(mqtt.client_cert),
         client_key: args.key.clone().or(mqtt.client_key),
         command_key,
+        max_packet_bytes: mqtt.max_packet_bytes,
     })
 }
 

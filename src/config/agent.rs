@@ -173,6 +173,10 @@ pub struct MqttConfig {
     /// Undelivered events kept while the broker is unreachable; beyond it the oldest are dropped
     /// and the drop is reported.
     pub outbox_limit: usize,
+    /// Answered command ids remembered for idempotency: at least this many, and every one
+    /// younger than `command_ids_days`; older ones are forgotten.
+    pub command_ids_kept: usize,
+    pub command_ids_days: u64,
     /// Reconnect delay: doubles from the minimum to the maximum, with random jitter.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -196,6 +200,8 @@ impl Default for MqttConfig {
             metrics_every_s: 30,
             max_packet_bytes: 256 * 1024,
             outbox_limit: 100_000,
+            command_ids_kept: 10_000,
+            command_ids_days: 7,
             reconnect_min_ms: 500,
             reconnect_max_ms: 30_000,
         }

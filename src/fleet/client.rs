@@ -24,6 +24,9 @@ pub struct BrokerOptions {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub command_key: Option<Vec<u8>>,
+    /// The broker's packet limit (`mqtt.max_packet_bytes`): a larger command is refused here,
+    /// since the broker would drop the connection, and the next command with it.
+    pub max_packet_bytes: usize,
 }
 
 impl BrokerOptions {
@@ -38,6 +41,7 @@ impl BrokerOptions {
             client_cert: None,
             client_key: None,
             command_key: None,
+            max_packet_bytes: crate::config::MqttConfig::default().max_packet_bytes,
         }
     }
 }
@@ -156,6 +160,14 @@ impl FleetClient {
         let id = id.to_string();
         let message = commands::build(&id, command, args, self.options.command_key.as_deref());
         let payload = serde_json::to_vec(&message)?;
+        let packet = payload.len() + device_topics.commands().len() + super::weights::PACKET_OVERHEAD;
+        anyhow::ensure!(
+            packet <= self.options.max_packet_bytes,
+            "the {command} command is {packet} bytes, over the broker's packet limit of {} bytes \
+             (`mqtt.max_packet_bytes`); the broker would drop it and the connection{}",
+            self.options.max_packet_bytes,
+            if command == "label" { "; send a smaller image, or label it on the device" } else { "" }
+        );
         let deadline = Instant::now() + timeout;
         let mut resend = Instant::now();
         loop {

@@ -49,6 +49,18 @@ pub struct Refusal {
     pub error: String,
 }
 
+/// Identifies a command by its name and a digest of its arguments, for idempotency: a retry
+/// (the same payload, or the same command re-serialised) has the same fingerprint. Computed on
+/// payloads that [`parse`] accepted.
+pub fn fingerprint(payload: &[u8]) -> String {
+    use sha2::Digest;
+    let value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    let command = value.get("command").and_then(|c| c.as_str()).unwrap_or("");
+    // serde_json's maps are sorted, so the text is canonical.
+    let args = value.get("args").map(|a| a.to_string()).unwrap_or_default();
+    format!("{command}:{}", hex::encode(&Sha256::digest(args.as_bytes())[..16]))
+}
+
 /// Largest decoded image a `label` command may carry.
 const MAX_LABEL_IMAGE: usize = 16 << 20;
 

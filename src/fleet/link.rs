@@ -255,6 +255,9 @@ struct Tracker {
     in_flight: BTreeSet<i64>,
     /// Highest event id published on this connection.
     published_up_to: i64,
+    /// Events the broker acknowledged but the store could not mark (a full disk, say): marked
+    /// again at the next outbox tick, since the outbox only looks past `published_up_to`.
+    unmarked: BTreeSet<i64>,
 }
 
 impl Tracker {
@@ -264,6 +267,7 @@ impl Tracker {
             awaiting_ack: HashMap::new(),
             in_flight: BTreeSet::new(),
             published_up_to: 0,
+            unmarked: BTreeSet::new(),
         }
     }
 }
@@ -350,8 +354,11 @@ pub async fn run(
                         link.tracker.in_flight.remove(&id);
                         let shared = Arc::clone(&shared);
                         let marked = tokio::task::spawn_blocking(move || shared.lock().store().mark_delivered(&[id])).await;
-                        if let Ok(Err(error)) = marked {
-                            tracing::warn!(%error, "cannot mark an event delivered");
+                        if !matches!(marked, Ok(Ok(()))) {
+                            if let Ok(Err(error)) = marked {
+                                tracing::warn!(%error, "cannot mark an event delivered; trying again");
+                            }
+                            link.tracker.unmarked.insert(id);
                         }
                     }
                 }
@@ -463,6 +470,15 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
     let after = link.tracker.published_up_to;
     let limit = link.config.outbox_limit;
     let max_packet = link.config.max_packet_bytes;
+    let unmarked: Vec<i64> = std::mem::take(&mut link.tracker.unmarked).into_iter().collect();
+    let shared2 = Arc::clone(shared);
+    let retry = unmarked.clone();
+    let remarked =
+        tokio::task::spawn_blocking(move || retry.is_empty() || shared2.lock().store().mark_delivered(&retry).is_ok());
+    if !matches!(remarked.await, Ok(true)) {
+        link.tracker.unmarked.extend(unmarked);
+        return;
+    }
     let shared2 = Arc::clone(shared);
     let fetched = tokio::task::spawn_blocking(move || {
         let mut agent = shared2.lock();

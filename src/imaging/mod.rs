@@ -43,6 +43,22 @@ pub enum ImageInputError {
     Decode { file: String, format: String, problem: String },
 }
 
+impl ImageInputError {
+    /// What is wrong, without the file name (for messages that name the file themselves).
+    pub fn problem(&self) -> String {
+        let full = self.to_string();
+        let file = match self {
+            ImageInputError::Io { file, .. }
+            | ImageInputError::Empty { file }
+            | ImageInputError::FileTooLarge { file, .. }
+            | ImageInputError::UnknownFormat { file }
+            | ImageInputError::TooLarge { file, .. }
+            | ImageInputError::Decode { file, .. } => file,
+        };
+        full.strip_prefix(&format!("{file}: ")).map(str::to_string).unwrap_or(full)
+    }
+}
+
 /// Reads and decodes one file.
 pub fn decode_file(path: &Path, limits: &DecodeLimits) -> Result<DynamicImage, ImageInputError> {
     let file = path.display().to_string();

@@ -158,6 +158,19 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What a command id's claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// A new id: run the command.
+    New,
+    /// The same command is running now.
+    Running,
+    /// The same command was answered with this response.
+    Answered(String),
+    /// The id was used for a different command.
+    Conflict,
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -595,24 +608,45 @@ impl Store {
         tx.commit().map_err(sqlite(&path))
     }
 
-    /// Claims a command id. `None`: new, run it. `Some(None)`: already running. `Some(Some(r))`:
-    /// already answered with `r`.
-    pub fn claim_command(&mut self, id: &str, command: &str) -> Result<Option<Option<String>>> {
+    /// Claims a command id for a command identified by `fingerprint` (its name and a digest of
+    /// its arguments): a retry of the same command finds its earlier answer, and an id reused
+    /// for another command is a conflict, never the earlier command's answer.
+    pub fn claim_command(&mut self, id: &str, fingerprint: &str) -> Result<Claim> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
-        let existing: Option<Option<String>> = tx
-            .query_row("SELECT response FROM commands WHERE id = ?1", [id], |row| row.get(0))
+        let existing: Option<(String, Option<String>)> = tx
+            .query_row("SELECT command, response FROM commands WHERE id = ?1", [id], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .optional()
             .map_err(sqlite(&path))?;
-        if existing.is_none() {
-            tx.execute(
-                "INSERT INTO commands (id, received_ms, command) VALUES (?1, ?2, ?3)",
-                params![id, now_ms(), command],
-            )
-            .map_err(sqlite(&path))?;
-        }
+        let claim = match existing {
+            None => {
+                tx.execute(
+                    "INSERT INTO commands (id, received_ms, command) VALUES (?1, ?2, ?3)",
+                    params![id, now_ms(), fingerprint],
+                )
+                .map_err(sqlite(&path))?;
+                Claim::New
+            }
+            Some((stored, _)) if stored != fingerprint => Claim::Conflict,
+            Some((_, None)) => Claim::Running,
+            Some((_, Some(response))) => Claim::Answered(response),
+        };
         tx.commit().map_err(sqlite(&path))?;
-        Ok(existing)
+        Ok(claim)
+    }
+
+    /// Forgets answered commands older than `keep_ms` beyond the newest `keep` of them, so the
+    /// table stays bounded; a retry after that long runs as a new command.
+    pub fn prune_commands(&mut self, keep: usize, keep_ms: i64) -> Result<usize> {
+        self.conn
+            .execute(
+                "DELETE FROM commands WHERE response IS NOT NULL AND received_ms < ?1 AND id NOT IN \
+                 (SELECT id FROM commands ORDER BY received_ms DESC LIMIT ?2)",
+                params![now_ms() - keep_ms, keep as i64],
+            )
+            .map_err(self.err())
     }
 
     pub fn answer_command(&mut self, id: &str, response: &str) -> Result<()> {
@@ -854,12 +888,31 @@ mod tests {
     fn commands_are_claimed_once_and_answered() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
-        assert_eq!(store.claim_command("c1", "adapt").unwrap(), None);
-        assert_eq!(store.claim_command("c1", "adapt").unwrap(), Some(None));
+        assert_eq!(store.claim_command("c1", "adapt:x").unwrap(), Claim::New);
+        assert_eq!(store.claim_command("c1", "adapt:x").unwrap(), Claim::Running);
         assert_eq!(store.unanswered_commands().unwrap(), vec!["c1".to_string()]);
         store.answer_command("c1", "{\"ok\":true}").unwrap();
-        assert_eq!(store.claim_command("c1", "adapt").unwrap(), Some(Some("{\"ok\":true}".into())));
+        assert_eq!(store.claim_command("c1", "adapt:x").unwrap(), Claim::Answered("{\"ok\":true}".into()));
         assert!(store.unanswered_commands().unwrap().is_empty());
+        // The same id for another command is a conflict, not the earlier answer.
+        assert_eq!(store.claim_command("c1", "rollback:y").unwrap(), Claim::Conflict);
+    }
+
+    #[test]
+    fn answered_commands_are_pruned_beyond_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
+        for n in 0..10 {
+            store.claim_command(&format!("c{n}"), "status:x").unwrap();
+            if n != 0 {
+                store.answer_command(&format!("c{n}"), "{}").unwrap();
+            }
+        }
+        // Everything is older than "now + 1 s": keep the newest 3, and the unanswered one.
+        assert_eq!(store.prune_commands(3, -1000).unwrap(), 6);
+        assert_eq!(store.claim_command("c0", "status:x").unwrap(), Claim::Running);
+        assert_eq!(store.claim_command("c9", "status:x").unwrap(), Claim::Answered("{}".into()));
+        assert_eq!(store.claim_command("c1", "status:x").unwrap(), Claim::New);
     }
 
     #[test]
