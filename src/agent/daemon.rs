@@ -241,6 +241,7 @@ impl Shared {
 
 /// Runs the daemon until SIGINT or SIGTERM. `ready` is called once the endpoint listens.
 pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?.to_path_buf();
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| anyhow::anyhow!("data_dir {} (key `data_dir`): {e}", data_dir.display()))?;
@@ -504,6 +505,22 @@ async fn handle_commands(
             }
             let _ = outgoing.send(LinkMessage::Response(response)).await;
         });
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one (at most 65536): the HTTP connection
+/// limit, not the default 1024 descriptors, should decide when clients are turned away.
+fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit write and read a valid rlimit struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max.min(65_536).max(limit.rlim_cur);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
     }
 }
 

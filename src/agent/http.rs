@@ -72,6 +72,25 @@ pub fn router(shared: Arc<Shared>, limits: &HttpConfig) -> Router {
         .with_state(shared)
 }
 
+/// Answers a connection over the limit with 503 and Retry-After without reading its request,
+/// then reads and drops what the client sends for a moment so that it gets the answer.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"error":"busy: too many connections at once; try again"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(answer.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 16 * 1024];
+    let _ =
+        tokio::time::timeout(REFUSE_DRAIN, async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} })
+            .await;
+}
+
 /// Largest framework error text kept when it is turned into JSON.
 const ERROR_TEXT_LIMIT: usize = 4096;
 
@@ -101,12 +120,20 @@ async fn json_errors(request: Request, next: Next) -> Response {
     json
 }
 
-/// Serves the endpoint: at most `max_connections` connections (more are closed at once), and a
-/// connection that does not send a request's headers within `header_timeout_s`, or sits idle
-/// that long between requests, is closed.
+/// Connections over the limit that are still being answered 503; beyond this many they are
+/// closed without an answer.
+const REFUSING: usize = 1024;
+/// How long a refused connection's request is read (and dropped) after the 503, so that the
+/// client sees the answer rather than a reset.
+const REFUSE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Serves the endpoint: at most `max_connections` connections (more are answered 503 with
+/// Retry-After and closed), and a connection that does not send a request's headers within
+/// `header_timeout_s`, or sits idle that long between requests, is closed.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: HttpConfig) {
     let app = router(shared, &limits);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(REFUSING));
     let header_timeout = Duration::from_secs(limits.header_timeout_s);
     loop {
         let (stream, _) = match listener.accept().await {
@@ -119,7 +146,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: HttpConfi
             }
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            drop(stream);
+            if let Ok(permit) = Arc::clone(&refusing).try_acquire_owned() {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    refuse_connection(stream).await;
+                });
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -11,7 +11,7 @@ pub struct HttpConfig {
     /// Loopback address of the local endpoint (classification, labelling, commands).
     pub listen: String,
     pub enabled: bool,
-    /// Open connections; more are closed as soon as they are accepted.
+    /// Open connections; more are answered 503 with Retry-After and closed.
     pub max_connections: usize,
     /// Requests handled at once; more are answered 503 with Retry-After, before their body is read.
     pub max_requests: usize,
@@ -29,7 +29,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:8470".into(),
             enabled: true,
-            max_connections: 64,
+            max_connections: 128,
             max_requests: 8,
             max_body_bytes: 16 << 20,
             header_timeout_s: 10,

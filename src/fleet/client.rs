@@ -13,6 +13,9 @@ use super::messages::{EventMessage, MetricsMessage, ResponseMessage, StatusMessa
 use super::topics::{self, DeviceTopics};
 use super::weights::Reassembly;
 
+/// Chunks that arrive before their manifest are kept up to this many bytes.
+const EARLY_CHUNK_BYTES: usize = 64 << 20;
+
 /// How to reach the broker as an operator.
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -210,6 +213,7 @@ impl FleetClient {
         let mut wanted: Option<i64> = version;
         let mut sets: HashMap<i64, Reassembly> = HashMap::new();
         let mut early: HashMap<i64, Vec<(usize, Vec<u8>)>> = HashMap::new();
+        let mut early_bytes = 0usize;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -241,7 +245,14 @@ impl FleetClient {
                     let (v, n): (i64, usize) = (v.parse()?, n.parse()?);
                     match sets.get_mut(&v) {
                         Some(set) => set.add(n, publish.payload.to_vec()).map_err(anyhow::Error::msg)?,
-                        None => early.entry(v).or_default().push((n, publish.payload.to_vec())),
+                        None => {
+                            early_bytes += publish.payload.len();
+                            anyhow::ensure!(
+                                early_bytes <= EARLY_CHUNK_BYTES,
+                                "over {EARLY_CHUNK_BYTES} bytes of weights chunks arrived without their manifest"
+                            );
+                            early.entry(v).or_default().push((n, publish.payload.to_vec()));
+                        }
                     }
                 }
                 _ => {}

@@ -54,14 +54,32 @@ impl Reassembly {
                 manifest.chunks, manifest.total_bytes
             ));
         }
+        // The chunking must be the one `chunk` produces, so every chunk's size is known and a
+        // sender cannot make the receiver hold more than `total_bytes`.
+        if manifest.chunk_bytes == 0 || manifest.total_bytes.div_ceil(manifest.chunk_bytes) != manifest.chunks {
+            return Err(format!(
+                "inconsistent weights manifest: {} bytes in chunks of {} do not make {} chunks",
+                manifest.total_bytes, manifest.chunk_bytes, manifest.chunks
+            ));
+        }
+        if manifest.dtype != "f16" {
+            return Err(format!("weights dtype '{}' is not supported (f16 expected)", manifest.dtype));
+        }
         Ok(Reassembly { parts: vec![None; manifest.chunks], manifest })
     }
 
     pub fn add(&mut self, index: usize, bytes: Vec<u8>) -> Result<(), String> {
-        let slot = self
-            .parts
-            .get_mut(index)
-            .ok_or_else(|| format!("chunk {index} of a set of {} chunks", self.manifest.chunks))?;
+        let manifest = &self.manifest;
+        let expected = if index == manifest.chunks - 1 {
+            manifest.total_bytes - manifest.chunk_bytes * (manifest.chunks - 1)
+        } else {
+            manifest.chunk_bytes
+        };
+        let slot =
+            self.parts.get_mut(index).ok_or_else(|| format!("chunk {index} of a set of {} chunks", manifest.chunks))?;
+        if bytes.len() != expected {
+            return Err(format!("chunk {index} has {} bytes, the manifest says {expected}", bytes.len()));
+        }
         *slot = Some(bytes);
         Ok(())
     }
@@ -70,8 +88,16 @@ impl Reassembly {
         self.parts.iter().filter(|p| p.is_none()).count()
     }
 
-    /// The whole payload once every chunk is in and its size and sha256 match the manifest.
+    /// The whole payload once every chunk is in, its size and sha256 match the manifest, and it
+    /// holds exactly the manifest's tensors with their shapes and dtype.
     pub fn finish(&self) -> Option<Result<Vec<u8>, String>> {
+        self.assemble()
+            .map(|assembled| assembled.and_then(|payload| matches_manifest(&payload, &self.manifest).map(|()| payload)))
+    }
+
+    /// The payload's bytes once every chunk is in and their size and sha256 match the manifest,
+    /// before its contents are checked.
+    pub fn assemble(&self) -> Option<Result<Vec<u8>, String>> {
         if self.missing() > 0 {
             return None;
         }
@@ -89,6 +115,30 @@ impl Reassembly {
         }
         Some(Ok(payload))
     }
+}
+
+/// Checks that the payload holds exactly the manifest's tensors, with its shapes and dtype.
+pub fn matches_manifest(payload: &[u8], manifest: &WeightsManifest) -> Result<(), String> {
+    let file = safetensors::SafeTensors::deserialize(payload).map_err(|e| format!("weights payload: {e}"))?;
+    let mut found: Vec<(String, Vec<usize>, safetensors::Dtype)> =
+        file.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec(), view.dtype())).collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut declared: Vec<&TensorInfo> = manifest.tensors.iter().collect();
+    declared.sort_by(|a, b| a.name.cmp(&b.name));
+    if found.len() != declared.len() || found.iter().zip(&declared).any(|(f, d)| f.0 != d.name) {
+        let names: Vec<&str> = found.iter().map(|f| f.0.as_str()).collect();
+        let listed: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
+        return Err(format!("the payload holds tensors {names:?}, the manifest lists {listed:?}"));
+    }
+    for ((name, shape, dtype), info) in found.iter().zip(declared) {
+        if *shape != info.shape {
+            return Err(format!("tensor '{name}' has shape {shape:?}, the manifest says {:?}", info.shape));
+        }
+        if *dtype != safetensors::Dtype::F16 {
+            return Err(format!("tensor '{name}' is {dtype:?}, the manifest says f16"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,8 +172,17 @@ mod tests {
         assert_eq!(tensors, vec![TensorInfo { name: "slot.0".into(), shape: vec![64, 100] }]);
         assert!(payload.len() < stored.len() / 2 + 200, "{} vs {}", payload.len(), stored.len());
         let total = payload.len();
-        let (manifest, chunks) = chunk(&payload, 2048, |bytes, n, sha| manifest(bytes, n, sha, total));
+        let (mut manifest, chunks) = chunk(&payload, 2048, |bytes, n, sha| manifest(bytes, n, sha, total));
+        manifest.tensors = tensors.clone();
         assert!(chunks.len() > 1 && chunks.iter().all(|c| c.len() <= 2048 - PACKET_OVERHEAD));
+        // A manifest whose shapes or tensors do not describe the payload is caught at the end.
+        let mut lying = manifest.clone();
+        lying.tensors[0].shape = vec![100, 64];
+        let mut wrong = Reassembly::new(lying).unwrap();
+        for (index, part) in chunks.iter().enumerate() {
+            wrong.add(index, part.to_vec()).unwrap();
+        }
+        assert!(wrong.finish().unwrap().unwrap_err().contains("shape"));
         let mut reassembly = Reassembly::new(manifest).unwrap();
         for (index, part) in chunks.iter().enumerate().rev() {
             assert!(reassembly.finish().is_none());
@@ -139,8 +198,15 @@ mod tests {
     fn a_damaged_chunk_or_wrong_index_is_detected() {
         let payload = vec![7u8; 5000];
         let (manifest, chunks) = chunk(&payload, 2048, |bytes, n, sha| manifest(bytes, n, sha, 5000));
+        let mut inconsistent = manifest.clone();
+        inconsistent.chunks = 1000;
+        assert!(Reassembly::new(inconsistent).unwrap_err().contains("inconsistent"));
+        let mut other_dtype = manifest.clone();
+        other_dtype.dtype = "f32".into();
+        assert!(Reassembly::new(other_dtype).is_err());
         let mut reassembly = Reassembly::new(manifest).unwrap();
         assert!(reassembly.add(99, vec![]).is_err());
+        assert!(reassembly.add(0, vec![0; 10_000]).unwrap_err().contains("bytes"), "an oversized chunk is refused");
         for (index, part) in chunks.iter().enumerate() {
             let mut part = part.to_vec();
             if index == 1 {

@@ -83,6 +83,9 @@ pub fn decode_bytes(name: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<D
         Ok(format @ (ImageFormat::Png | ImageFormat::Jpeg)) => format,
         _ => return Err(ImageInputError::UnknownFormat { file }),
     };
+    if format == ImageFormat::Jpeg {
+        jpeg_within_limits(&file, bytes, limits)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut image_limits = image::Limits::default();
     image_limits.max_image_width = Some(limits.max_width);
@@ -95,6 +98,29 @@ pub fn decode_bytes(name: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<D
             ImageInputError::Decode { file, format: format!("{format:?}").to_uppercase(), problem: other.to_string() }
         }
     })
+}
+
+/// The JPEG decoder holds two bytes per sample of coefficients for a progressive image besides
+/// the output, which the decoder's own limit does not count: allow for it from the header
+/// alone, before anything is decoded.
+fn jpeg_within_limits(file: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<(), ImageInputError> {
+    use image::ImageDecoder;
+    let decode_error =
+        |problem: String| ImageInputError::Decode { file: file.to_string(), format: "JPEG".into(), problem };
+    let decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes)).map_err(|e| decode_error(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
+    let samples = u64::from(width) * u64::from(height) * u64::from(decoder.color_type().channel_count());
+    let needed = samples.saturating_mul(3);
+    if needed > limits.max_alloc_bytes {
+        return Err(ImageInputError::TooLarge {
+            file: file.to_string(),
+            problem: format!(
+                "{width}x{height} needs up to {needed} bytes to decode, over the {}-byte limit",
+                limits.max_alloc_bytes
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Applies the input contract: colour mode, resize policy, scaling and normalisation.
