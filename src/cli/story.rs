@@ -48,6 +48,15 @@ fn start_agent(
     mqtt_port: u16,
 ) -> anyhow::Result<Agent> {
     if work.exists() {
+        // Only the demo's own earlier folder is cleared: one with its config, or an empty one.
+        let ours = std::fs::read_to_string(work.join("config.toml"))
+            .is_ok_and(|text| text.starts_with(&format!("device_id = \"{DEVICE}\"")));
+        let empty = std::fs::read_dir(work).is_ok_and(|mut entries| entries.next().is_none());
+        anyhow::ensure!(
+            ours || empty,
+            "{} exists and is not the demo's working folder; move it away or run the demo elsewhere",
+            work.display()
+        );
         std::fs::remove_dir_all(work)?;
     }
     std::fs::create_dir_all(work)?;
