@@ -115,9 +115,14 @@ fn two_linear_readers_of_the_features_need_the_head_named() {
     let logits = classifier.logits(input.view()).unwrap().into_dyn();
     assert!(max_abs_diff(&logits, &expected_output("tiny_two_heads", "logits_b")) < TOLERANCE);
 
+    // The bundle just written is not replaced without being asked.
+    let error = import_onnx(&options).unwrap_err().to_string();
+    assert!(error.contains("already exists") && error.contains("--force"), "{error}");
+    options.out = dir.path().join("c");
     options.head = Some("no_such_node".into());
     let error = import_onnx(&options).unwrap_err().to_string();
     assert!(error.contains("no_such_node"), "{error}");
+    assert!(!options.out.exists(), "a failed import leaves nothing behind");
 }
 
 #[test]

@@ -22,8 +22,10 @@ use super::{Agent, IngestError, Labelled, event};
 use crate::config::{AfterClassify, DeviceConfig};
 use crate::imaging::DecodeLimits;
 
-/// Images classified together from the watched folder, and labelled together from the inbox.
+/// Images classified together from the watched folder, and labelled together from the inbox:
+/// at most this many files, and at most this many bytes of them in memory at once.
 const FOLDER_BATCH: usize = 32;
+const FOLDER_BATCH_BYTES: u64 = 64 << 20;
 /// A file that fails while it is still being written is tried again until it has been left
 /// alone this long.
 pub const SETTLE: Duration = Duration::from_secs(2);
@@ -59,6 +61,27 @@ pub fn triage(name: &str, kind: EntryKind) -> Triage {
         EntryKind::Link => Triage::RefuseLink,
         EntryKind::Dir | EntryKind::Other => Triage::Leave,
     }
+}
+
+/// Splits files (with their sizes) into consecutive batches of at most `max_files` files and
+/// `max_bytes` bytes; a file larger than `max_bytes` makes a batch of its own.
+pub fn batches<T>(files: &[(T, u64)], max_files: usize, max_bytes: u64) -> Vec<&[(T, u64)]> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (index, (_, size)) in files.iter().enumerate() {
+        let count = index - start;
+        if count > 0 && (count == max_files || bytes.saturating_add(*size) > max_bytes) {
+            batches.push(&files[start..index]);
+            start = index;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(*size);
+    }
+    if start < files.len() {
+        batches.push(&files[start..]);
+    }
+    batches
 }
 
 /// Whether a file that failed is failed for good or tried again at the next poll.
@@ -205,6 +228,11 @@ impl Opened {
         Ok(bytes)
     }
 
+    /// A file's size as listed (0 if it cannot be read; reading it then says why).
+    fn size(&self, name: &str) -> u64 {
+        self.dir.symlink_metadata(name).map_or(0, |m| m.len())
+    }
+
     /// How long ago a file was last modified; `None` if unknown or in the future.
     fn modified_ago(&self, name: &str) -> Option<Duration> {
         let modified = self.dir.symlink_metadata(name).ok()?.modified().ok()?.into_std();
@@ -267,7 +295,7 @@ impl Poller {
                 continue;
             };
             match triage(&name, kind) {
-                Triage::Take => files.push(name),
+                Triage::Take => files.push((name.clone(), watch.size(&name))),
                 Triage::Leave => {}
                 Triage::RefuseLink => {
                     let moved = watch.move_into(&name, &failed)?;
@@ -276,9 +304,11 @@ impl Poller {
                 }
             }
         }
-        for chunk in files.chunks(FOLDER_BATCH) {
-            let loaded: Vec<(String, Result<Vec<u8>, String>)> =
-                chunk.iter().map(|name| (name.clone(), watch.read(name, self.folders.limits.max_file_bytes))).collect();
+        for chunk in batches(&files, FOLDER_BATCH, FOLDER_BATCH_BYTES) {
+            let loaded: Vec<(String, Result<Vec<u8>, String>)> = chunk
+                .iter()
+                .map(|(name, _)| (name.clone(), watch.read(name, self.folders.limits.max_file_bytes)))
+                .collect();
             let images: Vec<(&str, &[u8])> = loaded
                 .iter()
                 .filter_map(|(name, bytes)| bytes.as_ref().ok().map(|b| (name.as_str(), b.as_slice())))
@@ -367,7 +397,7 @@ impl Poller {
                     continue;
                 };
                 match triage(&name, kind) {
-                    Triage::Take => files.push(name),
+                    Triage::Take => files.push((name.clone(), class_dir.size(&name))),
                     Triage::Leave => {}
                     Triage::RefuseLink => {
                         let outcome = Err(IngestError::BadImage {
@@ -379,10 +409,10 @@ impl Poller {
                     }
                 }
             }
-            for chunk in files.chunks(FOLDER_BATCH) {
+            for chunk in batches(&files, FOLDER_BATCH, FOLDER_BATCH_BYTES) {
                 let loaded: Vec<(String, String, Result<Vec<u8>, String>)> = chunk
                     .iter()
-                    .map(|name| {
+                    .map(|(name, _)| {
                         (
                             name.clone(),
                             class_dir.display(name),
@@ -495,6 +525,17 @@ mod tests {
         // Unchanged for SETTLE: failed for good, and forgotten.
         assert_eq!(settling.on_failure(file, Some(SETTLE), start + SETTLE), Retry::GiveUp);
         assert!(settling.first_failed.is_empty());
+    }
+
+    #[test]
+    fn batches_are_bounded_by_count_and_bytes() {
+        let files: Vec<(u8, u64)> = vec![(0, 10), (1, 10), (2, 10), (3, 100), (4, 1), (5, 1)];
+        let sizes =
+            |b: Vec<&[(u8, u64)]>| b.iter().map(|b| b.iter().map(|f| f.0).collect::<Vec<_>>()).collect::<Vec<_>>();
+        assert_eq!(sizes(batches(&files, 2, 1000)), vec![vec![0, 1], vec![2, 3], vec![4, 5]]);
+        // 25 bytes a batch: the 100-byte file goes alone.
+        assert_eq!(sizes(batches(&files, 32, 25)), vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
+        assert!(batches::<u8>(&[], 32, 25).is_empty());
     }
 
     #[test]

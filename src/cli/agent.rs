@@ -136,7 +136,10 @@ pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
     let mut report = |file: &PathBuf, outcome: Result<crate::agent::Ingested, String>| {
         if let Err(error) = outcome {
             refused += 1;
-            bar.suspend(|| eprintln!("{}: refused: {error}", file.display()));
+            // Most errors already start with the file's name; say it once.
+            let name = file.display().to_string();
+            let problem = error.strip_prefix(&format!("{name}: ")).unwrap_or(&error);
+            bar.suspend(|| eprintln!("{name}: refused: {problem}"));
         }
     };
     for chunk in files.chunks(32) {

@@ -72,7 +72,11 @@ pub fn run(args: ClassifyArgs, config: Option<&DeviceConfig>) -> anyhow::Result<
                     format!("{:.3}", p.confidence),
                     p.top.iter().map(|(c, q)| format!("{c} {q:.3}")).collect::<Vec<_>>().join(", "),
                 ]),
-                Err(error) => table.row(vec![file, "ERROR".into(), String::new(), error.clone()]),
+                Err(error) => {
+                    // The file is in its own column.
+                    let problem = error.strip_prefix(&format!("{file}: ")).unwrap_or(error).to_string();
+                    table.row(vec![file, "ERROR".into(), String::new(), problem])
+                }
             }
         }
         println!("{}", table.render());
