@@ -656,3 +656,18 @@ async fn poll_folders(shared: Arc<Shared>, folders: Folders) {
 pub fn is_cancelled(error: &AgentError) -> bool {
     matches!(error, AgentError::Adapt(AdaptError::Cancelled { .. }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_command_ids_are_cut_in_the_log() {
+        assert_eq!(short("op-1"), "op-1");
+        let long = "x".repeat(100_000);
+        let cut = short(&long);
+        assert!(cut.len() < 120 && cut.ends_with("(100000 bytes)"), "{cut}");
+        // Cut on a character boundary.
+        assert!(short(&"é".repeat(100)).ends_with("(200 bytes)"));
+    }
+}

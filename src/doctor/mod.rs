@@ -404,3 +404,29 @@ fn broker(config: &DeviceConfig) -> Check {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_that_make_the_agent_unusable_block_its_start() {
+        for name in ["ONNX Runtime", "bundle", "store", "disk space"] {
+            assert!(blocks_start(&fail(name, "", "")), "{name}");
+            assert!(!blocks_start(&warn(name, "", "")), "{name}");
+        }
+        for name in ["MQTT broker", "clock"] {
+            assert!(!blocks_start(&fail(name, "", "")), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_data_folder_that_is_a_file_is_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(unusable_folder(&file).as_deref(), Some("exists but is not a folder"));
+        assert_eq!(unusable_folder(&dir.path().join("missing")), None);
+        assert_eq!(unusable_folder(dir.path()), None);
+    }
+}

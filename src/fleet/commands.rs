@@ -199,6 +199,19 @@ pub fn build(id: &str, command: &str, args: serde_json::Value, key: Option<&[u8]
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_retry_has_the_same_fingerprint_and_another_command_does_not() {
+        let a = br#"{"schema":"edgeadapt.command/1","id":"x","command":"rollback","args":{"to":"source","b":1}}"#;
+        let reordered =
+            br#"{"args":{"b":1,"to":"source"},"command":"rollback","id":"x","schema":"edgeadapt.command/1"}"#;
+        let other = br#"{"schema":"edgeadapt.command/1","id":"x","command":"rollback","args":{"to":3}}"#;
+        let status = br#"{"schema":"edgeadapt.command/1","id":"x","command":"status"}"#;
+        assert_eq!(fingerprint(a), fingerprint(reordered));
+        assert_ne!(fingerprint(a), fingerprint(other));
+        assert_ne!(fingerprint(status), fingerprint(a));
+        assert!(fingerprint(status).starts_with("status:"));
+    }
+
     fn payload(message: &CommandMessage) -> Vec<u8> {
         serde_json::to_vec(message).unwrap()
     }
