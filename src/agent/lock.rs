@@ -56,21 +56,35 @@ pub enum LockError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// Opens the lock file without following a link: a link planted in its place is removed (the
+/// link only, never its target) and a plain file made instead.
 fn open(data_dir: &Path) -> Result<File, LockError> {
     let path = data_dir.join(LOCK_FILE);
-    File::options()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|source| LockError::Io { path, source })
+    let options = || {
+        let mut options = File::options();
+        options.create(true).truncate(false).read(true).write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+        options
+    };
+    match options().open(&path) {
+        Err(_) if path.is_symlink() => {
+            tracing::warn!(path = %path.display(), "the lock file was a link; replaced by a file (links are never followed)");
+            std::fs::remove_file(&path).map_err(|source| LockError::Io { path: path.clone(), source })?;
+            options().open(&path).map_err(|source| LockError::Io { path, source })
+        }
+        opened => opened.map_err(|source| LockError::Io { path, source }),
+    }
 }
 
-/// Who holds the lock now, if the file says.
+/// Who holds the lock now, if the file says (a link in its place says nothing).
 pub fn holder(data_dir: &Path) -> Option<Holder> {
+    let path = data_dir.join(LOCK_FILE);
+    if path.is_symlink() {
+        return None;
+    }
     let mut text = String::new();
-    File::open(data_dir.join(LOCK_FILE)).ok()?.read_to_string(&mut text).ok()?;
+    File::open(path).ok()?.read_to_string(&mut text).ok()?;
     Holder::parse(&text)
 }
 
@@ -164,6 +178,21 @@ mod tests {
             Err(error @ LockError::Timeout { .. }) => assert!(error.to_string().contains("edgeadapt adapt")),
             other => panic!("expected a timeout: {other:?}"),
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_in_place_of_the_lock_file_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside.txt");
+        std::fs::write(&outside, b"precious").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&outside, data.join(LOCK_FILE)).unwrap();
+        assert_eq!(holder(&data), None);
+        let _lock = try_acquire(&data, "status").unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+        assert!(!data.join(LOCK_FILE).is_symlink());
     }
 
     #[test]

@@ -84,7 +84,43 @@ impl DeviceConfig {
         ] {
             *path = path.as_deref().map(|p| resolve(base, p));
         }
+        config.validate_folders()?;
         Ok(config)
+    }
+
+    /// The watched folder and the inbox have their files moved away, so neither may be the data
+    /// folder, hold it, be one of the folders the agent moves files into, or be the other.
+    fn validate_folders(&self) -> Result<(), ParseError> {
+        let Some(data_dir) = self.data_dir.as_deref() else { return Ok(()) };
+        let data_dir = lexical(data_dir);
+        let watch = self.watch.folder.as_deref().map(lexical);
+        let inbox = self.labelling.inbox.as_deref().map(lexical);
+        let owned = ["classified", "processed", "rejected", "tensorrt"].map(|name| data_dir.join(name));
+        for (key, folder) in [("watch.folder", &watch), ("labelling.inbox", &inbox)] {
+            let Some(folder) = folder else { continue };
+            let problem = if data_dir.starts_with(folder) {
+                Some("is the data folder or holds it: the agent would move its own store away".to_string())
+            } else if let Some(inside) = owned.iter().find(|o| folder.starts_with(o)) {
+                Some(format!("lies in {}, where the agent moves files to", inside.display()))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ParseError::Invalid {
+                    key: key.into(),
+                    problem: format!("{}: {problem}", folder.display()),
+                });
+            }
+        }
+        if let (Some(watch), Some(inbox)) = (&watch, &inbox)
+            && (watch.starts_with(inbox) || inbox.starts_with(watch))
+        {
+            return Err(ParseError::Invalid {
+                key: "watch.folder".into(),
+                problem: "the watched folder and the labelling inbox must be apart (neither inside the other)".into(),
+            });
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ParseError> {
@@ -242,6 +278,22 @@ pub enum ParseError {
     Invalid { key: String, problem: String },
 }
 
+/// `path` with `.` and `..` resolved by name (links are not resolved: the folders are compared
+/// as configured).
+fn lexical(path: &Path) -> PathBuf {
+    let mut clean = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::ParentDir => {
+                clean.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => clean.push(other),
+        }
+    }
+    clean
+}
+
 fn resolve(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() { path.to_path_buf() } else { base.join(path) }
 }
@@ -308,6 +360,16 @@ mod tests {
             ("device_id = \"a\"\nbundle = \"m\"\n[adaptation]\nmethod = \"ft-tial\"\n", "adaptation.method"),
             ("device_id = \"a\"\nbundle = \"m\"\n[gate]\nmax_seen_drop = 2.0\n", "gate.max_seen_drop"),
             ("device_id = \"a\"\nbundle = \"m\"\n[watch]\npoll_ms = 0\n", "watch.poll_ms"),
+            ("device_id = \"a\"\nbundle = \"m\"\ndata_dir = \"d\"\n[watch]\nfolder = \"d\"\n", "watch.folder"),
+            ("device_id = \"a\"\nbundle = \"m\"\ndata_dir = \"d/x\"\n[watch]\nfolder = \"d/./\"\n", "watch.folder"),
+            (
+                "device_id = \"a\"\nbundle = \"m\"\ndata_dir = \"d\"\n[labelling]\ninbox = \"d/processed/x\"\n",
+                "labelling.inbox",
+            ),
+            (
+                "device_id = \"a\"\nbundle = \"m\"\ndata_dir = \"d\"\n[watch]\nfolder = \"w\"\n[labelling]\ninbox = \"w/in\"\n",
+                "watch.folder",
+            ),
         ];
         for (text, key) in cases {
             match DeviceConfig::parse(text, Path::new(".")) {

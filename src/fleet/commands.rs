@@ -49,6 +49,21 @@ pub struct Refusal {
     pub error: String,
 }
 
+/// Longest id echoed back in a refusal (128 characters of up to 4 bytes).
+const MAX_ID_BYTES: usize = 512;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying so.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 /// Identifies a command by its name and a digest of its arguments, for idempotency: a retry
 /// (the same payload, or the same command re-serialised) has the same fingerprint. Computed on
 /// payloads that [`parse`] accepted.
@@ -57,7 +72,11 @@ pub fn fingerprint(payload: &[u8]) -> String {
     let value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
     let command = value.get("command").and_then(|c| c.as_str()).unwrap_or("");
     // serde_json's maps are sorted, so the text is canonical.
-    let args = value.get("args").map(|a| a.to_string()).unwrap_or_default();
+    // Missing, null and empty arguments are the same command, as for signatures.
+    let args = match value.get("args") {
+        None | Some(serde_json::Value::Null) => "{}".to_string(),
+        Some(args) => args.to_string(),
+    };
     format!("{command}:{}", hex::encode(&Sha256::digest(args.as_bytes())[..16]))
 }
 
@@ -66,7 +85,9 @@ const MAX_LABEL_IMAGE: usize = 16 << 20;
 
 /// Parses a command payload. With a `key`, the command must carry a valid signature.
 pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Refusal> {
-    let refuse = |id: &str, error: String| Refusal { id: id.to_string(), error };
+    // What comes back is cut: a refusal must never be bigger than the command (a response over
+    // the broker's packet limit costs the device its connection).
+    let refuse = |id: &str, error: String| Refusal { id: clip(id, MAX_ID_BYTES), error: clip(&error, 512) };
     let message: CommandMessage = serde_json::from_slice(payload).map_err(|e| {
         // Keep the id when the rest is malformed, so the sender gets its answer.
         let id = serde_json::from_slice::<serde_json::Value>(payload)
@@ -77,9 +98,10 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
     })?;
     let id = message.id.clone();
     if message.schema != COMMAND_SCHEMA {
-        return Err(refuse(&id, format!("unknown schema '{}', expected '{COMMAND_SCHEMA}'", message.schema)));
+        let schema = clip(&message.schema, 64);
+        return Err(refuse(&id, format!("unknown schema '{schema}', expected '{COMMAND_SCHEMA}'")));
     }
-    if id.is_empty() || id.len() > 128 {
+    if id.is_empty() || id.chars().count() > 128 {
         return Err(refuse(&id, "the command id must be 1 to 128 characters".into()));
     }
     if let Some(key) = key {
@@ -91,7 +113,7 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
         }
     }
     let args = if message.args.is_null() { serde_json::json!({}) } else { message.args.clone() };
-    let bad_args = |e: serde_json::Error| refuse(&id, format!("{}: bad arguments: {e}", message.command));
+    let bad_args = |e: serde_json::Error| refuse(&id, format!("{}: bad arguments: {e}", clip(&message.command, 64)));
     let command = match message.command.as_str() {
         "adapt" => {
             #[derive(Deserialize)]
@@ -127,6 +149,13 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
             if let Some(method) = &update.method {
                 method.parse::<crate::adapt::method::Method>().map_err(|e| refuse(&id, format!("set-policy: {e}")))?;
             }
+            if update.after_new_labels.is_some_and(|n| n > 1_000_000_000) {
+                return Err(refuse(&id, "set-policy: after_new_labels must be at most 1000000000".into()));
+            }
+            // Ten years: a schedule beyond it is a mistake, not a policy.
+            if update.every_minutes.is_some_and(|m| m > 5_256_000) {
+                return Err(refuse(&id, "set-policy: every_minutes must be at most 5256000 (ten years)".into()));
+            }
             Command::SetPolicy(update)
         }
         "label" => {
@@ -158,7 +187,10 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
         other => {
             return Err(refuse(
                 &id,
-                format!("unknown command '{other}' (adapt, rollback, status, set-policy, label, publish-weights)"),
+                format!(
+                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights)",
+                    clip(other, 64)
+                ),
             ));
         }
     };
@@ -210,6 +242,42 @@ mod tests {
         assert_ne!(fingerprint(a), fingerprint(other));
         assert_ne!(fingerprint(status), fingerprint(a));
         assert!(fingerprint(status).starts_with("status:"));
+        let empty = br#"{"schema":"edgeadapt.command/1","id":"x","command":"status","args":{}}"#;
+        let null = br#"{"schema":"edgeadapt.command/1","id":"x","command":"status","args":null}"#;
+        assert_eq!(fingerprint(status), fingerprint(empty));
+        assert_eq!(fingerprint(status), fingerprint(null));
+    }
+
+    #[test]
+    fn refusals_are_never_much_bigger_than_a_normal_answer() {
+        let huge = "z".repeat(262_000);
+        for payload in [
+            format!(r#"{{"schema":"{huge}","id":"k2","command":"status"}}"#),
+            format!(r#"{{"schema":"edgeadapt.command/1","id":"{huge}","command":"status"}}"#),
+            format!(r#"{{"schema":"edgeadapt.command/1","id":"k","command":"{huge}"}}"#),
+            format!(r#"{{"schema":"edgeadapt.command/1","id":"{huge}","command":"status","args":7"#),
+        ] {
+            let refusal = parse(payload.as_bytes(), None).unwrap_err();
+            assert!(
+                refusal.id.len() <= 520 && refusal.error.len() <= 520,
+                "{} {}",
+                refusal.id.len(),
+                refusal.error.len()
+            );
+        }
+        let accented = format!(r#"{{"schema":"edgeadapt.command/1","id":"{}","command":"status"}}"#, "é".repeat(100));
+        assert!(parse(accented.as_bytes(), None).is_ok(), "ids are counted in characters");
+    }
+
+    #[test]
+    fn absurd_policies_are_refused() {
+        for args in [
+            serde_json::json!({ "every_minutes": u64::MAX }),
+            serde_json::json!({ "after_new_labels": 10_000_000_000u64 }),
+        ] {
+            let message = build("p", "set-policy", args, None);
+            assert!(parse(&payload(&message), None).is_err());
+        }
     }
 
     fn payload(message: &CommandMessage) -> Vec<u8> {

@@ -283,6 +283,11 @@ struct Link {
 
 impl Link {
     fn publish(&mut self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>, event: Option<i64>) -> bool {
+        if !fits(&topic, &payload, self.config.max_packet_bytes) {
+            // The broker would drop it and the connection with it.
+            tracing::warn!(%topic, bytes = payload.len(), "not published: over the broker's packet limit");
+            return false;
+        }
         match self.client.try_publish(topic, qos, retain, payload) {
             Ok(()) => {
                 self.tracker.queued.push_back(event);
@@ -399,7 +404,16 @@ pub async fn run(
                 }
                 match item {
                     LinkMessage::Response(response) => {
-                        link.publish_json(link.topics.responses(), QoS::AtLeastOnce, false, &response);
+                        let payload = serde_json::to_vec(&response).expect("responses serialise");
+                        let payload = if fits(&link.topics.responses(), &payload, config.max_packet_bytes) {
+                            payload
+                        } else {
+                            let error = format!("the response ({} bytes) exceeds the broker's packet limit", payload.len());
+                            let id: String = response.id.chars().take(128).collect();
+                            serde_json::to_vec(&crate::fleet::messages::response_error(&device, &id, error))
+                                .expect("responses serialise")
+                        };
+                        link.publish(link.topics.responses(), QoS::AtLeastOnce, false, payload, None);
                     }
                     LinkMessage::Weights { version, manifest, chunks } => {
                         link.publish(link.topics.weights_manifest(version), QoS::AtLeastOnce, false, manifest, None);
@@ -460,6 +474,11 @@ async fn metrics_message(shared: &Arc<Shared>, device: &str) -> Option<super::me
     .ok()?
 }
 
+/// Whether a publish of `payload` on `topic` fits in a packet of `max_packet` bytes.
+fn fits(topic: &str, payload: &[u8], max_packet: usize) -> bool {
+    payload.len() + topic.len() + super::weights::PACKET_OVERHEAD <= max_packet
+}
+
 /// Publishes undelivered events beyond those already in flight; a promoted version's weights
 /// follow its event.
 async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
@@ -517,7 +536,14 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
             kind: event.kind.clone(),
             payload: event.payload,
         };
-        let payload = serde_json::to_vec(&message).expect("events serialise");
+        let mut payload = serde_json::to_vec(&message).expect("events serialise");
+        if !fits(&link.topics.events(), &payload, link.config.max_packet_bytes) {
+            // An event too big for the broker is sent without its payload, so the outbox moves on.
+            let bytes = payload.len();
+            let stub =
+                EventMessage { payload: serde_json::json!({ "truncated": true, "payload_bytes": bytes }), ..message };
+            payload = serde_json::to_vec(&stub).expect("events serialise");
+        }
         if !link.publish(link.topics.events(), QoS::AtLeastOnce, false, payload, Some(event.id)) {
             return;
         }
