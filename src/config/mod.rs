@@ -100,10 +100,11 @@ impl DeviceConfig {
             let Some(folder) = folder else { continue };
             let problem = if data_dir.starts_with(folder) {
                 Some("is the data folder or holds it: the agent would move its own store away".to_string())
-            } else if let Some(inside) = owned.iter().find(|o| folder.starts_with(o)) {
-                Some(format!("lies in {}, where the agent moves files to", inside.display()))
             } else {
-                None
+                owned
+                    .iter()
+                    .find(|o| folder.starts_with(o))
+                    .map(|inside| format!("lies in {}, where the agent moves files to", inside.display()))
             };
             if let Some(problem) = problem {
                 return Err(ParseError::Invalid {
