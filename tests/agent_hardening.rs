@@ -349,3 +349,41 @@ fn a_data_folder_that_is_a_file_is_named_in_the_error() {
     }
     assert_eq!(std::fs::read(dir.path().join("data")).unwrap(), b"not a folder");
 }
+
+#[cfg(unix)]
+#[test]
+fn links_planted_in_the_data_folder_are_never_followed_and_jam_nothing() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let data = dir.path().join("data");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("log.txt"), b"precious").unwrap();
+    std::fs::write(outside.join("lock.txt"), b"precious").unwrap();
+    std::fs::create_dir_all(data.join("processed")).unwrap();
+    symlink(&outside, data.join("processed/E")).unwrap();
+    symlink(outside.join("log.txt"), data.join("classifications.jsonl")).unwrap();
+    symlink(outside.join("lock.txt"), data.join("agent.lock")).unwrap();
+    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    // A file whose destination is a link stays where it is; the classes after it go on.
+    std::fs::create_dir_all(data.join("inbox/E")).unwrap();
+    std::fs::copy(image("E", 3), data.join("inbox/E/e.png")).unwrap();
+    label_through_inbox(&data, "F", 1);
+    // A watched image with a 251-byte name, twice: the second is numbered within 255 bytes.
+    let long = format!("{}.png", "q".repeat(251));
+    for n in 0..2 {
+        std::fs::copy(image("M", n), data.join("stage.png")).unwrap();
+        std::fs::rename(data.join("stage.png"), data.join("watch").join(&long)).unwrap();
+        wait_for("the long-named image to be classified", Duration::from_secs(30), || {
+            files_in(&data.join("classified")).iter().filter(|n| n.ends_with("q.png")).count() == n + 1
+        });
+    }
+    assert!(data.join("inbox/E/e.png").exists(), "not moved through the link");
+    assert_eq!(files_in(&outside), vec!["lock.txt".to_string(), "log.txt".to_string()]);
+    assert_eq!(std::fs::read(outside.join("log.txt")).unwrap(), b"precious");
+    assert_eq!(std::fs::read(outside.join("lock.txt")).unwrap(), b"precious");
+    assert!(!data.join("classifications.jsonl").is_symlink() && !data.join("agent.lock").is_symlink());
+    daemon.stop();
+}

@@ -245,7 +245,7 @@ impl Opened {
         let mut target = name.to_string();
         let mut n = 1;
         while to.dir.symlink_metadata(&target).is_ok() {
-            target = format!("{n}-{name}");
+            target = fit_name(&format!("{n}-"), name, "");
             n += 1;
         }
         self.dir.rename(name, &to.dir, &target).map_err(|e| named(&self.path.join(name), e))?;
@@ -263,11 +263,37 @@ pub struct Poller {
     settling: Settling,
     /// Inbox entries already warned about, so a link or a stray file is named once.
     warned: HashSet<OsString>,
+    /// Files that could not be moved away (a destination that is a link, say), and when: left
+    /// alone for [`STUCK_RETRY`] so that one of them never holds up the others.
+    stuck: HashMap<PathBuf, Instant>,
 }
+
+/// How long a file that could not be moved away is left alone before it is tried again.
+const STUCK_RETRY: Duration = Duration::from_secs(60);
 
 impl Poller {
     pub fn new(folders: Folders) -> Poller {
-        Poller { folders, settling: Settling::default(), warned: HashSet::new() }
+        Poller { folders, settling: Settling::default(), warned: HashSet::new(), stuck: HashMap::new() }
+    }
+
+    /// Whether `path` is left alone for now, after it could not be moved away.
+    fn is_stuck(&mut self, path: &Path) -> bool {
+        match self.stuck.get(path) {
+            Some(at) if at.elapsed() < STUCK_RETRY => true,
+            Some(_) => {
+                self.stuck.remove(path);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a file that could not be settled; says so the first time.
+    fn on_stuck(&mut self, path: &Path, error: &anyhow::Error) {
+        if self.stuck.insert(path.to_path_buf(), Instant::now()).is_none() {
+            tracing::warn!(file = %path.display(), error = format!("{error:#}"),
+                "cannot move the file away; other files go on, this one is tried again in a minute");
+        }
     }
 
     pub fn poll(&mut self, agent: &Mutex<Agent>) -> anyhow::Result<()> {
@@ -294,14 +320,21 @@ impl Poller {
                 self.warn_once(&name, &watch.path, "the name is not UTF-8; rename it");
                 continue;
             };
+            let path = watch.path.join(&name);
+            if self.is_stuck(&path) {
+                continue;
+            }
             match triage(&name, kind) {
                 Triage::Take => files.push((name.clone(), watch.size(&name))),
-                Triage::Leave => {}
-                Triage::RefuseLink => {
-                    let moved = watch.move_into(&name, &failed)?;
-                    tracing::warn!(file = %watch.display(&name), moved_to = %failed.display(&moved),
-                        "links are not followed; copy or move the image itself into the watched folder");
+                Triage::Leave if kind != EntryKind::File && !name.starts_with('.') => {
+                    self.warn_once(name.as_ref(), &watch.path, "not a file (only image files are classified)");
                 }
+                Triage::Leave => {}
+                Triage::RefuseLink => match watch.move_into(&name, &failed) {
+                    Ok(moved) => tracing::warn!(file = %path.display(), moved_to = %failed.display(&moved),
+                        "links are not followed; copy or move the image itself into the watched folder"),
+                    Err(error) => self.on_stuck(&path, &error.into()),
+                },
             }
         }
         for chunk in batches(&files, FOLDER_BATCH, FOLDER_BATCH_BYTES) {
@@ -318,10 +351,7 @@ impl Poller {
                 (agent.classify(&images, 3), agent.serving())
             };
             let mut results = results.into_iter();
-            let mut log = data
-                .dir
-                .open_with(RESULTS_LOG, cap_std::fs::OpenOptions::new().create(true).append(true))
-                .map_err(|e| named(&data.path.join(RESULTS_LOG), e))?;
+            let mut log = open_results_log(data)?;
             for (name, bytes) in &loaded {
                 let result = match bytes {
                     Ok(_) => results.next().expect("one result per image"),
@@ -348,16 +378,13 @@ impl Poller {
                         confidence = prediction.confidence, version, "classified"),
                     Err(error) => tracing::warn!(file = name, %error, "cannot classify"),
                 }
-                match (self.folders.after, result.is_ok()) {
-                    (AfterClassify::Delete, true) => {
-                        watch.dir.remove_file(name).map_err(|e| named(&path, e))?;
-                    }
-                    (_, true) => {
-                        watch.move_into(name, &classified)?;
-                    }
-                    (_, false) => {
-                        watch.move_into(name, &failed)?;
-                    }
+                let settled = match (self.folders.after, result.is_ok()) {
+                    (AfterClassify::Delete, true) => watch.dir.remove_file(name).map_err(|e| named(&path, e)),
+                    (_, true) => watch.move_into(name, &classified).map(|_| ()),
+                    (_, false) => watch.move_into(name, &failed).map(|_| ()),
+                };
+                if let Err(error) = settled {
+                    self.on_stuck(&path, &error.into());
                 }
             }
         }
@@ -384,20 +411,42 @@ impl Poller {
                     self.warn_once(&entry, &inbox.path, "the class folder's name is not UTF-8");
                     continue;
                 }
+                (Some(name), _) if !name.starts_with('.') => {
+                    self.warn_once(&entry, &inbox.path, "not a class folder (put images in <inbox>/<class>/)");
+                    continue;
+                }
                 _ => continue,
             };
-            let class_dir = Opened {
-                dir: inbox.dir.open_dir(&class).map_err(|e| named(&inbox.path.join(&class), e))?,
-                path: inbox.path.join(&class),
+            let opened = inbox.dir.open_dir(&class).map_err(|e| named(&inbox.path.join(&class), e));
+            let class_dir = match opened {
+                Ok(dir) => Opened { dir, path: inbox.path.join(&class) },
+                Err(error) => {
+                    self.warn_once(&entry, &inbox.path, &format!("cannot open it: {error}"));
+                    continue;
+                }
+            };
+            let entries = match class_dir.entries() {
+                Ok(entries) => entries,
+                Err(error) => {
+                    self.warn_once(&entry, &inbox.path, &format!("cannot list it: {error}"));
+                    continue;
+                }
             };
             let mut files = Vec::new();
-            for (name, kind) in class_dir.entries()? {
+            for (name, kind) in entries {
                 let Some(name) = name.to_str().map(str::to_string) else {
                     self.warn_once(&name, &class_dir.path, "the name is not UTF-8; rename it");
                     continue;
                 };
+                let path = class_dir.path.join(&name);
+                if self.is_stuck(&path) {
+                    continue;
+                }
                 match triage(&name, kind) {
                     Triage::Take => files.push((name.clone(), class_dir.size(&name))),
+                    Triage::Leave if kind != EntryKind::File && !name.starts_with('.') => {
+                        self.warn_once(name.as_ref(), &class_dir.path, "not a file (only image files are labelled)");
+                    }
                     Triage::Leave => {}
                     Triage::RefuseLink => {
                         let outcome = Err(IngestError::BadImage {
@@ -405,7 +454,11 @@ impl Poller {
                             problem: "is a link, and links are not followed; copy the image itself into the inbox"
                                 .into(),
                         });
-                        settle_inbox_file(agent, &class_dir, &name, &class, &processed, &rejected, outcome)?;
+                        if let Err(error) =
+                            settle_inbox_file(agent, &class_dir, &name, &class, &processed, &rejected, outcome)
+                        {
+                            self.on_stuck(&path, &error);
+                        }
                     }
                 }
             }
@@ -443,7 +496,11 @@ impl Poller {
                         }
                     }
                     self.settling.on_settled(&path);
-                    settle_inbox_file(agent, &class_dir, name, &class, &processed, &rejected, outcome)?;
+                    if let Err(error) =
+                        settle_inbox_file(agent, &class_dir, name, &class, &processed, &rejected, outcome)
+                    {
+                        self.on_stuck(&path, &error);
+                    }
                 }
             }
         }
@@ -455,6 +512,34 @@ impl Poller {
             tracing::warn!(entry = %folder.join(name).display(), "left alone: {problem}");
         }
     }
+}
+
+/// Longest file name most file systems take, in bytes.
+const MAX_NAME_BYTES: usize = 255;
+
+/// `prefix + name + suffix`, with the start of `name` cut (on a character boundary) so that the
+/// whole stays within [`MAX_NAME_BYTES`].
+pub fn fit_name(prefix: &str, name: &str, suffix: &str) -> String {
+    let room = MAX_NAME_BYTES.saturating_sub(prefix.len() + suffix.len());
+    let mut start = name.len().saturating_sub(room);
+    while !name.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{prefix}{}{suffix}", &name[start..])
+}
+
+/// Opens the classification log for appending. A link in its place is removed (the link only,
+/// never its target) and a plain file made instead: the log never follows a link.
+fn open_results_log(data: &Opened) -> anyhow::Result<cap_std::fs::File> {
+    if data.dir.symlink_metadata(RESULTS_LOG).is_ok_and(|m| m.is_symlink()) {
+        tracing::warn!(path = %data.path.join(RESULTS_LOG).display(),
+            "the classification log was a link; replaced by a file (links are never followed)");
+        data.dir.remove_file(RESULTS_LOG).map_err(|e| named(&data.path.join(RESULTS_LOG), e))?;
+    }
+    Ok(data
+        .dir
+        .open_with(RESULTS_LOG, cap_std::fs::OpenOptions::new().create(true).append(true))
+        .map_err(|e| named(&data.path.join(RESULTS_LOG), e))?)
 }
 
 #[derive(Serialize)]
@@ -489,7 +574,7 @@ fn settle_inbox_file(
             tracing::warn!(%error, "label refused");
             let to = rejected.sub(class)?;
             let moved = from.move_into(name, &to)?;
-            to.dir.write(format!("{moved}.reason.txt"), format!("{error}\n")).map_err(|e| named(&to.path, e))?;
+            to.dir.write(fit_name("", &moved, ".reason.txt"), format!("{error}\n")).map_err(|e| named(&to.path, e))?;
             agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).store().push_event(&event(
                 "sample.rejected",
                 serde_json::json!({ "file": from.display(name), "class": class, "error": error }),
@@ -536,6 +621,17 @@ mod tests {
         // 25 bytes a batch: the 100-byte file goes alone.
         assert_eq!(sizes(batches(&files, 32, 25)), vec![vec![0, 1], vec![2], vec![3], vec![4, 5]]);
         assert!(batches::<u8>(&[], 32, 25).is_empty());
+    }
+
+    #[test]
+    fn numbered_and_reason_names_stay_within_the_limit() {
+        let long = format!("{}.png", "q".repeat(251));
+        assert_eq!(fit_name("1-", &long, "").len(), MAX_NAME_BYTES);
+        assert!(fit_name("1-", &long, "").ends_with(".png"));
+        assert_eq!(fit_name("", &long, ".reason.txt").len(), MAX_NAME_BYTES);
+        assert_eq!(fit_name("1-", "a.png", ""), "1-a.png");
+        let accented = "é".repeat(200);
+        assert!(fit_name("12-", &accented, "").len() <= MAX_NAME_BYTES);
     }
 
     #[test]
