@@ -294,6 +294,35 @@ fn a_flood_of_requests_gets_answers_or_busy_and_slow_connections_are_closed() {
     }
     let mut fine = http().get(daemon.url("/v1/status")).call().unwrap();
     assert_eq!(fine.status(), 200, "{:?}", fine.body_mut().read_to_string());
+
+    // Requests that take every place in the queue and never send their body: the agent's state
+    // is still answered, and the places are given back with 408 after the timeout.
+    let holders: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream.write_all(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n").unwrap();
+            stream
+        })
+        .collect();
+    let mut status = http().get(daemon.url("/v1/status")).call().unwrap();
+    assert_eq!(status.status(), 200, "{:?}", status.body_mut().read_to_string());
+    for mut stream in holders {
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 408") || answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    // A declared body over the limit is refused before it is sent.
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/label?class=A HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
     daemon.stop();
 }
 

@@ -10,6 +10,9 @@ use super::{Ingested, RunProgress, Status, VersionRef};
 use crate::config::DeviceConfig;
 use crate::inference::Prediction;
 
+/// How long a command keeps asking a busy agent.
+const BUSY_WAIT: Duration = Duration::from_secs(60);
+
 pub struct Client {
     base: String,
     http: ureq::Agent,
@@ -44,6 +47,29 @@ impl Client {
         &self.base
     }
 
+    /// Sends a request again while the agent answers 503 (its queue is full), as its
+    /// Retry-After says, for up to [`BUSY_WAIT`]. Only for requests that are safe to repeat.
+    fn patiently(
+        &self,
+        send: impl Fn() -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let started = std::time::Instant::now();
+        loop {
+            let response = send()?;
+            if response.status() != 503 || started.elapsed() >= BUSY_WAIT {
+                return Ok(response);
+            }
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1)
+                .clamp(1, 10);
+            std::thread::sleep(Duration::from_secs(wait));
+        }
+    }
+
     fn read<T: DeserializeOwned>(&self, response: ureq::http::Response<ureq::Body>) -> anyhow::Result<T> {
         let status = response.status();
         let mut body = response.into_body();
@@ -55,27 +81,30 @@ impl Client {
     }
 
     pub fn status(&self) -> anyhow::Result<Status> {
-        self.read(self.http.get(format!("{}/v1/status", self.base)).call()?)
+        self.read(self.patiently(|| self.http.get(format!("{}/v1/status", self.base)).call())?)
     }
 
+    /// Labels are safe to send again: a stored one is recognised by its content.
     pub fn label(&self, bytes: &[u8], class: &str, name: &str) -> anyhow::Result<Ingested> {
-        let response = self
-            .http
-            .post(format!("{}/v1/label", self.base))
-            .query("class", class)
-            .query("name", name)
-            .header("content-type", "application/octet-stream")
-            .send(bytes)?;
+        let response = self.patiently(|| {
+            self.http
+                .post(format!("{}/v1/label", self.base))
+                .query("class", class)
+                .query("name", name)
+                .header("content-type", "application/octet-stream")
+                .send(bytes)
+        })?;
         self.read(response)
     }
 
     pub fn classify(&self, bytes: &[u8], name: &str) -> anyhow::Result<Prediction> {
-        let response = self
-            .http
-            .post(format!("{}/v1/classify", self.base))
-            .query("name", name)
-            .header("content-type", "application/octet-stream")
-            .send(bytes)?;
+        let response = self.patiently(|| {
+            self.http
+                .post(format!("{}/v1/classify", self.base))
+                .query("name", name)
+                .header("content-type", "application/octet-stream")
+                .send(bytes)
+        })?;
         self.read(response)
     }
 

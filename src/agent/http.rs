@@ -39,37 +39,84 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
 /// get 503 with Retry-After before their body is read), bodies are capped, a request that
 /// takes longer than `request_timeout_s` gets 503, and every error, the framework's own
 /// included, is a JSON `{"error": ...}`.
+///
+/// The queue holds the requests that carry an image (classify, label); status, the run's state,
+/// cancel, adapt and rollback are small and answered beside it, so a full queue never hides the
+/// agent's state. A body must arrive within `header_timeout_s` once its request holds a place in
+/// the queue, so that slow senders cannot keep the places.
 pub fn router(shared: Arc<Shared>, limits: &HttpConfig) -> Router {
-    let permits = Arc::new(Semaphore::new(limits.max_requests));
+    let queue = Queue {
+        permits: Arc::new(Semaphore::new(limits.max_requests)),
+        max_body: limits.max_body_bytes,
+        body_timeout: Duration::from_secs(limits.header_timeout_s),
+    };
     let timeout = Duration::from_secs(limits.request_timeout_s);
-    Router::new()
-        .route("/v1/status", get(http_status))
+    let queued = Router::new()
         .route("/v1/classify", post(http_classify))
         .route("/v1/label", post(http_label))
+        .layer(middleware::from_fn(move |request: Request, next: Next| queue.clone().admit(request, next)));
+    Router::new()
+        .route("/v1/status", get(http_status))
         .route("/v1/adapt", post(http_adapt).get(http_adapt_state))
         .route("/v1/adapt/cancel", post(http_cancel))
         .route("/v1/rollback", post(http_rollback))
+        .merge(queued)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see docs/agent.md for the API") })
         .layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes as usize))
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            let permits = Arc::clone(&permits);
-            async move {
-                let Ok(_permit) = permits.try_acquire_owned() else {
-                    let mut response =
-                        error(StatusCode::SERVICE_UNAVAILABLE, "busy: too many requests at once; try again");
-                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return response;
-                };
-                match tokio::time::timeout(timeout, next.run(request)).await {
-                    Ok(response) => response,
-                    Err(_) => {
-                        error(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {} s", timeout.as_secs()))
-                    }
-                }
+        .layer(middleware::from_fn(move |request: Request, next: Next| async move {
+            match tokio::time::timeout(timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, format!("no answer within {} s", timeout.as_secs())),
             }
         }))
         .layer(middleware::from_fn(json_errors))
         .with_state(shared)
+}
+
+/// The classification queue: places for requests that carry an image.
+#[derive(Clone)]
+struct Queue {
+    permits: Arc<Semaphore>,
+    max_body: u64,
+    body_timeout: Duration,
+}
+
+impl Queue {
+    /// Admits a request: 413 at once for a declared body over the limit, 503 with Retry-After
+    /// when every place is taken, 408 when the body does not arrive in time; otherwise the
+    /// request runs with its body read.
+    async fn admit(self, request: Request, next: Next) -> Response {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max_body) {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {} bytes", self.max_body));
+        }
+        let Ok(_permit) = self.permits.try_acquire_owned() else {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "busy: too many requests at once; try again");
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        };
+        let (parts, body) = request.into_parts();
+        let read = tokio::time::timeout(self.body_timeout, axum::body::to_bytes(body, self.max_body as usize)).await;
+        let bytes = match read {
+            Ok(Ok(bytes)) => bytes,
+            // Within its declared length, a body that fails to arrive whole was cut off.
+            Ok(Err(_)) if declared.is_some() => return error(StatusCode::BAD_REQUEST, "the body was cut off"),
+            Ok(Err(_)) => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {} bytes", self.max_body));
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {} s", self.body_timeout.as_secs()),
+                );
+            }
+        };
+        next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+    }
 }
 
 /// Answers a connection over the limit with 503 and Retry-After without reading its request,
