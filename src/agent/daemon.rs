@@ -243,8 +243,7 @@ impl Shared {
 pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     raise_open_files_limit();
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?.to_path_buf();
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| anyhow::anyhow!("data_dir {} (key `data_dir`): {e}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| crate::config::data_dir_error(&data_dir, e))?;
     // A CLI command that opened the store while no agent ran (after a crash, say) is given
     // time to finish rather than making the agent fail to start.
     let _lock = tokio::task::spawn_blocking({

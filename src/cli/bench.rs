@@ -62,6 +62,13 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
     for path in args.json.iter().chain(&args.plot) {
         output::check_file(path, overwrite)?;
     }
+    if let (Some(json), Some(plot)) = (&args.json, &args.plot) {
+        anyhow::ensure!(
+            output::absolute(json)? != output::absolute(plot)?,
+            "--json and --plot name the same file ({})",
+            json.display()
+        );
+    }
     let bundle = super::load_bundle(&bundle_dir)?;
     let mut classifier = Classifier::open(bundle, &runtime)?;
     let mut hyper = Hyper::default();

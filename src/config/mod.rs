@@ -279,6 +279,16 @@ pub enum ParseError {
     Invalid { key: String, problem: String },
 }
 
+/// Why the data folder cannot be created or used, naming it and the key.
+pub fn data_dir_error(data_dir: &Path, error: std::io::Error) -> anyhow::Error {
+    let problem = if data_dir.exists() && !data_dir.is_dir() {
+        "exists but is not a folder".to_string()
+    } else {
+        error.to_string()
+    };
+    anyhow::anyhow!("data_dir {} (key `data_dir`): {problem}", data_dir.display())
+}
+
 /// `path` with `.` and `..` resolved by name (links are not resolved: the folders are compared
 /// as configured).
 fn lexical(path: &Path) -> PathBuf {

@@ -194,8 +194,19 @@ fn store(config: &DeviceConfig) -> Vec<Check> {
         Ok(metadata) if metadata.is_file() && metadata.len() == 0 => {
             return vec![fail("store", format!("{}: empty file (0 bytes)", path.display()), DAMAGED_FIX)];
         }
+        Ok(metadata) if metadata.is_symlink() => {
+            return vec![fail(
+                "store",
+                format!("{}: a link (the agent never follows links)", path.display()),
+                "replace the link with the database file itself",
+            )];
+        }
         Ok(metadata) if !metadata.is_file() => {
-            return vec![fail("store", format!("{}: not a regular file", path.display()), DAMAGED_FIX)];
+            return vec![fail(
+                "store",
+                format!("{}: not a file", path.display()),
+                "move it out of the data folder; the agent then starts a new store",
+            )];
         }
         Ok(_) if !writable(&path) => {
             return vec![fail(
@@ -318,10 +329,16 @@ fn clock(config: &DeviceConfig) -> Check {
     if now < CLOCK_FLOOR_MS {
         return fail("clock", format!("system time {now} ms is before 2025"), fix);
     }
-    let newest = config.data_dir.as_deref().map(crate::agent::store_path).filter(|p| p.exists()).and_then(|path| {
-        let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-        conn.query_row("SELECT MAX(at_ms) FROM events", [], |row| row.get::<_, Option<i64>>(0)).ok().flatten()
-    });
+    let newest = config
+        .data_dir
+        .as_deref()
+        .map(crate::agent::store_path)
+        // Never through a link: opening a database makes files beside it.
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .and_then(|path| {
+            let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+            conn.query_row("SELECT MAX(at_ms) FROM events", [], |row| row.get::<_, Option<i64>>(0)).ok().flatten()
+        });
     match newest {
         Some(newest) if newest > now + 60_000 => fail(
             "clock",

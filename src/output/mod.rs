@@ -31,6 +31,8 @@ pub enum OutputError {
     NotABundle(PathBuf),
     #[error("{path}: {kind}; expected {expected}")]
     WrongKind { path: PathBuf, kind: &'static str, expected: &'static str },
+    #[error("{0}: no such folder to write into")]
+    NoFolder(PathBuf),
     #[error("{0}: not a usable output path")]
     BadPath(PathBuf),
     #[error("{path}: {source}")]
@@ -85,13 +87,29 @@ pub fn occupant(path: &Path) -> Result<Occupant, OutputError> {
     } else if kind.is_dir() {
         if std::fs::read_dir(path).map_err(io(path))?.next().is_none() {
             Occupant::EmptyDir
-        } else if path.join(BUNDLE_MANIFEST).is_file() {
+        } else if is_bundle(path) {
             Occupant::Bundle
         } else {
             Occupant::OtherDir
         }
     } else {
         Occupant::Other
+    })
+}
+
+/// Whether `dir` holds a bundle and nothing else: a `manifest.toml` whose checksums table names
+/// every other entry, each a plain file. Only such a folder is ever replaced.
+fn is_bundle(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(BUNDLE_MANIFEST)) else { return false };
+    let Ok(manifest) = text.parse::<toml::Table>() else { return false };
+    let Some(checksums) = manifest.get("checksums").and_then(|c| c.as_table()) else { return false };
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.into_iter().all(|entry| {
+        entry.is_ok_and(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let plain = entry.file_type().is_ok_and(|t| t.is_file());
+            plain && (name == BUNDLE_MANIFEST || checksums.contains_key(&name))
+        })
     })
 }
 
@@ -124,9 +142,15 @@ pub fn dir_decision(path: &Path, occupant: Occupant, overwrite: Overwrite) -> Re
     }
 }
 
-/// Checks a file output before the work that produces it.
+/// Checks a file output before the work that produces it: its folder must exist, and the path
+/// must be free (or replaceable).
 pub fn check_file(path: &Path, overwrite: Overwrite) -> Result<(), OutputError> {
     let path = absolute(path)?;
+    if let Some(parent) = path.parent()
+        && !parent.is_dir()
+    {
+        return Err(OutputError::NoFolder(parent.to_path_buf()));
+    }
     file_decision(&path, occupant(&path)?, overwrite)
 }
 
@@ -287,16 +311,31 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_with_an_empty_manifest_or_extra_files_is_not_a_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake");
+        std::fs::create_dir(&fake).unwrap();
+        std::fs::write(fake.join("manifest.toml"), b"").unwrap();
+        std::fs::write(fake.join("precious.dat"), b"mine").unwrap();
+        assert_eq!(occupant(&fake).unwrap(), Occupant::OtherDir);
+        std::fs::write(fake.join("manifest.toml"), b"[checksums]\n\"head.safetensors\" = \"00\"\n").unwrap();
+        assert_eq!(occupant(&fake).unwrap(), Occupant::OtherDir, "precious.dat is not the bundle's");
+        std::fs::remove_file(fake.join("precious.dat")).unwrap();
+        std::fs::write(fake.join("head.safetensors"), b"").unwrap();
+        assert_eq!(occupant(&fake).unwrap(), Occupant::Bundle);
+    }
+
+    #[test]
     fn a_bundle_is_replaced_with_force() {
         let dir = tempfile::tempdir().unwrap();
         let bundle = dir.path().join("bundle");
         std::fs::create_dir(&bundle).unwrap();
-        std::fs::write(bundle.join("manifest.toml"), b"old").unwrap();
+        std::fs::write(bundle.join("manifest.toml"), b"[checksums]\n").unwrap();
         let staged = staging_dir(&bundle).unwrap();
-        std::fs::write(staged.join("manifest.toml"), b"new").unwrap();
+        std::fs::write(staged.join("manifest.toml"), b"[checksums]\n# new\n").unwrap();
         assert!(matches!(install_dir(&staged, &bundle, Overwrite::Refuse), Err(OutputError::Exists(_))));
         install_dir(&staged, &bundle, Overwrite::Replace).unwrap();
-        assert_eq!(std::fs::read(bundle.join("manifest.toml")).unwrap(), b"new");
+        assert_eq!(std::fs::read(bundle.join("manifest.toml")).unwrap(), b"[checksums]\n# new\n");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing is left beside it");
     }
 }

@@ -42,6 +42,8 @@ pub enum StoreError {
          starts a new, empty one (no samples, versions or events)"
     )]
     Damaged { path: PathBuf, problem: String },
+    #[error("store {path} {problem}")]
+    NotAFile { path: PathBuf, problem: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -194,8 +196,18 @@ impl Store {
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Store::create(path, bundle_id)?,
             Err(e) => return Err(StoreError::Damaged { path: path.to_path_buf(), problem: e.to_string() }),
+            Ok(metadata) if metadata.is_symlink() => {
+                return Err(StoreError::NotAFile {
+                    path: path.to_path_buf(),
+                    problem: "is a link, and the agent never follows links; replace it with the database file itself"
+                        .into(),
+                });
+            }
             Ok(metadata) if !metadata.is_file() => {
-                return Err(StoreError::Damaged { path: path.to_path_buf(), problem: "not a regular file".into() });
+                return Err(StoreError::NotAFile {
+                    path: path.to_path_buf(),
+                    problem: "is not a file; move it out of the data folder (the agent then starts a new store)".into(),
+                });
             }
             Ok(metadata) if metadata.len() == 0 => {
                 return Err(StoreError::Damaged {
