@@ -79,7 +79,7 @@ fn reach(config: &DeviceConfig, role: &str) -> anyhow::Result<Reached> {
         return Ok(Reached::Live(client));
     }
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(data_dir).map_err(|e| crate::config::data_dir_error(&data_dir, e))?;
+    std::fs::create_dir_all(data_dir).map_err(|e| crate::config::data_dir_error(data_dir, e))?;
     let lock = match lock::try_acquire(data_dir, role) {
         Err(LockError::Held { agent: true, holder, .. }) => {
             anyhow::ensure!(
