@@ -163,9 +163,9 @@ impl FleetClient {
         let id = id.to_string();
         let message = commands::build(&id, command, args, self.options.command_key.as_deref());
         let payload = serde_json::to_vec(&message)?;
-        let packet = payload.len() + device_topics.commands().len() + super::weights::PACKET_OVERHEAD;
+        let packet = payload.len() + device_topics.commands().len();
         anyhow::ensure!(
-            packet <= self.options.max_packet_bytes,
+            super::link::fits(&device_topics.commands(), &payload, self.options.max_packet_bytes),
             "the {command} command is {packet} bytes, over the broker's packet limit of {} bytes \
              (`mqtt.max_packet_bytes`); the broker would drop it and the connection{}",
             self.options.max_packet_bytes,

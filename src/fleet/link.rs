@@ -475,9 +475,13 @@ async fn metrics_message(shared: &Arc<Shared>, device: &str) -> Option<super::me
 }
 
 /// Whether a publish of `payload` on `topic` fits in a packet of `max_packet` bytes.
-fn fits(topic: &str, payload: &[u8], max_packet: usize) -> bool {
-    payload.len() + topic.len() + super::weights::PACKET_OVERHEAD <= max_packet
+pub fn fits(topic: &str, payload: &[u8], max_packet: usize) -> bool {
+    payload.len() + topic.len() + PUBLISH_HEADER <= max_packet
 }
+
+/// A PUBLISH packet's bytes besides its topic and payload: the fixed header (at most 5) and the
+/// topic length and packet id (2 each), rounded up.
+const PUBLISH_HEADER: usize = 16;
 
 /// Publishes undelivered events beyond those already in flight; a promoted version's weights
 /// follow its event.
@@ -569,6 +573,17 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_chunks_fit_the_packet_limit_they_were_cut_for() {
+        let topic = format!("edgeadapt/v1/{}/{}/weights/12/chunk/3", "f".repeat(64), "d".repeat(64));
+        for max_packet in [4096, 65_536, 262_144] {
+            let payload = vec![0u8; 3 * max_packet];
+            let chunk_bytes = max_packet - super::super::weights::PACKET_OVERHEAD;
+            assert!(fits(&topic, &payload[..chunk_bytes], max_packet), "{max_packet}");
+            assert!(!fits(&topic, &payload[..max_packet], max_packet), "{max_packet}");
+        }
+    }
 
     #[test]
     fn broker_addresses_parse_with_default_ports() {
