@@ -400,7 +400,11 @@ fn check_command_payload(payload: &[u8], key: Option<&[u8]>) -> Result<(), TestC
         Ok((id, command)) => {
             let message: CommandMessage = serde_json::from_slice(payload).expect("an accepted command is well-formed");
             prop_assert_eq!(&id, &message.id);
-            prop_assert!(!id.is_empty() && id.len() <= 128, "accepted id of {} bytes", id.len());
+            prop_assert!(
+                !id.is_empty() && id.chars().count() <= 128,
+                "accepted id of {} characters",
+                id.chars().count()
+            );
             prop_assert_eq!(message.schema.as_str(), COMMAND_SCHEMA);
             prop_assert_eq!(command.name(), message.command.as_str());
             if let Some(key) = key {
@@ -613,12 +617,12 @@ fn valid_command() -> impl Strategy<Value = (String, &'static str, Value, Comman
         ]
         .prop_map(|(args, to)| ("rollback", args, Command::Rollback { to })),
         prop_oneof![Just(Value::Null), Just(json!({}))].prop_map(|args| ("status", args, Command::Status)),
-        (prop::option::of(valid_method), prop::option::of(any::<usize>()), prop::option::of(any::<u64>())).prop_map(
-            |(method, after_new_labels, every_minutes)| {
+        // Within the documented ranges: at most 10^9 labels, at most ten years.
+        (prop::option::of(valid_method), prop::option::of(0usize..=1_000_000_000), prop::option::of(0u64..=5_256_000))
+            .prop_map(|(method, after_new_labels, every_minutes)| {
                 let update = PolicyUpdate { method: method.map(String::from), after_new_labels, every_minutes };
                 ("set-policy", serde_json::to_value(&update).unwrap(), Command::SetPolicy(update))
-            }
-        ),
+            }),
         ("\\PC{0,12}", prop::option::of("\\PC{0,12}"), prop::collection::vec(any::<u8>(), 0..200)).prop_map(
             |(class, name, image)| {
                 let mut args = json!({
