@@ -22,9 +22,15 @@
 //!    must have reached the subscriber (duplicates are fine), and the undelivered count is
 //!    reported. RSS and open files must be flat after warm-up: the last third's maximum within
 //!    20 % of the first third's (maxima, since adaptation runs raise RSS for a while whenever
-//!    they happen). Warm-up is the first tenth of the soak, at most 2 minutes. In a run of a
-//!    few minutes the thirds hold a handful of samples and the first has no long-lived process
-//!    (kills every 30 s), so the flatness verdict means something from about 15 minutes on.
+//!    they happen; open files may also differ by 8, connections in flight). Warm-up is the
+//!    first tenth of the soak, at most 2 minutes. In a run of a few minutes the thirds hold a
+//!    handful of samples and the first has no long-lived process (kills every 30 s), so
+//!    flatness is gated only from 15 minutes on; shorter runs report it.
+//!    Also reported, not gated: the median RSS of the samples taken outside runs per third
+//!    (the floor a leak raises, where run peaks that scale with the labelled samples do not).
+//!
+//! The daemon inherits the bench's environment, so allocator settings can be compared without
+//! a rebuild, e.g. `MALLOC_ARENA_MAX=2 SOAK_MINUTES=30 cargo bench --bench soak`.
 //!
 //! Prints markdown tables and a verdict line, writes every sample to `target/soak-samples.csv`,
 //! and exits with 1 when the verdict fails (the temporary folder, with the daemon's log, is then
@@ -59,6 +65,10 @@ const READY_WITHIN: Duration = Duration::from_secs(180);
 const RUN_WITHIN: Duration = Duration::from_secs(600);
 const RSS_GOAL_MB: f64 = 300.0;
 const FLAT_TOLERANCE: f64 = 1.2;
+/// Open files may also differ by this many: connections in flight when a sample is taken.
+const FDS_SLACK: f64 = 8.0;
+/// Shorter soaks report flatness without gating on it.
+const FLAT_GATED_FROM_MINUTES: f64 = 15.0;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -801,11 +811,12 @@ fn sample(ctx: &Ctx, daemon: &Daemon, data_dir: &Path, started: Instant) -> Samp
     }
 }
 
-fn sample_row(s: &Sample) -> String {
+fn sample_row(s: &Sample, end: bool) -> String {
     let events = s.events.map_or("-".into(), |(stored, delivered)| format!("{stored} / {delivered}"));
     let undelivered = s.undelivered.map_or("-".into(), |u| u.to_string());
     format!(
-        "| {:.1} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {events} | {undelivered} | {} | {} | {} | {} |",
+        "| {}{:.1} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {events} | {undelivered} | {} | {} | {} | {} |",
+        if end { "end, " } else { "" },
         s.minute,
         if s.running { "yes" } else { "" },
         s.rss,
@@ -880,6 +891,12 @@ fn interleaved(root: &Path) -> Vec<(String, PathBuf)> {
 
 fn count_files(dir: &Path) -> usize {
     walkdir::WalkDir::new(dir).into_iter().filter_map(Result::ok).filter(|e| e.file_type().is_file()).count()
+}
+
+/// The median of the samples taken outside adaptation runs: the floor a leak would raise.
+fn rest_median(samples: &[&Sample]) -> f64 {
+    let mut values: Vec<f64> = samples.iter().filter(|s| !s.running && s.rss.is_finite()).map(|s| s.rss).collect();
+    percentile(&mut values, 0.5)
 }
 
 fn max_of(samples: &[&Sample], value: impl Fn(&Sample) -> f64) -> f64 {
@@ -1023,7 +1040,7 @@ fn main() {
         }
         if now >= next_sample {
             let s = sample(&ctx, &daemon, &data_dir, started);
-            eprintln!("[soak] {}", sample_row(&s));
+            eprintln!("[soak] {}", sample_row(&s, false));
             samples.push(s);
             next_sample += SAMPLE_EVERY;
             continue;
@@ -1049,6 +1066,8 @@ fn main() {
         });
         samples.push(sample(&ctx, &daemon, &data_dir, started));
     }
+    // The last sample is the end state (after the wind-down) unless the soak was aborted.
+    let finished = aborted.is_none();
     let exit = daemon.terminate(Duration::from_secs(60));
     let _ = stop_subscriber.send(());
     subscriber_thread.join().expect("subscriber");
@@ -1071,7 +1090,7 @@ fn main() {
     let mut next_row = 0.0;
     for (i, s) in samples.iter().enumerate() {
         if s.minute + 0.25 >= next_row || i + 1 == samples.len() {
-            println!("{}", sample_row(s));
+            println!("{}", sample_row(s, finished && i + 1 == samples.len()));
             while next_row <= s.minute + 0.25 {
                 next_row += row_every;
             }
@@ -1109,18 +1128,21 @@ fn main() {
     let third = (span - warmup) / 3.0;
     let first: Vec<&Sample> = samples.iter().filter(|s| s.minute >= warmup && s.minute < warmup + third).collect();
     let last: Vec<&Sample> = samples.iter().filter(|s| s.minute >= span - third).collect();
-    let flat = |name: &str, value: &dyn Fn(&Sample) -> f64, failures: &mut Vec<String>| {
+    // Too short a soak has no long-lived process to judge (see the top of the file).
+    let gated = minutes >= FLAT_GATED_FROM_MINUTES;
+    let mut ungated = Vec::new();
+    let flat = |name: &str, value: &dyn Fn(&Sample) -> f64, slack: f64, failures: &mut Vec<String>| {
         let (a, b) = (max_of(&first, value), max_of(&last, value));
-        let ok = b <= a * FLAT_TOLERANCE;
+        let ok = b <= a * FLAT_TOLERANCE + slack;
         if !ok {
             failures.push(format!("{name} grew: last third max {b:.1} vs first third max {a:.1}"));
         }
         (a, b, ok)
     };
-    let rss_flat = flat("RSS", &|s| s.rss, &mut failures);
-    let fds_flat = flat("open files", &|s| s.fds as f64, &mut failures);
-    let threads_flat = flat("threads", &|s| s.threads as f64, &mut Vec::new());
-    let rest_flat = flat("RSS outside runs", &|s| if s.running { f64::NAN } else { s.rss }, &mut Vec::new());
+    let rss_flat = flat("RSS", &|s| s.rss, 0.0, if gated { &mut failures } else { &mut ungated });
+    let fds_flat = flat("open files", &|s| s.fds as f64, FDS_SLACK, if gated { &mut failures } else { &mut ungated });
+    let threads_flat = flat("threads", &|s| s.threads as f64, 0.0, &mut Vec::new());
+    let rest_floor = (rest_median(&first), rest_median(&last));
     let hwm_max = samples.iter().map(|s| s.hwm).fold(flood_result.hwm, f64::max);
 
     // The store, read-only.
@@ -1276,16 +1298,16 @@ fn main() {
         if rss_flat.2 { "flat" } else { "GREW" }
     );
     println!(
-        "| open fds, first third max -> last third max | {:.0} -> {:.0} ({}) |",
+        "| open fds, first third max -> last third max (+8 allowed for connections) | {:.0} -> {:.0} ({}) |",
         fds_flat.0,
         fds_flat.1,
         if fds_flat.2 { "flat" } else { "GREW" }
     );
     println!(
-        "| RSS MiB outside runs, first third max -> last third max (not gated) | {:.1} -> {:.1} ({}) |",
-        rest_flat.0,
-        rest_flat.1,
-        if rest_flat.2 { "flat" } else { "grew" }
+        "| RSS MiB outside runs, first third median -> last third median (not gated) | {:.1} -> {:.1} ({}) |",
+        rest_floor.0,
+        rest_floor.1,
+        if rest_floor.1 <= rest_floor.0 * FLAT_TOLERANCE { "flat" } else { "grew" }
     );
     println!(
         "| threads, first third max -> last third max (not gated) | {:.0} -> {:.0} ({}) |",
@@ -1327,10 +1349,11 @@ fn main() {
     }
 
     println!(
-        "\nVERDICT: {} (RSS {}, open files {}; {} of {} acknowledged labels lost; {} of {} delivered events lost; {undelivered} undelivered)",
+        "\nVERDICT: {} (RSS {}, open files {}{}; {} of {} acknowledged labels lost; {} of {} delivered events lost; {undelivered} undelivered)",
         if failures.is_empty() { "PASS" } else { "FAIL" },
         if rss_flat.2 { "flat" } else { "grew" },
         if fds_flat.2 { "flat" } else { "grew" },
+        if gated { "" } else { ", not gated under 15 min" },
         lost_labels.len(),
         acked.len(),
         lost_events.len(),
@@ -1338,6 +1361,9 @@ fn main() {
     );
     for failure in &failures {
         println!("- {failure}");
+    }
+    for note in &ungated {
+        println!("- not gated (soak under {FLAT_GATED_FROM_MINUTES} min): {note}");
     }
     println!("samples: {}", csv_path.display());
     if !failures.is_empty() {
