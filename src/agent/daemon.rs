@@ -537,9 +537,9 @@ fn raise_open_files_limit() {
 /// A command id as logged: ids come from outside, so a long one is cut.
 fn short(id: &str) -> String {
     const MAX: usize = 80;
-    match id.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}... ({} bytes)", &id[..end], id.len()),
-        None => id.to_string(),
+    match id.len() <= MAX {
+        true => id.to_string(),
+        false => format!("{} ({} bytes)", crate::fleet::commands::clip(id, MAX), id.len()),
     }
 }
 
@@ -680,6 +680,6 @@ mod tests {
         let cut = short(&long);
         assert!(cut.len() < 120 && cut.ends_with("(100000 bytes)"), "{cut}");
         // Cut on a character boundary.
-        assert!(short(&"é".repeat(100)).ends_with("(200 bytes)"));
+        assert!(short(&"é".repeat(100)).ends_with("... (200 bytes)"));
     }
 }

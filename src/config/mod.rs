@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::output::lexical;
 use crate::runtime::RuntimeOptions;
 
 mod agent;
@@ -287,22 +288,6 @@ pub fn data_dir_error(data_dir: &Path, error: std::io::Error) -> anyhow::Error {
         error.to_string()
     };
     anyhow::anyhow!("data_dir {} (key `data_dir`): {problem}", data_dir.display())
-}
-
-/// `path` with `.` and `..` resolved by name (links are not resolved: the folders are compared
-/// as configured).
-fn lexical(path: &Path) -> PathBuf {
-    let mut clean = PathBuf::new();
-    for component in path.components() {
-        match component {
-            std::path::Component::ParentDir => {
-                clean.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => clean.push(other),
-        }
-    }
-    clean
 }
 
 fn resolve(base: &Path, path: &Path) -> PathBuf {

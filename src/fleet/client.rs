@@ -44,7 +44,7 @@ impl BrokerOptions {
             client_cert: None,
             client_key: None,
             command_key: None,
-            max_packet_bytes: crate::config::MqttConfig::default().max_packet_bytes,
+            max_packet_bytes: super::weights::DEFAULT_MAX_PACKET_BYTES,
         }
     }
 }

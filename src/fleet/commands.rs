@@ -53,7 +53,7 @@ pub struct Refusal {
 const MAX_ID_BYTES: usize = 512;
 
 /// `text` cut to at most `max` bytes on a character boundary, saying so.
-fn clip(text: &str, max: usize) -> String {
+pub fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }

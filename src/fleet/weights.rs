@@ -8,6 +8,8 @@ use crate::model::tensors::{StoredAs, TensorFile, to_safetensors};
 
 /// Room left in each packet for the fixed header and the topic.
 pub const PACKET_OVERHEAD: usize = 512;
+/// The packet limit when none is configured (`mqtt.max_packet_bytes`).
+pub const DEFAULT_MAX_PACKET_BYTES: usize = 256 * 1024;
 
 /// Converts stored (f32) weights to f16 safetensors for sending.
 pub fn to_f16(stored: &[u8]) -> Result<(Vec<u8>, Vec<TensorInfo>), String> {

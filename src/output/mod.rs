@@ -46,9 +46,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
 /// The path made absolute with `.` and `..` resolved by name, so that `--out .` names the
 /// current folder (which has a parent to stage beside) rather than an empty file name.
 pub fn absolute(path: &Path) -> Result<PathBuf, OutputError> {
-    let joined = std::path::absolute(path).map_err(io(path))?;
+    let clean = lexical(&std::path::absolute(path).map_err(io(path))?);
+    if clean.file_name().is_none() {
+        return Err(OutputError::BadPath(path.to_path_buf()));
+    }
+    Ok(clean)
+}
+
+/// `path` with `.` and `..` resolved by name; links are not resolved.
+pub fn lexical(path: &Path) -> PathBuf {
     let mut clean = PathBuf::new();
-    for component in joined.components() {
+    for component in path.components() {
         match component {
             Component::ParentDir => {
                 clean.pop();
@@ -57,10 +65,7 @@ pub fn absolute(path: &Path) -> Result<PathBuf, OutputError> {
             other => clean.push(other),
         }
     }
-    if clean.file_name().is_none() {
-        return Err(OutputError::BadPath(path.to_path_buf()));
-    }
-    Ok(clean)
+    clean
 }
 
 /// What occupies an output path now.

@@ -655,7 +655,7 @@ impl Store {
         self.conn
             .execute(
                 "DELETE FROM commands WHERE response IS NOT NULL AND received_ms < ?1 AND id NOT IN \
-                 (SELECT id FROM commands ORDER BY received_ms DESC LIMIT ?2)",
+                 (SELECT id FROM commands ORDER BY received_ms DESC, rowid DESC LIMIT ?2)",
                 params![now_ms() - keep_ms, keep as i64],
             )
             .map_err(self.err())
