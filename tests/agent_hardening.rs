@@ -20,6 +20,19 @@ fn image(class: &str, n: usize) -> PathBuf {
     path
 }
 
+/// A test config whose `[http]` table also holds `keys`.
+fn config_with_http(dir: &Path, port: u16, keys: &str) -> PathBuf {
+    let config = write_config(dir, port, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("[http]\n", &format!("[http]\n{keys}"));
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Runs an `edgeadapt` command with `config`, without a daemon.
+fn edgeadapt(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_edgeadapt")).arg("--config").arg(config).args(args).output().unwrap()
+}
+
 /// Waits until `done` holds, or fails with `what` after `limit`.
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -118,9 +131,7 @@ fn rollback_needs_a_target_in_the_query() {
 fn framework_errors_are_json_like_the_documented_ones() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write_config(dir.path(), port, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace("[http]\n", "[http]\nmax_body_bytes = 2048\n");
-    std::fs::write(&config, text).unwrap();
+    let config = config_with_http(dir.path(), port, "max_body_bytes = 2048\n");
     let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
     let agent = http();
     let cases: Vec<(u16, ureq::http::Response<ureq::Body>)> = vec![
@@ -151,9 +162,7 @@ fn a_damaged_or_empty_store_is_refused_with_a_way_to_recover() {
     let store = data.join("store.db");
     let good = std::fs::read(&store).unwrap();
 
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_edgeadapt")).arg("--config").arg(&config).args(args).output().unwrap()
-    };
+    let run = |args: &[&str]| edgeadapt(&config, args);
     // Random bytes over every page but the first (the header and schema), then an empty file.
     let mut damaged = good.clone();
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -245,11 +254,7 @@ fn the_agent_waits_for_a_command_that_holds_the_data_folder() {
 fn a_flood_of_requests_gets_answers_or_busy_and_slow_connections_are_closed() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = write_config(dir.path(), port, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[http]\n", "[http]\nmax_connections = 8\nmax_requests = 4\nheader_timeout_s = 1\n");
-    std::fs::write(&config, text).unwrap();
+    let config = config_with_http(dir.path(), port, "max_connections = 8\nmax_requests = 4\nheader_timeout_s = 1\n");
     let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
     let bytes = std::fs::read(image("C", 0)).unwrap();
     let url = daemon.url("/v1/classify");
@@ -363,9 +368,7 @@ fn a_data_folder_that_is_a_file_is_named_in_the_error() {
     let port = free_port();
     let config = write_config(dir.path(), port, "");
     std::fs::write(dir.path().join("data"), b"not a folder").unwrap();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_edgeadapt")).arg("--config").arg(&config).args(args).output().unwrap()
-    };
+    let run = |args: &[&str]| edgeadapt(&config, args);
     let started = run(&["run"]);
     let stderr = String::from_utf8_lossy(&started.stderr);
     assert!(!started.status.success());

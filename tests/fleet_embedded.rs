@@ -173,39 +173,21 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
         let (manifest, payload) = fleet.fetch_weights("test-device", None, timeout).await.unwrap();
         assert_eq!((manifest.version, manifest.dtype.as_str()), (1, "f16"));
         assert!(manifest.chunks > 1, "64 KiB packets split the weights");
+        use edgeadapt::output::Overwrite;
+        let rebuild = |out: &std::path::Path, overwrite| {
+            edgeadapt::fleet::rebuild::bundle_from_weights(&bundle, &manifest, &payload, out, overwrite)
+        };
         let out = dir.path().join("rebuilt");
-        edgeadapt::fleet::rebuild::bundle_from_weights(&bundle, &manifest, &payload, &out, edgeadapt::output::Overwrite::Refuse)
-            .unwrap();
+        rebuild(&out, Overwrite::Refuse).unwrap();
         // An existing output is never replaced without being asked, and a folder that is not a
         // bundle never is.
-        let again = edgeadapt::fleet::rebuild::bundle_from_weights(
-            &bundle,
-            &manifest,
-            &payload,
-            &out,
-            edgeadapt::output::Overwrite::Refuse,
-        );
-        assert!(again.unwrap_err().contains("already exists"));
+        assert!(rebuild(&out, Overwrite::Refuse).unwrap_err().contains("already exists"));
         let precious = dir.path().join("precious");
         std::fs::create_dir(&precious).unwrap();
         std::fs::write(precious.join("notes.txt"), b"keep").unwrap();
-        let over = edgeadapt::fleet::rebuild::bundle_from_weights(
-            &bundle,
-            &manifest,
-            &payload,
-            &precious,
-            edgeadapt::output::Overwrite::Replace,
-        );
-        assert!(over.unwrap_err().contains("not a bundle"));
+        assert!(rebuild(&precious, Overwrite::Replace).unwrap_err().contains("not a bundle"));
         assert_eq!(std::fs::read(precious.join("notes.txt")).unwrap(), b"keep");
-        edgeadapt::fleet::rebuild::bundle_from_weights(
-            &bundle,
-            &manifest,
-            &payload,
-            &out,
-            edgeadapt::output::Overwrite::Replace,
-        )
-        .unwrap();
+        rebuild(&out, Overwrite::Replace).unwrap();
         let rebuilt = Bundle::load(&out).unwrap();
         let mut classifier = Classifier::open(rebuilt, &RuntimeOptions::default()).unwrap();
         let probes: Vec<_> = ["2", "Q", "5", "X"]
