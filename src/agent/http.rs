@@ -35,12 +35,12 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(ErrorBody { error: message.to_string(), detail: None })).into_response()
 }
 
-/// The endpoint's routes with its limits: at most `max_requests` are handled at once (more
-/// get 503 with Retry-After before their body is read), bodies are capped, a request that
-/// takes longer than `request_timeout_s` gets 503, and every error, the framework's own
-/// included, is a JSON `{"error": ...}`.
+/// The endpoint's routes with its limits: bodies are capped, a request that takes longer than
+/// `request_timeout_s` gets 503, and every error, the framework's own included, is a JSON
+/// `{"error": ...}`.
 ///
-/// The queue holds the requests that carry an image (classify, label); status, the run's state,
+/// A queue of `max_requests` places (more get 503 with Retry-After before their body is read)
+/// holds the requests that carry an image (classify, label); status, the run's state,
 /// cancel, adapt and rollback are small and answered beside it, so a full queue never hides the
 /// agent's state. A body must arrive within `header_timeout_s` once its request holds a place in
 /// the queue, so that slow senders cannot keep the places.
