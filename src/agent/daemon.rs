@@ -12,7 +12,6 @@ use super::folders::{Folders, Poller};
 use super::{Agent, AgentError, Labelled, RunProgress, RunSummary, event, execute, policy};
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::DeviceConfig;
-use crate::store::Claim;
 
 /// How long the agent waits at start for a CLI command working on the store offline.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
@@ -406,7 +405,13 @@ fn start_link(
     };
     let (outgoing, outgoing_rx) = tokio::sync::mpsc::channel(256);
     let (incoming, incoming_rx) = tokio::sync::mpsc::channel(256);
-    tasks.spawn(handle_commands(Arc::clone(shared), incoming_rx, outgoing, key, config.device_id.clone()));
+    tasks.spawn(super::commands::handle_commands(
+        Arc::clone(shared),
+        incoming_rx,
+        outgoing,
+        key,
+        config.device_id.clone(),
+    ));
     Ok(tokio::spawn(crate::fleet::link::run(
         Arc::clone(shared),
         mqtt,
@@ -416,95 +421,6 @@ fn start_link(
         incoming,
         stop,
     )))
-}
-
-/// Runs each command as it arrives (several may run at once) and sends its response. A repeated
-/// command id gets the stored response and runs nothing.
-async fn handle_commands(
-    shared: Arc<Shared>,
-    mut incoming: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    outgoing: tokio::sync::mpsc::Sender<crate::fleet::link::LinkMessage>,
-    key: Option<Vec<u8>>,
-    device: String,
-) {
-    use crate::fleet::link::LinkMessage;
-    use crate::fleet::messages::{response_error, response_ok};
-    {
-        // Commands a crash cut short are answered now, so a retry learns what happened.
-        let shared = Arc::clone(&shared);
-        let device = device.clone();
-        let _ = tokio::task::spawn_blocking(move || -> Result<(), crate::store::StoreError> {
-            let mut agent = shared.lock();
-            for id in agent.store().unanswered_commands()? {
-                let response =
-                    response_error(&device, &id, "interrupted by a restart of the agent; send it again with a new id");
-                agent.store().answer_command(&id, &serde_json::to_string(&response).expect("responses serialise"))?;
-            }
-            Ok(())
-        })
-        .await;
-    }
-    while let Some(payload) = incoming.recv().await {
-        let shared = Arc::clone(&shared);
-        let outgoing = outgoing.clone();
-        let key = key.clone();
-        let device = device.clone();
-        tokio::spawn(async move {
-            let (id, command) = match crate::fleet::commands::parse(&payload, key.as_deref()) {
-                Ok(parsed) => parsed,
-                Err(refusal) => {
-                    tracing::warn!(id = %short(&refusal.id), error = %refusal.error, "command refused");
-                    let response = response_error(&device, &refusal.id, &refusal.error);
-                    let _ = outgoing.send(LinkMessage::Response(response)).await;
-                    return;
-                }
-            };
-            let name = command.name();
-            let fingerprint = crate::fleet::commands::fingerprint(&payload);
-            let claimed = {
-                let shared = Arc::clone(&shared);
-                let id = id.clone();
-                tokio::task::spawn_blocking(move || shared.lock().store().claim_command(&id, &fingerprint)).await
-            };
-            match claimed {
-                Ok(Ok(Claim::New)) => {}
-                Ok(Ok(Claim::Answered(stored))) => {
-                    if let Ok(response) = serde_json::from_str(&stored) {
-                        let _ = outgoing.send(LinkMessage::Response(response)).await;
-                    }
-                    return;
-                }
-                Ok(Ok(Claim::Running)) => return,
-                Ok(Ok(Claim::Conflict)) => {
-                    tracing::warn!(id = %short(&id), command = name, "command id reused for another command");
-                    let error = "this command id was already used for a different command; \
-                                 send each command with a new id (a retry must repeat the command exactly)";
-                    let _ = outgoing.send(LinkMessage::Response(response_error(&device, &id, error))).await;
-                    return;
-                }
-                Ok(Err(error)) => {
-                    let _ = outgoing.send(LinkMessage::Response(response_error(&device, &id, error))).await;
-                    return;
-                }
-                Err(_) => return,
-            }
-            tracing::info!(id = %short(&id), command = name, "fleet command");
-            let (result, weights) = shared.execute(command).await;
-            let response = match result {
-                Ok(value) => response_ok(&device, &id, value),
-                Err(error) => response_error(&device, &id, error),
-            };
-            {
-                let shared = Arc::clone(&shared);
-                let (id, text) = (id.clone(), serde_json::to_string(&response).expect("responses serialise"));
-                let _ = tokio::task::spawn_blocking(move || shared.lock().store().answer_command(&id, &text)).await;
-            }
-            if let Some(weights) = weights {
-                let _ = outgoing.send(weights).await;
-            }
-            let _ = outgoing.send(LinkMessage::Response(response)).await;
-        });
-    }
 }
 
 /// Hands memory that was freed back to the system. glibc keeps what a burst (a flood of
@@ -531,15 +447,6 @@ fn raise_open_files_limit() {
                 libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
             }
         }
-    }
-}
-
-/// A command id as logged: ids come from outside, so a long one is cut.
-fn short(id: &str) -> String {
-    const MAX: usize = 80;
-    match id.len() <= MAX {
-        true => id.to_string(),
-        false => format!("{} ({} bytes)", crate::fleet::commands::clip(id, MAX), id.len()),
     }
 }
 
@@ -667,19 +574,4 @@ async fn poll_folders(shared: Arc<Shared>, folders: Folders) {
 /// Whether an error ended a run by cancellation (for messages).
 pub fn is_cancelled(error: &AgentError) -> bool {
     matches!(error, AgentError::Adapt(AdaptError::Cancelled { .. }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_command_ids_are_cut_in_the_log() {
-        assert_eq!(short("op-1"), "op-1");
-        let long = "x".repeat(100_000);
-        let cut = short(&long);
-        assert!(cut.len() < 120 && cut.ends_with("(100000 bytes)"), "{cut}");
-        // Cut on a character boundary.
-        assert!(short(&"é".repeat(100)).ends_with("... (200 bytes)"));
-    }
 }

@@ -3,6 +3,7 @@
 //! daemon (`daemon`) puts it behind a lock and runs the training part of a run without it.
 
 pub mod client;
+pub mod commands;
 pub mod counters;
 pub mod daemon;
 pub mod folders;
