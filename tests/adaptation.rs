@@ -200,6 +200,36 @@ fn every_method_runs_and_the_calibrated_ones_keep_the_unseen_classes() {
 }
 
 #[test]
+fn recommended_trains_a_feature_adapter_when_the_bundle_has_no_tail() {
+    let mut problem = problem();
+    // Head only: the imported model's features feed the classifier directly.
+    let tailless = Network {
+        layers: vec![],
+        head: (0, 1),
+        params: problem.source.params[2..].to_vec(),
+        roles: vec![Role::Head, Role::Head],
+    };
+    problem.unlabelled = Traffic::new(problem.unlabelled.splits.clone(), &tailless);
+    problem.source = tailless;
+    let (seen_before, unseen_before) = source_accuracies(&problem);
+    let tail_only = AdaptInput {
+        source: &problem.source,
+        data: &problem.seen_data,
+        teacher: &problem.teacher,
+        classes: CLASSES,
+        unlabelled: Some(&problem.unlabelled),
+    };
+    let ft_tail: Method = "ft-tail+alg".parse().unwrap();
+    assert_eq!(adapt(&ft_tail, &tail_only, &hyper(), 0, &mut |_| {}).unwrap_err(), AdaptError::NothingToTrain);
+    let adapted = run(&problem, "recommended", &hyper(), 0);
+    assert!(adapted.notes[0].contains("adapter"), "{:?}", adapted.notes);
+    assert!(adapted.network.adapter_rank() > 0);
+    let (seen, unseen) = (accuracy(&adapted, &problem.test_seen), accuracy(&adapted, &problem.test_unseen));
+    assert!(seen > seen_before, "seen {seen_before} -> {seen}");
+    assert!(unseen >= unseen_before - 0.02, "unseen {unseen_before} -> {unseen}");
+}
+
+#[test]
 fn training_is_deterministic_for_a_seed() {
     let problem = problem();
     let a = run(&problem, "ft-tail+alg", &hyper(), 7);

@@ -67,3 +67,54 @@ fn a_small_bench_writes_the_table_json_and_plot() {
     // The split tensors were cached: a second run reads them instead of running the trunk.
     assert!(std::fs::read_dir(dir.path().join("cache")).unwrap().count() >= 2);
 }
+
+/// A method that cannot run on a bundle (`ft-tail` on an empty tail) gets a row that says why;
+/// the other rows are measured, and `recommended` trains a feature adapter instead.
+#[test]
+fn a_method_that_cannot_run_gets_a_row_with_the_reason_and_the_rest_are_measured() {
+    let fonts36 = repo().join("target/data/fonts36");
+    assert!(fonts36.is_dir(), "run tools/setup.sh first: {} is missing", fonts36.display());
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    let fixtures = repo().join("tests/fixtures/onnx");
+    let import = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .arg("import-onnx")
+        .arg(fixtures.join("tiny_cnn.onnx"))
+        .args(["--features", "features", "--split", "features", "--classes"])
+        .arg(fixtures.join("tiny_cnn.classes.txt"))
+        .arg("--out")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let root = dir.path().join("data");
+    for split in ["target/adapt", "target/test"] {
+        for (class, from) in [("cat", "0"), ("dog", "1"), ("bird", "2")] {
+            let to = root.join(split).join(class);
+            std::fs::create_dir_all(&to).unwrap();
+            for n in 0..6 {
+                std::fs::copy(fonts36.join(split).join(from).join(format!("{n}.png")), to.join(format!("{n}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let json = dir.path().join("bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .args(["bench", "--bundle", bundle.to_str().unwrap(), "--data", root.to_str().unwrap()])
+        .args(["--seen", "cat,dog", "--methods", "source,ft-tail+alg,adapter+alg,recommended"])
+        .args(["--seeds", "1", "--steps", "5", "--cache", dir.path().join("cache").to_str().unwrap()])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let row = |name: &str| stdout.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap_or("").to_string();
+    assert!(row("ft-tail+alg").contains("cannot run: nothing to train"), "{stdout}");
+    for measured in ["source", "adapter+alg", "recommended"] {
+        assert!(row(measured).contains(" ± "), "{measured}: {stdout}");
+    }
+    assert!(row("recommended").contains("adapter (no trainable tail)"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["methods"]["ft-tail+alg"]["error"].as_str().unwrap().contains("nothing to train"));
+    assert!(report["methods"]["recommended"]["error"].is_null());
+}

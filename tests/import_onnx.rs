@@ -79,9 +79,32 @@ fn matmul_add_layers_and_the_silu_pattern_import_from_an_mlp() {
 }
 
 #[test]
-fn without_a_split_the_tail_is_empty_and_the_trunk_ends_at_the_features() {
+fn without_a_split_the_deepest_supported_tail_starting_with_weights_is_chosen() {
     let dir = tempfile::tempdir().unwrap();
-    let report = import("tiny_cnn", "features", None, &dir.path().join("b")).unwrap();
+    // tiny_cnn: conv1 (3x3) -> relu1 -> split -> conv2 (1x1) ...: relu1 has no weights, so it
+    // stays in the trunk and the tail starts at the 1x1 convolution.
+    let report = import("tiny_cnn", "features", None, &dir.path().join("cnn")).unwrap();
+    assert_eq!(report.split, "split");
+    assert_eq!(report.tail, ["conv1x1", "relu6", "globalavgpool", "flatten", "linear", "relu"]);
+    assert!(report.split_reason.as_deref().unwrap().contains("relu1 (Relu)"), "{:?}", report.split_reason);
+    // tiny_mlp: Flatten -> MatMul+Add -> Sigmoid -> MatMul+Add -> SiLU: both linear layers train.
+    let report = import("tiny_mlp", "features", None, &dir.path().join("mlp")).unwrap();
+    assert_eq!(report.split, "pixels");
+    assert_eq!(report.tail, ["linear", "sigmoid", "linear", "silu"]);
+    let mut classifier = open(&dir.path().join("mlp"));
+    let input = expected_input("tiny_mlp").into_dimensionality::<Ix4>().unwrap();
+    let logits = classifier.logits(input.view()).unwrap().into_dyn();
+    assert!(max_abs_diff(&logits, &expected_output("tiny_mlp", "logits")) < TOLERANCE);
+    // The unsupported Conv3x3 and Softmax before the features leave only fc1 for the tail.
+    let report = import("tiny_unsupported", "features", None, &dir.path().join("unsupported")).unwrap();
+    assert_eq!(report.tail, ["linear", "relu"]);
+}
+
+#[test]
+fn naming_the_features_as_the_split_gives_an_empty_tail_and_a_trunk_that_ends_at_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = import("tiny_cnn", "features", Some("features"), &dir.path().join("b")).unwrap();
+    assert!(report.split_reason.is_none());
     assert!(report.tail.is_empty());
     assert_eq!(report.split_shape, vec![5]);
     let mut classifier = open(&dir.path().join("b"));

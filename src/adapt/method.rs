@@ -338,7 +338,7 @@ fn adapt_recommended(
     seed: u64,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Adapted, AdaptError> {
-    let method = recommended();
+    let method = recommended_for(input.source);
     let rates = recommended_rates(hyper);
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
     let mut done = 0;
@@ -367,6 +367,9 @@ fn adapt_recommended(
     let final_hyper = Hyper { learning_rate: Some(rate), ..hyper.clone() };
     let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
     adapted.notes.insert(0, format!("lr {rate}"));
+    if method.base == Base::Adapter {
+        adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
+    }
     if !scores.is_empty() {
         let tried = scores.iter().map(|(r, s)| format!("{r}: {s:.3}")).collect::<Vec<_>>().join(", ");
         adapted.notes.push(format!("validation {tried}"));
@@ -415,9 +418,11 @@ fn planned_train_steps(method: &Method, hyper: &Hyper) -> usize {
     if method.lolsgd { hyper.lolsgd_rounds * hyper.lolsgd_copies * hyper.lolsgd_local_steps } else { hyper.steps }
 }
 
-/// The method `recommended` trains with (its learning rate is chosen per device).
-pub fn recommended() -> Method {
-    "ft-tail+prior".parse().expect("a valid method")
+/// The method `recommended` trains with on `source` (its learning rate is chosen per device):
+/// the tail where the bundle has one with weights, else a feature adapter.
+pub fn recommended_for(source: &Network) -> Method {
+    let base = if source.has_trainable_tail() { "ft-tail" } else { "adapter" };
+    format!("{base}+prior").parse().expect("a valid method")
 }
 
 fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {

@@ -173,6 +173,22 @@ impl Network {
         network
     }
 
+    /// The rank of the feature adapter, 0 without one.
+    pub fn adapter_rank(&self) -> usize {
+        self.layers
+            .iter()
+            .find_map(|layer| match layer {
+                Layer::Adapter { down, .. } => Some(self.params[*down].shape()[0]),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// Whether the bundle's tail has weights to train.
+    pub fn has_trainable_tail(&self) -> bool {
+        self.roles.contains(&Role::Tail)
+    }
+
     pub fn num_classes(&self) -> usize {
         self.params[self.head.1].len()
     }

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::adapt::data::SplitSet;
 use crate::adapt::health::{self, Health};
-use crate::adapt::method::{self, AdaptInput, Adapted, Base, Hyper, Method, Traffic};
+use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
 use crate::adapt::network::Network;
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::{AdaptationConfig, DeviceConfig, GateConfig};
@@ -888,7 +888,8 @@ pub fn execute(
         reference_unseen: health.reference_unseen,
     };
     let decision = gate::decide(&gate_input, &plan.gate);
-    let adapter_rank = if plan.method.base == Base::Adapter { plan.hyper.adapter_rank } else { 0 };
+    // `recommended` trains an adapter on bundles without a trainable tail, so the network says.
+    let adapter_rank = adapted.network.adapter_rank();
     Ok(RunOutcome { adapted, adapter_rank, gate_input, decision, health, seconds: started.elapsed().as_secs_f64() })
 }
 

@@ -67,8 +67,17 @@ pub struct MethodReport {
     /// Label-free indicators, averaged over seeds (see `adapt::health`).
     pub unseen_estimate: BTreeMap<String, Stat>,
     pub choices: Vec<Vec<String>>,
+    /// Why the method could not run on this bundle and data; its figures are then empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     #[serde(skip)]
     pub runs: Vec<SeedRun>,
+}
+
+impl MethodReport {
+    pub fn ran(&self) -> bool {
+        self.error.is_none() && !self.runs.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,13 +150,21 @@ pub fn run(
         };
         let steps = method::planned_steps(&method, &options.hyper);
         let mut runs = Vec::new();
+        let mut error = None;
         for seed in 0..options.seeds {
             let input =
                 AdaptInput { source: &source, data, teacher, classes: classes.len(), unlabelled: Some(&unlabelled) };
             let started = Instant::now();
-            let adapted = method::adapt(&method, &input, &options.hyper, seed as u64, &mut |step| {
+            let adapted = match method::adapt(&method, &input, &options.hyper, seed as u64, &mut |step| {
                 progress(Progress::Adapting { method: name, seed, step, steps })
-            })?;
+            }) {
+                Ok(adapted) => adapted,
+                // One method that cannot run on this bundle gets a row saying why; the rest run.
+                Err(problem) => {
+                    error = Some(problem.to_string());
+                    break;
+                }
+            };
             let seconds = started.elapsed().as_secs_f64();
             let predicted = crate::metrics::argmax_rows(adapted.logits_of(&test).view());
             let (health_model, health_source) = if name == "oracle" {
@@ -160,7 +177,9 @@ pub fn run(
             let health = health::estimate(&health_model, &health_source, reference.as_ref(), Some(&unlabelled));
             runs.push(evaluate(&test, &predicted, &seen, classes.len(), seconds, health, adapted.notes.clone()));
         }
-        methods.insert(name.clone(), summarise(runs));
+        let mut report = summarise(runs);
+        report.error = error;
+        methods.insert(name.clone(), report);
     }
     let indicator_rank_correlation = rank_correlations(&methods);
     Ok(BenchReport {
@@ -228,6 +247,7 @@ fn summarise(runs: Vec<SeedRun>) -> MethodReport {
         seconds: stat(&|r| Some(r.seconds)),
         unseen_estimate,
         choices: runs.iter().map(|r| r.notes.clone()).collect(),
+        error: None,
         runs,
     }
 }
@@ -235,7 +255,8 @@ fn summarise(runs: Vec<SeedRun>) -> MethodReport {
 /// Spearman correlation between each indicator's change from the source and the true change in
 /// unseen accuracy, across methods (the oracle excluded: it has no unseen classes to protect).
 fn rank_correlations(methods: &BTreeMap<String, MethodReport>) -> BTreeMap<String, Option<f64>> {
-    let rows: Vec<&MethodReport> = methods.iter().filter(|(name, _)| *name != "oracle").map(|(_, m)| m).collect();
+    let rows: Vec<&MethodReport> =
+        methods.iter().filter(|(name, m)| *name != "oracle" && m.ran()).map(|(_, m)| m).collect();
     let truth: Vec<f64> = rows.iter().map(|m| m.unseen.mean).collect();
     let mut out = BTreeMap::new();
     for (indicator, baseline) in [
@@ -298,6 +319,10 @@ pub fn table(report: &BenchReport) -> String {
     ];
     for name in &report.order {
         let m = &report.methods[name];
+        if let Some(error) = &m.error {
+            lines.push(format!("| {name} | - | - | - | - | - | - | - | - | - | - | cannot run: {error} |"));
+            continue;
+        }
         let est = |key: &str| m.unseen_estimate.get(key).map(|s| s.mean);
         let pair = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => format!("{:.1} ({:.1})", 100.0 * a, 100.0 * b),

@@ -34,6 +34,7 @@ fn scatter(report: &BenchReport, area: &DrawingArea<BitMapBackend<'_>, plotters:
     let points: Vec<(&str, f64, f64)> = report
         .order
         .iter()
+        .filter(|name| report.methods[*name].ran())
         .map(|name| (name.as_str(), 100.0 * report.methods[name].seen.mean, 100.0 * report.methods[name].unseen.mean))
         .collect();
     let (min_x, max_x) = bounds(points.iter().map(|p| p.1));
@@ -63,7 +64,8 @@ fn per_class(
     after: &str,
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
 ) -> anyhow::Result<()> {
-    let (Some(before), Some(adapted)) = (report.methods.get("source"), report.methods.get(after)) else {
+    let ran = |name: &str| report.methods.get(name).filter(|m| m.ran());
+    let (Some(before), Some(adapted)) = (ran("source"), ran(after)) else {
         area.draw(&Text::new(
             format!("per-class plot needs 'source' and '{after}' rows"),
             (20, 20),

@@ -18,7 +18,8 @@ pub struct ImportArgs {
     /// Feature tensor: the input of the final linear layer.
     #[arg(long, value_name = "TENSOR")]
     pub features: String,
-    /// Tensor where the trainable tail starts (default: the features, i.e. an empty tail).
+    /// Tensor where the trainable tail starts (default: chosen automatically, the deepest one
+    /// followed only by layers the tail supports; name the features for an empty tail).
     #[arg(long, value_name = "TENSOR")]
     pub split: Option<String>,
     /// Name of the final linear node, when several read the features.
@@ -132,7 +133,10 @@ pub fn run_import(args: ImportArgs, config: Option<&DeviceConfig>) -> anyhow::Re
         report.input.width,
         report.input.color
     );
-    println!("split       {:?} per sample", report.split_shape);
+    println!("split       '{}' {:?} per sample", report.split, report.split_shape);
+    if let Some(reason) = &report.split_reason {
+        println!("            chosen automatically: {reason} (--split overrides)");
+    }
     println!("tail        {}", if report.tail.is_empty() { "(empty)".to_string() } else { report.tail.join(" -> ") });
     println!("head        {} -> {} classes", report.feature_dim, report.classes);
     println!("check       max |logit difference| vs the original model: {:.2e}", report.max_logit_diff);

@@ -41,6 +41,11 @@ pub enum TailError {
 }
 
 impl TailLayer {
+    /// Whether the layer has weights adaptation can train.
+    pub fn is_trainable(&self) -> bool {
+        matches!(self, TailLayer::Linear { .. } | TailLayer::Conv1x1 { .. })
+    }
+
     pub fn kind(&self) -> TailLayerKind {
         match self {
             TailLayer::Linear { .. } => TailLayerKind::Linear,

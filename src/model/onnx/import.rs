@@ -101,6 +101,9 @@ pub struct ImportReport {
     pub bundle: PathBuf,
     pub classes: usize,
     pub feature_dim: usize,
+    /// The split tensor, and why it was chosen when `--split` was not given.
+    pub split: String,
+    pub split_reason: Option<String>,
     pub split_shape: Vec<usize>,
     pub tail: Vec<String>,
     pub input: InputContract,
@@ -119,8 +122,16 @@ pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError>
     let graph_error = |source| ImportError::Graph { path: path.clone(), source };
     let index = GraphIndex::new(graph_proto);
     let head = graph::find_head(&index, &options.features, options.head.as_deref()).map_err(graph_error)?;
-    let split = options.split.clone().unwrap_or_else(|| options.features.clone());
-    let tail_layers = graph::match_tail(&index, &split, &options.features).map_err(graph_error)?;
+    let (split, tail_layers, split_reason) = match &options.split {
+        Some(split) => (split.clone(), graph::match_tail(&index, split, &options.features).map_err(graph_error)?, None),
+        None => {
+            if !index.exists(&options.features) {
+                return Err(graph_error(GraphError::TensorNotFound(options.features.clone())));
+            }
+            let choice = graph::choose_split(&index, &options.features);
+            (choice.tensor, choice.layers, Some(choice.reason))
+        }
+    };
     let input = input_contract(&model, options)?;
     let classes = class_names(options.classes.as_deref(), head.weight.nrows())?;
 
@@ -200,6 +211,8 @@ pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError>
         bundle: options.out.clone(),
         classes: classes.len(),
         feature_dim: head.weight.ncols(),
+        split,
+        split_reason,
         split_shape,
         tail: tail_layers.iter().map(|m| format!("{:?}", m.layer.kind()).to_lowercase()).collect(),
         input,
