@@ -13,6 +13,7 @@ use super::calibrate;
 use super::data::SplitSet;
 use super::network::{Batch, Network};
 use super::optim::{SgdConfig, cosine};
+use super::share;
 use super::train::{AdaptError, Cancel, DistillConfig, TrainConfig, Trainable, train};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +34,11 @@ pub enum Base {
 pub struct Method {
     pub base: Base,
     pub alg: bool,
-    /// Prior matching on unlabelled local traffic (falls back to ALG without such traffic).
+    /// Prior matching on unlabelled local traffic (falls back to ALG without such traffic), to
+    /// the estimated unseen share (see `share::choose_share`).
     pub prior: bool,
+    /// Prior matching to the source model's own share of unseen predictions.
+    pub prior_source: bool,
     /// Prior matching corrected for the seen classes' improved recall (see `calibrate`).
     pub prior_recall: bool,
     pub pcv: bool,
@@ -62,7 +66,8 @@ impl fmt::Display for Method {
             (self.distill_all, "distill-all"),
             (self.wise, "wise"),
             (self.alg, "alg"),
-            (self.prior && !self.prior_recall, "prior"),
+            (self.prior && !self.prior_recall && !self.prior_source, "prior"),
+            (self.prior_source, "prior-source"),
             (self.prior_recall, "prior-recall"),
             (self.pcv, "pcv"),
         ] {
@@ -82,6 +87,7 @@ impl FromStr for Method {
             base: Base::FtTail,
             alg: false,
             prior: false,
+            prior_source: false,
             prior_recall: false,
             pcv: false,
             lolsgd: false,
@@ -115,6 +121,10 @@ impl FromStr for Method {
             match token {
                 "alg" => method.alg = true,
                 "prior" => method.prior = true,
+                "prior-source" => {
+                    method.prior = true;
+                    method.prior_source = true;
+                }
                 "prior-recall" => {
                     method.prior = true;
                     method.prior_recall = true;
@@ -126,7 +136,7 @@ impl FromStr for Method {
                 "wise" => method.wise = true,
                 other => {
                     return Err(format!(
-                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, prior, prior-recall, pcv, lolsgd, distill-unseen, distill-all, wise)"
+                        "'{text}': unknown method part '{other}' (bases: source, ft-head, ft-head-seen, ft-tail, adapter, recommended; modifiers: alg, prior, prior-source, prior-recall, pcv, lolsgd, distill-unseen, distill-all, wise)"
                     ));
                 }
             }
@@ -165,7 +175,8 @@ pub struct Hyper {
     pub head_rate: f32,
     pub tail_rate: f32,
     pub adapter_rate: f32,
-    /// Rates `recommended` chooses from on the device's own seen-class validation split.
+    /// Rates `recommended` chooses from on the device's own seen-class validation split; when
+    /// the largest wins, it also tries twice that.
     pub recommended_rates: Vec<f32>,
     /// Share of each seen class's samples `recommended` holds out for that choice.
     pub validation_share: f32,
@@ -184,6 +195,9 @@ pub struct Hyper {
     pub wise_alpha: f32,
     pub pcv_splits: usize,
     pub threads: usize,
+    /// The unseen share of the unlabelled traffic for prior matching, instead of its estimate
+    /// (bench diagnostics: the true share).
+    pub unseen_share: Option<f32>,
     /// Stops the run from another thread.
     pub cancel: Cancel,
 }
@@ -197,7 +211,7 @@ impl Default for Hyper {
             head_rate: 1.0,
             tail_rate: 8.0,
             adapter_rate: 2.0,
-            recommended_rates: vec![2.0, 4.0, 8.0, 16.0],
+            recommended_rates: vec![4.0, 8.0, 16.0, 32.0],
             validation_share: 0.2,
             selection_steps: 150,
             sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
@@ -211,6 +225,7 @@ impl Default for Hyper {
             wise_alpha: 0.5,
             pcv_splits: 3,
             threads: TrainConfig::default().threads,
+            unseen_share: None,
             cancel: Cancel::default(),
         }
     }
@@ -304,14 +319,28 @@ pub fn adapt(
         let source_rate = share_predicted(&traffic.source_logits, &unseen);
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
             .logits_of(&traffic.splits);
-        notes.push(format!("unseen share {source_rate:.3}"));
+        let target = match hyper.unseen_share {
+            Some(given) => {
+                notes.push(format!("unseen share {given:.3} (given)"));
+                given
+            }
+            None if method.prior_source || method.prior_recall => {
+                notes.push(format!("unseen share {source_rate:.3}"));
+                source_rate
+            }
+            None => {
+                let choice = share::choose_share(source_rate, estimate_share(input, traffic, &seen, &unseen, seed));
+                notes.push(choice.to_string());
+                choice.share
+            }
+        };
         if method.prior_recall {
             let source_seen_as_unseen = share_predicted(input.teacher, &unseen);
             let labelled = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
                 .logits_of(input.data);
             calibrate::recall_corrected_gamma(&logits, &labelled, &seen, &unseen, source_rate, source_seen_as_unseen)
         } else {
-            calibrate::prior_matching_gamma(&logits, &seen, &unseen, source_rate)
+            calibrate::prior_matching_gamma(&logits, &seen, &unseen, target)
         }
     } else if method.alg || method.prior {
         let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
@@ -328,6 +357,25 @@ pub fn adapt(
     Ok(Adapted { network, gamma, unseen, notes })
 }
 
+/// The best-bin estimate of the traffic's unseen share (see `share`), from source logits only.
+fn estimate_share(
+    input: &AdaptInput<'_>,
+    traffic: &Traffic,
+    seen: &[usize],
+    unseen: &[usize],
+    seed: u64,
+) -> Option<share::Estimate> {
+    let share_input = share::ShareInput {
+        traffic: traffic.source_logits.view(),
+        labelled: input.teacher.view(),
+        labels: &input.data.labels,
+        seen,
+        unseen,
+    };
+    let config = share::ShareConfig { seed, ..share::ShareConfig::default() };
+    share::estimate(&share_input, &[share::Estimator::Pu], &config)?.first().copied()
+}
+
 /// The device default: train the tail with the head frozen, calibrate by prior matching on
 /// unlabelled local traffic (ALG without such traffic), and choose the learning rate on a
 /// validation split of the seen samples. Calibration protects the unseen classes, so the
@@ -339,31 +387,39 @@ fn adapt_recommended(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Adapted, AdaptError> {
     let method = recommended_for(input.source);
-    let rates = recommended_rates(hyper);
+    let mut rates = recommended_rates(hyper);
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
     let mut done = 0;
-    let mut scores = Vec::new();
+    let mut scores: Vec<(f32, Score)> = Vec::new();
     let train_labels: Vec<usize> = train_part.iter().map(|&i| input.data.labels[i]).collect();
     if rates.len() > 1 && !validation.is_empty() && seen_and_unseen(&train_labels, input.classes).0.len() >= 2 {
         let part = input.data.select(&train_part);
         let part_teacher = input.teacher.select(Axis(0), &train_part);
         let part_input = AdaptInput { data: &part, teacher: &part_teacher, ..*input };
         let held_out = input.data.select(&validation);
-        for &rate in &rates {
+        let mut index = 0;
+        while index < rates.len() {
+            let rate = rates[index];
+            index += 1;
             let candidate = Hyper { learning_rate: Some(rate), steps: hyper.selection_steps, ..hyper.clone() };
-            let adapted = adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n))?;
+            let adapted = match adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n)) {
+                Ok(adapted) => Some(adapted),
+                // A rate that diverges is no candidate; a cancelled run stops here.
+                Err(AdaptError::NotFinite { .. }) => None,
+                Err(other) => return Err(other),
+            };
             done += hyper.selection_steps;
-            let predicted = crate::metrics::argmax_rows(adapted.logits_of(&held_out).view());
-            let score = crate::metrics::accuracy(&held_out.labels, &predicted).unwrap_or(0.0) as f32;
-            scores.push((rate, score));
+            if let Some(adapted) = adapted {
+                scores.push((rate, Score::of(&adapted.logits_of(&held_out), &held_out.labels)));
+            }
+            // The grid's largest rate won: the model wants larger steps; try one more doubling.
+            let best = best_rate(&scores);
+            if index == rates.len() && best == Some(rate) && rates.len() < hyper.recommended_rates.len() + 1 {
+                rates.push(rate * 2.0);
+            }
         }
     }
-    // Highest validation accuracy; ties go to the smaller rate.
-    let chosen = scores.iter().fold(None::<(f32, f32)>, |best, &(rate, score)| match best {
-        Some((_, best_score)) if best_score >= score => best,
-        _ => Some((rate, score)),
-    });
-    let rate = chosen.map_or(hyper.learning_rate.unwrap_or(hyper.tail_rate), |(rate, _)| rate);
+    let rate = best_rate(&scores).unwrap_or(hyper.learning_rate.unwrap_or(hyper.tail_rate));
     let final_hyper = Hyper { learning_rate: Some(rate), ..hyper.clone() };
     let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
     adapted.notes.insert(0, format!("lr {rate}"));
@@ -371,10 +427,51 @@ fn adapt_recommended(
         adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
     }
     if !scores.is_empty() {
-        let tried = scores.iter().map(|(r, s)| format!("{r}: {s:.3}")).collect::<Vec<_>>().join(", ");
+        let tried = scores.iter().map(|(r, s)| format!("{r}: {:.3}", s.accuracy)).collect::<Vec<_>>().join(", ");
         adapted.notes.push(format!("validation {tried}"));
     }
     Ok(adapted)
+}
+
+/// A candidate's validation result: accuracy first; between equal accuracies (frequent with a
+/// few validation samples per class) the lower mean negative log-likelihood, which still tells
+/// candidates apart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Score {
+    accuracy: f32,
+    nll: f32,
+}
+
+impl Score {
+    fn of(logits: &Array2<f32>, labels: &[usize]) -> Score {
+        let predicted = crate::metrics::argmax_rows(logits.view());
+        let accuracy = crate::metrics::accuracy(labels, &predicted).unwrap_or(0.0) as f32;
+        let mut nll = 0.0f64;
+        for (row, &label) in logits.axis_iter(Axis(0)).zip(labels) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            nll += sum.ln() - (row[label] - max) as f64;
+        }
+        Score { accuracy, nll: (nll / labels.len().max(1) as f64) as f32 }
+    }
+
+    fn better_than(&self, other: &Score) -> bool {
+        self.accuracy > other.accuracy || (self.accuracy == other.accuracy && self.nll < other.nll)
+    }
+}
+
+/// The best-scoring rate; exact ties go to the smaller rate.
+fn best_rate(scores: &[(f32, Score)]) -> Option<f32> {
+    let mut best: Option<(f32, Score)> = None;
+    for &(rate, score) in scores {
+        let wins = best.is_none_or(|(best_rate, best_score)| {
+            score.better_than(&best_score) || (score == best_score && rate < best_rate)
+        });
+        if wins {
+            best = Some((rate, score));
+        }
+    }
+    best.map(|(rate, _)| rate)
 }
 
 fn recommended_rates(hyper: &Hyper) -> Vec<f32> {
@@ -408,6 +505,7 @@ pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
         Base::Source => 0,
         Base::Recommended => {
             let rates = recommended_rates(hyper).len();
+            // The doubling beyond the grid is not counted: the bar then ends with a jump.
             hyper.steps + if rates > 1 { rates * hyper.selection_steps } else { 0 }
         }
         _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
@@ -656,6 +754,7 @@ mod tests {
             "adapter+lolsgd+alg",
             "ft-tail+distill-unseen",
             "ft-tail+wise+pcv",
+            "ft-tail+prior-source",
             "recommended",
             "ft-head-seen",
         ] {

@@ -8,4 +8,5 @@ pub mod loss;
 pub mod method;
 pub mod network;
 pub mod optim;
+pub mod share;
 pub mod train;

@@ -16,6 +16,7 @@ use crate::adapt::data::SplitSet;
 use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
 use crate::adapt::network::Network;
+use crate::adapt::share;
 use crate::inference::Classifier;
 use crate::metrics::{accuracy, per_class_accuracy};
 use seen::SeenSpec;
@@ -28,6 +29,17 @@ pub struct BenchOptions {
     pub seeds: usize,
     pub hyper: Hyper,
     pub cache_dir: PathBuf,
+    /// Resample the unlabelled traffic so that this share of it is unseen classes.
+    pub traffic_unseen_share: Option<f32>,
+}
+
+/// The unlabelled traffic the methods saw: its true unseen share (the bench knows the labels)
+/// and every estimator's label-free estimate of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrafficReport {
+    pub samples: usize,
+    pub true_unseen_share: f32,
+    pub estimates: Vec<share::Estimate>,
 }
 
 /// Mean, standard deviation and the value of each seed.
@@ -95,6 +107,7 @@ pub struct BenchReport {
     /// Spearman rank correlation across methods between each indicator and the true change in
     /// unseen accuracy.
     pub indicator_rank_correlation: BTreeMap<String, Option<f64>>,
+    pub traffic: TrafficReport,
 }
 
 /// Progress of a bench run, for bars and logs.
@@ -129,11 +142,34 @@ pub fn run(
         None => None,
     };
 
+    let (unlabelled, unlabelled_source) = match options.traffic_unseen_share {
+        Some(share) => {
+            let resampled = resample_traffic(&unlabelled, &unseen, share)?;
+            let described = format!("{unlabelled_source}, resampled to {:.0} % unseen", 100.0 * share);
+            (resampled, described)
+        }
+        None => (unlabelled, unlabelled_source),
+    };
+    let true_unseen_share =
+        unlabelled.labels.iter().filter(|l| unseen.contains(l)).count() as f32 / unlabelled.len().max(1) as f32;
     let source = Network::from_bundle(&classifier.bundle);
     let unlabelled = Traffic::new(unlabelled, &source);
     let seen_data = adapt_all.filter(|label| seen.contains(&label));
     let source_adapted = Adapted { network: source.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] };
     let teacher_seen = source_adapted.logits_of(&seen_data);
+    let estimates = share::estimate(
+        &share::ShareInput {
+            traffic: unlabelled.source_logits.view(),
+            labelled: teacher_seen.view(),
+            labels: &seen_data.labels,
+            seen: &seen,
+            unseen: &unseen,
+        },
+        &share::Estimator::ALL,
+        &share::ShareConfig::default(),
+    )
+    .unwrap_or_default();
+    let traffic = TrafficReport { samples: unlabelled.splits.len(), true_unseen_share, estimates };
     // Only the oracle trains on every class.
     let teacher_all = if options.methods.iter().any(|m| m == "oracle") {
         source_adapted.logits_of(&adapt_all)
@@ -143,19 +179,23 @@ pub fn run(
 
     let mut methods = BTreeMap::new();
     for name in &options.methods {
+        let mut hyper = options.hyper.clone();
         let (method, data, teacher): (Method, &SplitSet, &Array2<f32>) = if name == "oracle" {
             ("recommended".parse().map_err(anyhow::Error::msg)?, &adapt_all, &teacher_all)
+        } else if name == TRUE_SHARE {
+            hyper.unseen_share = Some(true_unseen_share);
+            ("recommended".parse().map_err(anyhow::Error::msg)?, &seen_data, &teacher_seen)
         } else {
             (name.parse().map_err(anyhow::Error::msg)?, &seen_data, &teacher_seen)
         };
-        let steps = method::planned_steps(&method, &options.hyper);
+        let steps = method::planned_steps(&method, &hyper);
         let mut runs = Vec::new();
         let mut error = None;
         for seed in 0..options.seeds {
             let input =
                 AdaptInput { source: &source, data, teacher, classes: classes.len(), unlabelled: Some(&unlabelled) };
             let started = Instant::now();
-            let adapted = match method::adapt(&method, &input, &options.hyper, seed as u64, &mut |step| {
+            let adapted = match method::adapt(&method, &input, &hyper, seed as u64, &mut |step| {
                 progress(Progress::Adapting { method: name, seed, step, steps })
             }) {
                 Ok(adapted) => adapted,
@@ -193,7 +233,53 @@ pub fn run(
         methods,
         order: options.methods.clone(),
         indicator_rank_correlation,
+        traffic,
     })
+}
+
+/// The bench row that runs `recommended` with the traffic's true unseen share instead of its
+/// estimate: an upper bound on what the estimate can give, not a method.
+pub const TRUE_SHARE: &str = "recommended@true-share";
+
+/// Draws traffic, without repeats and with a fixed seed (every method sees the same), so that
+/// `share` of it is unseen classes; as large as the two pools allow.
+fn resample_traffic(set: &SplitSet, unseen: &[usize], share: f32) -> anyhow::Result<SplitSet> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    anyhow::ensure!((0.0..=1.0).contains(&share), "--traffic-unseen-share {share}: expected a share in [0, 1]");
+    let (mut unseen_pool, mut seen_pool): (Vec<usize>, Vec<usize>) =
+        (0..set.len()).partition(|&i| unseen.contains(&set.labels[i]));
+    let total = match (share, unseen_pool.len(), seen_pool.len()) {
+        (s, u, _) if s >= 1.0 => u,
+        (s, _, n) if s <= 0.0 => n,
+        (s, u, n) => ((u as f32 / s).min(n as f32 / (1.0 - s))).floor() as usize,
+    };
+    let unseen_count = (share * total as f32).round() as usize;
+    anyhow::ensure!(
+        total > 0 && unseen_count <= unseen_pool.len() && total - unseen_count <= seen_pool.len(),
+        "--traffic-unseen-share {share}: the unlabelled folder has {} unseen and {} seen samples",
+        unseen_pool.len(),
+        seen_pool.len()
+    );
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x7aff1c);
+    unseen_pool.shuffle(&mut rng);
+    seen_pool.shuffle(&mut rng);
+    let mut chosen: Vec<usize> =
+        unseen_pool[..unseen_count].iter().chain(&seen_pool[..total - unseen_count]).copied().collect();
+    chosen.sort_unstable();
+    Ok(set.select(&chosen))
+}
+
+/// The traffic's true unseen share and each estimate, as the bench prints it.
+pub fn traffic_table(report: &BenchReport) -> String {
+    let mut line = format!(
+        "unseen share of the unlabelled traffic ({} samples): true {:.3}",
+        report.traffic.samples, report.traffic.true_unseen_share
+    );
+    for e in &report.traffic.estimates {
+        line.push_str(&format!("; {} {:.3} [{:.3}, {:.3}]", e.estimator.name(), e.share, e.low, e.high));
+    }
+    line
 }
 
 fn evaluate(
@@ -255,8 +341,11 @@ fn summarise(runs: Vec<SeedRun>) -> MethodReport {
 /// Spearman correlation between each indicator's change from the source and the true change in
 /// unseen accuracy, across methods (the oracle excluded: it has no unseen classes to protect).
 fn rank_correlations(methods: &BTreeMap<String, MethodReport>) -> BTreeMap<String, Option<f64>> {
-    let rows: Vec<&MethodReport> =
-        methods.iter().filter(|(name, m)| *name != "oracle" && m.ran()).map(|(_, m)| m).collect();
+    let rows: Vec<&MethodReport> = methods
+        .iter()
+        .filter(|(name, m)| *name != "oracle" && *name != TRUE_SHARE && m.ran())
+        .map(|(_, m)| m)
+        .collect();
     let truth: Vec<f64> = rows.iter().map(|m| m.unseen.mean).collect();
     let mut out = BTreeMap::new();
     for (indicator, baseline) in [

@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// layer's mean squared input norm).
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Resample the unlabelled traffic so that this share of it is unseen classes (e.g. 0.05,
+    /// 0.2, 0.5, 0.8); adds the row `recommended@true-share` to `--methods` to see what the
+    /// share estimate costs.
+    #[arg(long, value_name = "SHARE")]
+    pub traffic_unseen_share: Option<f32>,
     /// Where split tensors are cached (default: the edgeadapt cache).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
@@ -83,7 +88,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         hyper.learning_rate = Some(lr);
     }
     for name in &args.methods {
-        if name != "oracle" {
+        if name != "oracle" && name != bench::TRUE_SHARE {
             name.parse::<crate::adapt::method::Method>().map_err(anyhow::Error::msg)?;
         }
     }
@@ -94,6 +99,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         seeds: args.seeds.max(1),
         hyper,
         cache_dir: args.cache.unwrap_or_else(|| crate::runtime::library::cache_dir().join("splits")),
+        traffic_unseen_share: args.traffic_unseen_share,
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -123,6 +129,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         report.test_samples,
         report.unlabelled_source
     );
+    println!("{}\n", bench::traffic_table(&report));
     println!("{}\n", bench::table(&report));
     let correlations: Vec<String> = report
         .indicator_rank_correlation
