@@ -175,8 +175,7 @@ pub struct Hyper {
     pub head_rate: f32,
     pub tail_rate: f32,
     pub adapter_rate: f32,
-    /// Rates `recommended` chooses from on the device's own seen-class validation split; when
-    /// the largest wins, it also tries twice that.
+    /// Rates `recommended` chooses from on the device's own seen-class validation split.
     pub recommended_rates: Vec<f32>,
     /// Share of each seen class's samples `recommended` holds out for that choice.
     pub validation_share: f32,
@@ -387,7 +386,7 @@ fn adapt_recommended(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Adapted, AdaptError> {
     let method = recommended_for(input.source);
-    let mut rates = recommended_rates(hyper);
+    let rates = recommended_rates(hyper);
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
     let mut done = 0;
     let mut scores: Vec<(f32, Score)> = Vec::new();
@@ -397,10 +396,7 @@ fn adapt_recommended(
         let part_teacher = input.teacher.select(Axis(0), &train_part);
         let part_input = AdaptInput { data: &part, teacher: &part_teacher, ..*input };
         let held_out = input.data.select(&validation);
-        let mut index = 0;
-        while index < rates.len() {
-            let rate = rates[index];
-            index += 1;
+        for &rate in &rates {
             let candidate = Hyper { learning_rate: Some(rate), steps: hyper.selection_steps, ..hyper.clone() };
             let adapted = match adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n)) {
                 Ok(adapted) => Some(adapted),
@@ -411,11 +407,6 @@ fn adapt_recommended(
             done += hyper.selection_steps;
             if let Some(adapted) = adapted {
                 scores.push((rate, Score::of(&adapted.logits_of(&held_out), &held_out.labels)));
-            }
-            // The grid's largest rate won: the model wants larger steps; try one more doubling.
-            let best = best_rate(&scores);
-            if index == rates.len() && best == Some(rate) && rates.len() < hyper.recommended_rates.len() + 1 {
-                rates.push(rate * 2.0);
             }
         }
     }
@@ -505,7 +496,6 @@ pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
         Base::Source => 0,
         Base::Recommended => {
             let rates = recommended_rates(hyper).len();
-            // The doubling beyond the grid is not counted: the bar then ends with a jump.
             hyper.steps + if rates > 1 { rates * hyper.selection_steps } else { 0 }
         }
         _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
