@@ -34,7 +34,9 @@ fn a_small_bench_writes_the_table_json_and_plot() {
             "--seen",
             "0,A,B",
             "--methods",
-            "source,ft-head,ft-tail+prior,recommended,oracle",
+            "source,ft-head,ft-tail+prior,recommended,recommended@true-share,oracle",
+            "--traffic-unseen-share",
+            "0.5",
         ])
         .args(["--seeds", "2", "--steps", "5", "--cache", dir.path().join("cache").to_str().unwrap()])
         .args(["--json", json.to_str().unwrap(), "--plot", plot.to_str().unwrap()])
@@ -46,7 +48,16 @@ fn a_small_bench_writes_the_table_json_and_plot() {
 
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["seen_classes"], serde_json::json!(["0", "A", "B"]));
-    for method in ["source", "ft-head", "ft-tail+prior", "recommended", "oracle"] {
+    // 12 seen and 12 unseen images in target/adapt: resampled to half of each, all 24 kept.
+    assert_eq!(report["traffic"]["true_unseen_share"], 0.5, "{}", report["traffic"]);
+    assert_eq!(report["traffic"]["samples"], 24);
+    let estimators: Vec<&str> =
+        report["traffic"]["estimates"].as_array().unwrap().iter().map(|e| e["estimator"].as_str().unwrap()).collect();
+    assert_eq!(estimators, ["count", "bbse", "em", "pu"]);
+    assert!(stdout.contains("unseen share of the unlabelled traffic (24 samples): true 0.500; count "), "{stdout}");
+    let given = report["methods"]["recommended@true-share"]["choices"][0].as_array().unwrap();
+    assert!(given.iter().any(|c| c.as_str().unwrap().contains("unseen share 0.500 (given)")), "{given:?}");
+    for method in ["source", "ft-head", "ft-tail+prior", "recommended", "recommended@true-share", "oracle"] {
         let entry = &report["methods"][method];
         for metric in ["overall", "seen", "unseen", "seconds"] {
             let per_seed = entry[metric]["per_seed"].as_array().unwrap_or_else(|| panic!("{method}.{metric}: {entry}"));
