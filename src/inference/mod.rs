@@ -249,13 +249,25 @@ fn sample_shape(contract: &crate::model::manifest::InputContract) -> Vec<usize> 
 }
 
 /// Runs `work` while a helper thread calls `tick` with the elapsed time about once a second.
+/// The helper stops when `work` returns and also when it panics (a guard stops it on drop):
+/// otherwise the scope would wait forever for a helper that nothing tells to stop.
 fn with_ticker<T>(tick: &(dyn Fn(std::time::Duration) + Sync), work: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
     let started = std::time::Instant::now();
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&done);
         scope.spawn(|| {
             let mut next = 1;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            while !done.load(Ordering::Acquire) {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 if started.elapsed().as_secs() >= next {
                     tick(started.elapsed());
@@ -263,9 +275,7 @@ fn with_ticker<T>(tick: &(dyn Fn(std::time::Duration) + Sync), work: impl FnOnce
                 }
             }
         });
-        let result = work();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        result
+        work()
     })
 }
 
@@ -433,6 +443,33 @@ mod tests {
         // Ties go to the lower class index, and probabilities of a uniform row are equal.
         assert_eq!(predictions[1].class_index, 0);
         assert!((predictions[1].confidence - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_ticker_stops_when_the_work_it_watches_panics() {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(|| with_ticker(&|_| {}, || panic!("the work failed")));
+            let _ = sender.send(outcome.is_err());
+        });
+        let outcome = receiver.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(outcome, Ok(true), "with_ticker must hand the work's panic on, not wait for its ticker forever");
+    }
+
+    #[test]
+    fn the_ticker_ticks_while_slow_work_runs_and_stops_after() {
+        let ticks = std::sync::atomic::AtomicUsize::new(0);
+        let value = with_ticker(
+            &|_| {
+                ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+            || {
+                std::thread::sleep(std::time::Duration::from_millis(1100));
+                7
+            },
+        );
+        assert_eq!(value, 7);
+        assert!(ticks.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     }
 
     #[test]
