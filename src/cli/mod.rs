@@ -7,6 +7,7 @@ mod demo;
 mod doctor;
 mod fleet;
 mod import;
+pub mod pipe;
 mod reference;
 mod story;
 mod table;
