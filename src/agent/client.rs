@@ -25,6 +25,8 @@ pub struct Refused {
     pub base: String,
     pub status: u16,
     pub message: String,
+    /// The refusal's `kind` where the agent gave one (`detail.kind`, e.g. `unknown_class`).
+    pub kind: Option<String>,
 }
 
 impl Client {
@@ -76,8 +78,14 @@ impl Client {
         if status.is_success() {
             return Ok(body.read_json()?);
         }
-        let message = body.read_json::<ErrorBody>().map(|e| e.error).unwrap_or_else(|e| e.to_string());
-        Err(Refused { base: self.base.clone(), status: status.as_u16(), message }.into())
+        let (message, kind) = match body.read_json::<ErrorBody>() {
+            Ok(body) => {
+                let kind = body.detail.as_ref().and_then(|d| d["kind"].as_str()).map(str::to_string);
+                (body.error, kind)
+            }
+            Err(e) => (e.to_string(), None),
+        };
+        Err(Refused { base: self.base.clone(), status: status.as_u16(), message, kind }.into())
     }
 
     pub fn status(&self) -> anyhow::Result<Status> {

@@ -10,6 +10,7 @@ pub mod folders;
 pub mod gate;
 pub mod http;
 pub mod lock;
+pub mod nearest;
 pub mod policy;
 pub mod weights;
 
@@ -60,14 +61,30 @@ pub enum AgentError {
 #[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum IngestError {
-    #[error("unknown class '{class}'; this model's classes are: {known}")]
-    UnknownClass { class: String, known: String },
+    /// `hint` names the nearest classes ([`nearest::class_hint`]).
+    #[error("unknown class '{class}'; {hint}")]
+    UnknownClass { class: String, hint: String },
     #[error("{what}: {problem}")]
     BadImage { what: String, problem: String },
     #[error("{what}: already stored as sample {id} of class '{class}'")]
     Duplicate { what: String, id: i64, class: String },
     #[error("{what}: {problem}")]
     Failed { what: String, problem: String },
+}
+
+impl IngestError {
+    /// What is wrong, without the file's name, for messages that name the file themselves.
+    pub fn problem(&self) -> String {
+        let full = self.to_string();
+        match self {
+            IngestError::UnknownClass { .. } => full,
+            IngestError::BadImage { what, .. }
+            | IngestError::Duplicate { what, .. }
+            | IngestError::Failed { what, .. } => {
+                full.strip_prefix(&format!("{what}: ")).map(str::to_string).unwrap_or(full)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -365,7 +382,7 @@ impl Agent {
             if !classes.iter().any(|c| c == item.class) {
                 results[index] = Some(Err(IngestError::UnknownClass {
                     class: item.class.to_string(),
-                    known: abbreviate(&classes, 40),
+                    hint: nearest::class_hint(item.class, &classes),
                 }));
                 continue;
             }
@@ -960,14 +977,6 @@ pub fn decode_features(
     }
     let data = Array2::from_shape_vec((rows.len() * positions, channels), values).map_err(|e| e.to_string())?;
     Ok(SplitSet { data, positions, labels })
-}
-
-fn abbreviate(names: &[String], max: usize) -> String {
-    if names.len() <= max {
-        names.join(", ")
-    } else {
-        format!("{}, ... ({} in all)", names[..max].join(", "), names.len())
-    }
 }
 
 /// The data folder's layout.

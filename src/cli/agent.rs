@@ -9,7 +9,7 @@ use clap::Args;
 use super::table::Table;
 use crate::agent::client::{Client, Refused};
 use crate::agent::lock::{self, DataLock, LockError};
-use crate::agent::{Agent, Labelled, RunSummary, Status, VersionRef};
+use crate::agent::{Agent, IngestError, Labelled, RunSummary, Status, VersionRef};
 use crate::config::DeviceConfig;
 
 /// The config the agent commands use when `--config` is not given.
@@ -123,6 +123,19 @@ pub fn run(_args: RunArgs, config: DeviceConfig, config_path: PathBuf) -> anyhow
     Ok(0)
 }
 
+/// Why one file was not stored: what is wrong (without the file's name), and whether the class
+/// itself is unknown, which refuses every file alike.
+struct Refusal {
+    problem: String,
+    unknown_class: bool,
+}
+
+impl Refusal {
+    fn other(problem: String) -> Refusal {
+        Refusal { problem, unknown_class: false }
+    }
+}
+
 pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
     let files = crate::inference::collect_image_files(&args.images)?;
     anyhow::ensure!(!files.is_empty(), "no image files in {:?}", args.images);
@@ -132,37 +145,33 @@ pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
     };
     let bar = super::progress_bar(files.len(), "labelling");
     let mut refused = 0;
-    let mut report = |file: &PathBuf, outcome: Result<crate::agent::Ingested, String>| {
-        if let Err(error) = outcome {
-            refused += 1;
-            // Most errors already start with the file's name; say it once.
-            let name = file.display().to_string();
-            let problem = error.strip_prefix(&format!("{name}: ")).unwrap_or(&error);
-            bar.suspend(|| eprintln!("{name}: refused: {problem}"));
-        }
-    };
     for chunk in files.chunks(32) {
         let loaded: Vec<(PathBuf, std::io::Result<Vec<u8>>)> =
             chunk.iter().map(|f| (f.clone(), std::fs::read(f))).collect();
-        match (&client, offline_agent.as_mut()) {
-            (Some(client), _) => {
-                for (file, bytes) in &loaded {
-                    let outcome = match bytes {
-                        Ok(bytes) => client.label(bytes, &args.class, &file.display().to_string()).map_err(|e| {
-                            match e.downcast_ref::<Refused>() {
-                                Some(refused) => refused.message.clone(),
-                                None => format!(
-                                    "no answer from the agent at {} ({e}); it may have stopped after storing \
-                                     the label: label the file again (a stored one is reported as a duplicate)",
-                                    client.base()
-                                ),
-                            }
-                        }),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    report(file, outcome);
-                }
-            }
+        let outcomes: Vec<Result<(), Refusal>> = match (&client, offline_agent.as_mut()) {
+            (Some(client), _) => loaded
+                .iter()
+                .map(|(file, bytes)| {
+                    let name = file.display().to_string();
+                    let bytes = bytes.as_ref().map_err(|e| Refusal::other(e.to_string()))?;
+                    client.label(bytes, &args.class, &name).map(|_| ()).map_err(|e| match e.downcast_ref::<Refused>() {
+                        Some(refused) => Refusal {
+                            // The agent's message starts with the name it was given; say it once.
+                            problem: refused
+                                .message
+                                .strip_prefix(&format!("{name}: "))
+                                .unwrap_or(&refused.message)
+                                .into(),
+                            unknown_class: refused.kind.as_deref() == Some("unknown_class"),
+                        },
+                        None => Refusal::other(format!(
+                            "no answer from the agent at {} ({e}); it may have stopped after storing the label: \
+                             label the file again (a stored one is reported as a duplicate)",
+                            client.base()
+                        )),
+                    })
+                })
+                .collect(),
             (None, Some((_, agent))) => {
                 let names: Vec<String> = loaded.iter().map(|(f, _)| f.display().to_string()).collect();
                 let items: Vec<Labelled<'_>> = names
@@ -173,15 +182,28 @@ pub fn label(args: LabelArgs, config: DeviceConfig) -> anyhow::Result<i32> {
                     })
                     .collect();
                 let mut results = agent.ingest(&items, "cli").into_iter();
-                for (file, bytes) in &loaded {
-                    let outcome = match bytes {
-                        Ok(_) => results.next().expect("one result per item").map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    report(file, outcome);
-                }
+                loaded
+                    .iter()
+                    .map(|(_, bytes)| match bytes {
+                        Ok(_) => results.next().expect("one result per item").map(|_| ()).map_err(|e| Refusal {
+                            problem: e.problem(),
+                            unknown_class: matches!(e, IngestError::UnknownClass { .. }),
+                        }),
+                        Err(e) => Err(Refusal::other(e.to_string())),
+                    })
+                    .collect()
             }
             (None, None) => unreachable!("either a client or the store"),
+        };
+        for ((file, _), outcome) in loaded.iter().zip(outcomes) {
+            let Err(refusal) = outcome else { continue };
+            if refusal.unknown_class {
+                // Every file would be refused alike (and none was stored): say it once.
+                bar.finish_and_clear();
+                anyhow::bail!("{}; nothing was stored", refusal.problem);
+            }
+            refused += 1;
+            bar.suspend(|| eprintln!("{}: refused: {}", file.display(), refusal.problem));
         }
         bar.inc(chunk.len() as u64);
     }

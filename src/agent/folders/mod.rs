@@ -179,7 +179,11 @@ impl Poller {
                 match &result {
                     Ok(prediction) => tracing::info!(file = name, class = %prediction.class,
                         confidence = prediction.confidence, version, "classified"),
-                    Err(error) => tracing::warn!(file = name, %error, "cannot classify"),
+                    Err(error) => {
+                        // The message starts with the file's name; the log line names it once.
+                        let problem = error.strip_prefix(&format!("{name}: ")).unwrap_or(error);
+                        tracing::warn!(file = name, problem, "cannot classify")
+                    }
                 }
                 let settled = match (self.folders.after, result.is_ok()) {
                     (AfterClassify::Delete, true) => watch.dir.remove_file(name).map_err(|e| named(&path, e)),
@@ -351,7 +355,7 @@ fn settle_inbox_file(
             from.move_into(name, &processed.sub(class)?)?;
         }
         Err(error) => {
-            tracing::warn!(%error, "label refused");
+            tracing::warn!(file = %from.display(name), problem = %error.problem(), "label refused");
             let to = rejected.sub(class)?;
             let moved = from.move_into(name, &to)?;
             to.dir.write(fit_name("", &moved, ".reason.txt"), format!("{error}\n")).map_err(|e| named(&to.path, e))?;
