@@ -12,9 +12,6 @@ use crate::agent::lock::{self, DataLock, LockError};
 use crate::agent::{Agent, IngestError, Labelled, RunSummary, Status, VersionRef};
 use crate::config::DeviceConfig;
 
-/// The config the agent commands use when `--config` is not given.
-pub const DEFAULT_CONFIG: &str = "device-config/default.toml";
-
 #[derive(Debug, Args)]
 pub struct RunArgs {}
 
@@ -53,13 +50,6 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-pub fn load_config(config: Option<DeviceConfig>) -> anyhow::Result<DeviceConfig> {
-    match config {
-        Some(config) => Ok(config),
-        None => Ok(DeviceConfig::load(std::path::Path::new(DEFAULT_CONFIG))?),
-    }
 }
 
 /// How long a command waits for an agent that is starting, or for another command to finish.

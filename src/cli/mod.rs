@@ -12,11 +12,11 @@ mod reference;
 mod story;
 mod table;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::DeviceConfig;
+use crate::config::{DeviceConfig, search};
 use crate::model::Bundle;
 use crate::runtime::RuntimeOptions;
 
@@ -26,7 +26,9 @@ pub const DEFAULT_BUNDLE: &str = "models/efficientnet-lite0-fonts36";
 #[derive(Debug, Parser)]
 #[command(name = "edgeadapt", version, about = "Classify images with an ONNX model and adapt it on device")]
 pub struct Cli {
-    /// Device config (TOML); its bundle and [runtime] settings are used unless overridden.
+    /// Device config (TOML): the bundle, runtime, agent and MQTT settings. Without it, the first
+    /// found of $EDGEADAPT_CONFIG, ~/.config/edgeadapt/config.toml ($XDG_CONFIG_HOME),
+    /// /etc/edgeadapt/config.toml and ./device-config/default.toml.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
@@ -65,8 +67,17 @@ pub enum Command {
 
 /// Runs the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(agent::DEFAULT_CONFIG));
-    let config = cli.config.as_deref().map(DeviceConfig::load).transpose()?;
+    let found = search::search(&search::Inputs::current(cli.config.clone()), Path::exists);
+    let config = match &found {
+        Ok(found) => Some(load_config(found)?),
+        Err(_) => None,
+    };
+    // The agent commands need a config; the others fall back to their defaults without one.
+    let required = || match (&found, &config) {
+        (Ok(found), Some(config)) => Ok((config.clone(), found.path.clone())),
+        (Err(not_found), _) => Err(anyhow::anyhow!("{not_found}")),
+        (Ok(_), None) => unreachable!("a found config is loaded"),
+    };
     match cli.command {
         Command::Classify(args) => classify::run(args, config.as_ref()),
         Command::Bench(args) => bench::run(args, config.as_ref()),
@@ -74,14 +85,25 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::ExportOnnx(args) => import::run_export(args, config.as_ref()),
         Command::AddReference(args) => reference::run(args, config.as_ref()),
         Command::Demo(args) => demo::run(args, config.as_ref()),
-        Command::Run(args) => agent::run(args, agent::load_config(config)?, config_path),
-        Command::Label(args) => agent::label(args, agent::load_config(config)?),
-        Command::Adapt(args) => agent::adapt(args, agent::load_config(config)?),
-        Command::Rollback(args) => agent::rollback(args, agent::load_config(config)?),
-        Command::Status(args) => agent::status(args, agent::load_config(config)?),
+        Command::Run(args) => {
+            let (config, path) = required()?;
+            agent::run(args, config, path)
+        }
+        Command::Label(args) => agent::label(args, required()?.0),
+        Command::Adapt(args) => agent::adapt(args, required()?.0),
+        Command::Rollback(args) => agent::rollback(args, required()?.0),
+        Command::Status(args) => agent::status(args, required()?.0),
         Command::Fleet(args) => fleet::run(args, config.as_ref()),
-        Command::Doctor(args) => doctor::run(args, agent::load_config(config)?),
+        Command::Doctor(args) => doctor::run(args, required()?.0),
     }
+}
+
+/// Loads the config the search found; one named by the environment says so when it fails.
+fn load_config(found: &search::Found) -> anyhow::Result<DeviceConfig> {
+    DeviceConfig::load(&found.path).map_err(|error| match found.origin {
+        search::Origin::Variable => anyhow::anyhow!("{error} (the config {} names)", search::CONFIG_VAR),
+        _ => error.into(),
+    })
 }
 
 /// The bundle folder and runtime options from flags, config and defaults, in that order.

@@ -11,6 +11,7 @@ use crate::output::lexical;
 use crate::runtime::RuntimeOptions;
 
 mod agent;
+pub mod search;
 
 pub use agent::{AdaptationConfig, AfterClassify, GateConfig, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
 
