@@ -382,6 +382,70 @@ fn a_data_folder_that_is_a_file_is_named_in_the_error() {
     assert_eq!(std::fs::read(dir.path().join("data")).unwrap(), b"not a folder");
 }
 
+/// Runs `edgeadapt run` until it exits on its own, or fails after `limit`; its stderr.
+fn run_until_it_exits(config: &Path, limit: Duration) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("EDGEADAPT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent did not exit within {limit:?} although its port is taken");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().unwrap())
+}
+
+#[test]
+fn a_taken_mqtt_port_names_the_key_to_change_and_the_way_out() {
+    // As Debian's Mosquitto holds 1883: another program listens on the embedded broker's port.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = format!("[mqtt]\nenabled = true\nbroker = \"embedded\"\nembedded_listen = \"{taken}\"\n");
+    let config = write_config(dir.path(), free_port(), &mqtt);
+    let (status, stderr) = run_until_it_exits(&config, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    for wanted in ["mqtt.embedded_listen", &config.display().to_string(), &taken.to_string(), "Address already in use"]
+    {
+        assert!(stderr.contains(wanted), "names {wanted}: {stderr}");
+    }
+    assert!(stderr.contains(&format!("broker = \"mqtt://{taken}\"")), "suggests using that broker: {stderr}");
+    drop(holder);
+}
+
+#[test]
+fn a_taken_http_port_names_the_key_to_change() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_http(dir.path(), taken.port(), "");
+    let (status, stderr) = run_until_it_exits(&config, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    for wanted in ["http.listen", &config.display().to_string(), &taken.to_string(), "Address already in use"] {
+        assert!(stderr.contains(wanted), "names {wanted}: {stderr}");
+    }
+    drop(holder);
+}
+
 #[cfg(unix)]
 #[test]
 fn links_planted_in_the_data_folder_are_never_followed_and_jam_nothing() {

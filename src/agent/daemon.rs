@@ -2,13 +2,14 @@
 //! folder and a labelling inbox feed the agent core; the adaptation policy starts runs; one run
 //! at a time trains on its own thread while classification goes on.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::folders::{Folders, Poller};
+use super::listen::{self, Listener};
 use super::{Agent, AgentError, Labelled, RunProgress, RunSummary, event, execute, policy};
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::DeviceConfig;
@@ -250,7 +251,8 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
         move || super::lock::acquire(&data_dir, super::lock::AGENT, LOCK_WAIT)
     })
     .await??;
-    let embedded_port = if config.mqtt.enabled { start_embedded_broker(&config)? } else { None };
+    let embedded_port =
+        if config.mqtt.enabled { start_embedded_broker(&config, config_path.as_deref())? } else { None };
     let agent = open_agent_announcing(&config, embedded_port).await?;
     let shared = Arc::new(Shared {
         agent: Mutex::new(agent),
@@ -278,14 +280,8 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     if config.http.enabled {
         let address = config.http.address().map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {address} (key `http.listen`): {e}{}",
-                if e.kind() == std::io::ErrorKind::AddrInUse {
-                    "; another program (or another agent) uses the port: choose another `http.listen`"
-                } else {
-                    ""
-                }
-            )
+            let free = listen::nearby_free(address);
+            anyhow::anyhow!(listen::listen_error(Listener::Http, address, config_path.as_deref(), &e, free))
         })?;
         tracing::info!(%address, "HTTP endpoint listening");
         tasks.spawn(super::http::serve(listener, Arc::clone(&shared), config.http.clone()));
@@ -335,14 +331,23 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     Ok(())
 }
 
-/// Starts the embedded broker if the config asks for one; its port.
-fn start_embedded_broker(config: &DeviceConfig) -> anyhow::Result<Option<u16>> {
+/// Starts the embedded broker if the config asks for one; its port. `config_path` is named
+/// when the port is taken.
+fn start_embedded_broker(config: &DeviceConfig, config_path: Option<&Path>) -> anyhow::Result<Option<u16>> {
     let mqtt = &config.mqtt;
     if mqtt.broker != "embedded" {
         return Ok(None);
     }
     let address: std::net::SocketAddr = mqtt.embedded_listen.parse()?;
-    crate::fleet::broker::start(address, mqtt.max_packet_bytes)?;
+    crate::fleet::broker::start(address, mqtt.max_packet_bytes).map_err(|error| match error
+        .downcast_ref::<crate::fleet::broker::ListenError>(
+    ) {
+        Some(taken) => {
+            let free = listen::nearby_free(address);
+            anyhow::anyhow!(listen::listen_error(Listener::EmbeddedBroker, address, config_path, &taken.source, free))
+        }
+        None => error,
+    })?;
     tracing::info!(%address, "embedded MQTT broker listening");
     Ok(Some(address.port()))
 }

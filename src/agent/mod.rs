@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod folders;
 pub mod gate;
 pub mod http;
+pub mod listen;
 pub mod lock;
 pub mod nearest;
 pub mod policy;

@@ -6,13 +6,19 @@ use std::net::SocketAddr;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
+/// The broker's address could not be bound (the agent says which config key to change).
+#[derive(Debug, thiserror::Error)]
+#[error("embedded broker cannot listen on {address}: {source}")]
+pub struct ListenError {
+    pub address: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Starts the broker on `listen` in a background thread. It lives as long as the process.
 pub fn start(listen: SocketAddr, max_packet_bytes: usize) -> anyhow::Result<()> {
     // Fail here, with the address, rather than inside the broker's thread.
-    drop(
-        std::net::TcpListener::bind(listen)
-            .map_err(|e| anyhow::anyhow!("embedded broker cannot listen on {listen}: {e}"))?,
-    );
+    drop(std::net::TcpListener::bind(listen).map_err(|source| ListenError { address: listen, source })?);
     let connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: max_packet_bytes + 1024,
