@@ -103,7 +103,7 @@ fn a_run_is_promoted_rollback_is_bit_for_bit_and_a_restart_keeps_the_version() {
     classify(&mut agent, &traffic);
     let before = classify(&mut agent, &probe);
 
-    let summary = agent.adapt_now(None, &mut |_, _| {}).unwrap();
+    let summary = agent.adapt_now(None, false, &mut |_, _| {}).unwrap();
     assert!(summary.promoted, "{summary:?}");
     assert_eq!(agent.serving(), summary.version);
     let gate = &summary.metrics["gate"];
@@ -152,7 +152,7 @@ fn naive_head_training_is_rejected_by_the_gate_and_cannot_be_served() {
     let traffic = images(&data.join("target/adapt"), &all, 5);
     let refs: Vec<(&str, &[u8])> = traffic.iter().map(|(_, w, b)| (w.as_str(), b.as_slice())).collect();
     agent.classify(&refs, 1);
-    let summary = agent.adapt_now(Some("ft-head"), &mut |_, _| {}).unwrap();
+    let summary = agent.adapt_now(Some("ft-head"), false, &mut |_, _| {}).unwrap();
     assert!(!summary.promoted, "{summary:?}");
     assert!(summary.reasons.iter().any(|r| r.contains("unseen")), "{:?}", summary.reasons);
     assert_eq!(agent.serving(), 0);
@@ -161,12 +161,33 @@ fn naive_head_training_is_rejected_by_the_gate_and_cannot_be_served() {
 }
 
 #[test]
+fn adapting_again_without_new_labels_creates_nothing_and_says_why_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::open(&config(dir.path(), "ft-head")).unwrap();
+    label(&mut agent, &images(&fonts36().join("target/adapt"), &SEEN, 10));
+    let first = agent.adapt_now(None, false, &mut |_, _| {}).unwrap();
+    let events_before = agent.store().recent_events(1).unwrap();
+    let versions = agent.status().unwrap().versions.len();
+
+    let error = agent.adapt_now(None, false, &mut |_, _| {}).unwrap_err();
+    let AgentError::NothingNew(reason) = &error else { panic!("{error}") };
+    assert!(reason.contains(&format!("no labels since version {}", first.version)), "{reason}");
+    assert!(reason.contains("--force"), "{reason}");
+    assert_eq!(agent.status().unwrap().versions.len(), versions, "no version was created");
+    assert_eq!(agent.store().recent_events(1).unwrap()[0].id, events_before[0].id, "nor an event recorded");
+
+    let forced = agent.adapt_now(None, true, &mut |_, _| {}).unwrap();
+    assert_eq!(forced.version, first.version + 1);
+    assert_eq!(agent.status().unwrap().versions.len(), versions + 1);
+}
+
+#[test]
 fn a_single_seen_class_is_an_error_and_is_not_retried_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::open(&config(dir.path(), "recommended")).unwrap();
     label(&mut agent, &images(&fonts36().join("target/adapt"), &["7"], 10));
     assert_eq!(agent.new_labels().unwrap(), 10);
-    let error = agent.adapt_now(None, &mut |_, _| {}).unwrap_err();
+    let error = agent.adapt_now(None, false, &mut |_, _| {}).unwrap_err();
     assert!(matches!(error, AgentError::Adapt(AdaptError::SingleClass(ref c)) if c == "7"), "{error}");
     assert_eq!(agent.serving(), 0);
     assert_eq!(agent.new_labels().unwrap(), 0, "the failed run counts as the last run");

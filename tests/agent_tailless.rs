@@ -101,7 +101,7 @@ fn a_tailless_bundle_adapts_with_an_adapter_is_promoted_and_served_again_after_a
     let before = classify(&mut agent, &probe);
 
     let mut steps = 0;
-    let summary = agent.adapt_now(None, &mut |_, planned| steps = planned).unwrap();
+    let summary = agent.adapt_now(None, false, &mut |_, planned| steps = planned).unwrap();
     assert!(steps > 0, "the run reported its progress");
     assert_eq!(summary.method, "recommended");
     assert!(summary.promoted, "{summary:?}");
@@ -147,7 +147,7 @@ fn a_tailless_run_without_validation_samples_is_rejected_and_the_source_stays_se
     let probe = images("target/test", &ALL, 4);
     let before = classify(&mut agent, &probe);
 
-    let summary = agent.adapt_now(None, &mut |_, _| {}).unwrap();
+    let summary = agent.adapt_now(None, false, &mut |_, _| {}).unwrap();
     assert!(!summary.promoted, "{summary:?}");
     assert!(summary.reasons.iter().any(|r| r.contains("no validation samples")), "{:?}", summary.reasons);
     assert_eq!(agent.serving(), 0);

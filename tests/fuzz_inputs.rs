@@ -607,7 +607,7 @@ fn valid_command() -> impl Strategy<Value = (String, &'static str, Value, Comman
     let command = prop_oneof![
         prop::option::of(valid_method.clone()).prop_map(|method| {
             let args = method.map_or(json!({}), |m| json!({ "method": m }));
-            ("adapt", args, Command::Adapt { method: method.map(String::from) })
+            ("adapt", args, Command::Adapt { method: method.map(String::from), force: false })
         }),
         prop_oneof![
             Just((json!({ "to": "source" }), VersionRef::Source)),

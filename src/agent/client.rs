@@ -116,10 +116,14 @@ impl Client {
         self.read(response)
     }
 
-    pub fn start_adapt(&self, method: Option<&str>) -> anyhow::Result<RunProgress> {
+    /// Starts a run; a refusal because it would repeat the newest version has kind `nothing_new`.
+    pub fn start_adapt(&self, method: Option<&str>, force: bool) -> anyhow::Result<RunProgress> {
         let mut request = self.http.post(format!("{}/v1/adapt", self.base));
         if let Some(method) = method {
             request = request.query("method", method);
+        }
+        if force {
+            request = request.query("force", "true");
         }
         self.read(request.send_empty()?)
     }

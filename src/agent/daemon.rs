@@ -81,15 +81,21 @@ impl Shared {
         Ok(status)
     }
 
-    /// Starts a run on its own thread; returns its number once it is planned.
-    pub fn start_run(self: &Arc<Self>, method: Option<&str>, origin: Origin) -> Result<(u64, RunProgress), StartError> {
+    /// Starts a run on its own thread; returns its number once it is planned. `force` as in
+    /// [`super::Agent::prepare_run`].
+    pub fn start_run(
+        self: &Arc<Self>,
+        method: Option<&str>,
+        force: bool,
+        origin: Origin,
+    ) -> Result<(u64, RunProgress), StartError> {
         let mut slot = self.run.lock().expect("run lock");
         if let Some(active) = slot.as_ref() {
             return Err(StartError::Busy(active.progress.method.clone()));
         }
         let plan = {
             let mut agent = self.lock();
-            let plan = agent.prepare_run(method);
+            let plan = agent.prepare_run(method, force);
             match plan {
                 Ok(plan) => {
                     agent.store().push_event(&event(
@@ -101,6 +107,8 @@ impl Shared {
                     ))?;
                     plan
                 }
+                // Nothing was tried: no failed run to record.
+                Err(error @ AgentError::NothingNew(_)) => return Err(error.into()),
                 Err(error) => {
                     // A policy-started run that cannot start must not retry at once.
                     let origin = serde_json::to_value(origin).ok().and_then(|v| v.as_str().map(String::from));
@@ -169,9 +177,10 @@ impl Shared {
         let shared = Arc::clone(self);
         let max_packet = self.config.mqtt.max_packet_bytes;
         match command {
-            Command::Adapt { method } => {
+            Command::Adapt { method, force } => {
                 let started =
-                    tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), Origin::Command)).await;
+                    tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), force, Origin::Command))
+                        .await;
                 match started {
                     Ok(Ok((id, _))) => {
                         let result = self.wait_for_run(id).await;
@@ -537,8 +546,8 @@ async fn housekeeping(shared: Arc<Shared>) {
                 None => shared.started.elapsed().as_secs() / 60,
             };
             match policy::due(&policy, new_labels, minutes) {
-                Some(policy::Trigger::NewLabels(_)) => shared.start_run(None, Origin::NewLabels).map(|_| ()),
-                Some(policy::Trigger::Schedule) => shared.start_run(None, Origin::Schedule).map(|_| ()),
+                Some(policy::Trigger::NewLabels(_)) => shared.start_run(None, true, Origin::NewLabels).map(|_| ()),
+                Some(policy::Trigger::Schedule) => shared.start_run(None, true, Origin::Schedule).map(|_| ()),
                 None => Ok(()),
             }
         })

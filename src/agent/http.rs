@@ -281,12 +281,20 @@ async fn http_label(State(shared): SharedState, Query(query): Query<LabelQuery>,
 #[derive(Deserialize)]
 struct AdaptQuery {
     method: Option<String>,
+    /// Adapt even when the run would repeat the newest version.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn http_adapt(State(shared): SharedState, Query(query): Query<AdaptQuery>) -> Response {
-    match blocking(move || shared.start_run(query.method.as_deref(), Origin::Command)).await {
+    match blocking(move || shared.start_run(query.method.as_deref(), query.force, Origin::Command)).await {
         Ok(Ok((_, progress))) => (StatusCode::ACCEPTED, axum::Json(progress)).into_response(),
         Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e),
+        Ok(Err(StartError::Agent(e @ AgentError::NothingNew(_)))) => (
+            StatusCode::CONFLICT,
+            axum::Json(ErrorBody { error: e.to_string(), detail: Some(serde_json::json!({ "kind": "nothing_new" })) }),
+        )
+            .into_response(),
         Ok(Err(StartError::Agent(e @ AgentError::Adapt(_) | e @ AgentError::Input(_)))) => {
             error(StatusCode::BAD_REQUEST, e)
         }

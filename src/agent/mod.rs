@@ -56,6 +56,9 @@ pub enum AgentError {
     Version { id: i64, problem: String },
     #[error("{0}")]
     Input(String),
+    /// A requested run would repeat the newest version ([`policy::repeats_last_version`]).
+    #[error("{0}")]
+    NothingNew(String),
 }
 
 /// Why one labelled sample was refused. Nothing of a refused sample is stored.
@@ -172,6 +175,9 @@ pub struct RunOutcome {
     pub gate_input: GateInput,
     pub decision: GateDecision,
     pub health: Health,
+    /// The source model's accuracy on the seen classes' validation samples: the gate compares
+    /// with the served version, reports compare every figure with the source model.
+    pub source_seen_validation: Option<f32>,
     pub seconds: f64,
 }
 
@@ -684,14 +690,26 @@ impl Agent {
         Ok((manifest, chunks.into_iter().map(<[u8]>::to_vec).collect()))
     }
 
-    /// Copies what a run needs out of the store. `method` overrides the policy's.
-    pub fn prepare_run(&mut self, method_name: Option<&str>) -> Result<RunPlan, AgentError> {
+    /// Copies what a run needs out of the store. `method` overrides the policy's. A run that
+    /// would repeat the newest version (no new labels, same method) is refused with
+    /// [`AgentError::NothingNew`] unless `force` is set.
+    pub fn prepare_run(&mut self, method_name: Option<&str>, force: bool) -> Result<RunPlan, AgentError> {
         let policy = self.policy()?;
         let method_name = method_name.unwrap_or(&policy.method).to_string();
         let method: Method = method_name.parse().map_err(AgentError::Input)?;
         self.flush_traffic()?;
         let classes = self.classes().to_vec();
         let last_sample_id = self.store.last_sample_id()?;
+        // Version 0, the source model, was trained on nothing here.
+        let newest = self.store.versions()?.into_iter().filter(|v| v.id > 0).max_by_key(|v| v.id);
+        let last = newest.as_ref().map(|v| policy::LastVersion {
+            id: v.id,
+            method: &v.method,
+            last_sample_id: v.sample_set["last_sample_id"].as_i64().unwrap_or(0),
+        });
+        if let Some(reason) = policy::repeats_last_version(last, &method_name, last_sample_id, force) {
+            return Err(AgentError::NothingNew(reason));
+        }
         let samples = self.store.samples(None)?;
         let mut train_counts: BTreeMap<&str, usize> = BTreeMap::new();
         for sample in samples.iter().filter(|s| s.split == Split::Train) {
@@ -805,6 +823,7 @@ impl Agent {
             "seen_classes": plan.seen,
             "gate": outcome.gate_input,
             "health": outcome.health,
+            "source_seen_validation": outcome.source_seen_validation,
             "seconds": outcome.seconds,
             "skipped_classes": plan.skipped,
             "gate_skipped": outcome.decision.skipped,
@@ -852,14 +871,18 @@ impl Agent {
         Ok(self.store.record_failed_run(last, &event("adaptation.failed", payload))?)
     }
 
-    /// Runs a whole adaptation in the calling thread (for the offline CLI).
+    /// Runs a whole adaptation in the calling thread (for the offline CLI); `force` as in
+    /// [`Agent::prepare_run`].
     pub fn adapt_now(
         &mut self,
         method: Option<&str>,
+        force: bool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<RunSummary, AgentError> {
-        let plan = match self.prepare_run(method) {
+        let plan = match self.prepare_run(method, force) {
             Ok(plan) => plan,
+            // Nothing was tried: no failed run to record.
+            Err(error @ AgentError::NothingNew(_)) => return Err(error),
             Err(error) => {
                 self.record_refused_run("command", &error)?;
                 return Err(error);
@@ -900,6 +923,8 @@ pub fn execute(
             accuracy(&plan.current.logits_of(&plan.validation), &plan.validation.labels),
         )
     });
+    let source_seen_validation =
+        (!plan.validation.is_empty()).then(|| accuracy(&source.logits_of(&plan.validation), &plan.validation.labels));
     let gate_input = GateInput {
         seen_validation,
         unseen_rate: health.predicted_unseen_rate,
@@ -908,7 +933,15 @@ pub fn execute(
     let decision = gate::decide(&gate_input, &plan.gate);
     // `recommended` trains an adapter on bundles without a trainable tail, so the network says.
     let adapter_rank = adapted.network.adapter_rank();
-    Ok(RunOutcome { adapted, adapter_rank, gate_input, decision, health, seconds: started.elapsed().as_secs_f64() })
+    Ok(RunOutcome {
+        adapted,
+        adapter_rank,
+        gate_input,
+        decision,
+        health,
+        source_seen_validation,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// What a version needs besides its weights to be served again.

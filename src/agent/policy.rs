@@ -33,9 +33,50 @@ pub fn due(policy: &AdaptationConfig, new_labels: usize, minutes_since_last_run:
     None
 }
 
+/// The newest version's inputs, as far as a repeated run would see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastVersion<'a> {
+    pub id: i64,
+    pub method: &'a str,
+    /// The newest sample the version's run saw.
+    pub last_sample_id: i64,
+}
+
+/// Why a requested run would only repeat the newest version: same method, and no label stored
+/// since that version's run (training is seeded, so the result would be the same). `None` when
+/// the run has something new to learn, when there is no version yet, or when `force` is set.
+pub fn repeats_last_version(
+    last: Option<LastVersion<'_>>,
+    method: &str,
+    last_sample_id: i64,
+    force: bool,
+) -> Option<String> {
+    let last = last?;
+    if force || last.method != method || last_sample_id > last.last_sample_id {
+        return None;
+    }
+    Some(format!(
+        "nothing new to learn: no labels since version {} ({}), which was trained on the same samples; \
+         nothing was created (label more images, choose another --method, or --force to adapt anyway)",
+        last.id, last.method
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_requested_run_without_new_labels_or_another_method_repeats_the_last_version_unless_forced() {
+        let last = LastVersion { id: 3, method: "recommended", last_sample_id: 40 };
+        let reason = repeats_last_version(Some(last), "recommended", 40, false).expect("a repeat");
+        assert!(reason.contains("no labels since version 3"), "{reason}");
+        assert!(reason.contains("--force"), "{reason}");
+        assert_eq!(repeats_last_version(Some(last), "recommended", 40, true), None);
+        assert_eq!(repeats_last_version(Some(last), "recommended", 41, false), None);
+        assert_eq!(repeats_last_version(Some(last), "ft-head", 40, false), None);
+        assert_eq!(repeats_last_version(None, "recommended", 40, false), None);
+    }
 
     #[test]
     fn one_in_every_n_samples_of_a_class_is_held_out_from_the_third_on() {

@@ -9,7 +9,7 @@ use clap::Args;
 use super::table::Table;
 use crate::agent::client::{Client, Refused};
 use crate::agent::lock::{self, DataLock, LockError};
-use crate::agent::{Agent, IngestError, Labelled, RunSummary, Status, VersionRef};
+use crate::agent::{Agent, AgentError, IngestError, Labelled, RunSummary, Status, VersionRef};
 use crate::config::DeviceConfig;
 
 #[derive(Debug, Args)]
@@ -33,8 +33,11 @@ pub struct AdaptArgs {
     /// Return once the run has started instead of waiting for its result.
     #[arg(long)]
     pub no_wait: bool,
+    /// Adapt even with no labels since the newest version (which the run would repeat).
+    #[arg(long)]
+    pub force: bool,
     /// Cancel the run in progress instead (the served version does not change).
-    #[arg(long, conflicts_with_all = ["method", "no_wait"])]
+    #[arg(long, conflicts_with_all = ["method", "no_wait", "force"])]
     pub cancel: bool,
 }
 
@@ -211,7 +214,16 @@ pub fn adapt(args: AdaptArgs, config: DeviceConfig) -> anyhow::Result<i32> {
     }
     let summary = match Client::connect(&config) {
         Some(client) => {
-            let started = client.start_adapt(args.method.as_deref())?;
+            let started = match client.start_adapt(args.method.as_deref(), args.force) {
+                Ok(started) => started,
+                Err(e) => match e.downcast_ref::<Refused>() {
+                    Some(refused) if refused.kind.as_deref() == Some("nothing_new") => {
+                        println!("{}", refused.message);
+                        return Ok(0);
+                    }
+                    _ => return Err(e),
+                },
+            };
             println!("adaptation started on the agent at {} ({})", client.base(), started.method);
             if args.no_wait {
                 return Ok(0);
@@ -235,12 +247,18 @@ pub fn adapt(args: AdaptArgs, config: DeviceConfig) -> anyhow::Result<i32> {
                 anyhow::bail!("the agent started meanwhile; run `edgeadapt adapt` again to adapt on it");
             };
             let bar = super::progress_bar(0, "adapting");
-            let summary = agent.adapt_now(args.method.as_deref(), &mut |step, steps| {
+            let summary = agent.adapt_now(args.method.as_deref(), args.force, &mut |step, steps| {
                 bar.set_length(steps as u64);
                 bar.set_position(step as u64);
             });
             bar.finish_and_clear();
-            summary?
+            match summary {
+                Err(AgentError::NothingNew(reason)) => {
+                    println!("{reason}");
+                    return Ok(0);
+                }
+                other => other?,
+            }
         }
     };
     print_summary(&summary);
@@ -248,26 +266,34 @@ pub fn adapt(args: AdaptArgs, config: DeviceConfig) -> anyhow::Result<i32> {
 }
 
 fn print_summary(summary: &RunSummary) {
-    let verdict = if summary.promoted { "promoted" } else { "rejected" };
-    println!("version {} ({}) {verdict}", summary.version, summary.method);
-    for reason in &summary.reasons {
-        println!("  - {reason}");
+    for line in summary_lines(summary) {
+        println!("{line}");
     }
+}
+
+/// A run's report: the verdict, the gate's reasons, then each figure of the new version with the
+/// source model's in brackets, so every line compares with the same baseline.
+fn summary_lines(summary: &RunSummary) -> Vec<String> {
+    let verdict = if summary.promoted { "promoted" } else { "rejected" };
+    let mut lines = vec![format!("version {} ({}) {verdict}", summary.version, summary.method)];
+    lines.extend(summary.reasons.iter().map(|reason| format!("  - {reason}")));
     let gate = &summary.metrics["gate"];
-    let pair = |key: &str| -> String {
-        match gate[key].as_array() {
-            Some(values) if values.len() == 2 => format!(
-                "{:.1} % (was {:.1} %)",
-                values[0].as_f64().unwrap_or(0.0) * 100.0,
-                values[1].as_f64().unwrap_or(0.0) * 100.0
-            ),
-            _ => "n/a".into(),
-        }
-    };
-    println!("  seen validation accuracy: {}", pair("seen_validation"));
-    println!("  traffic predicted unseen: {} (source in brackets)", pair("unseen_rate"));
-    println!("  reference accuracy, unseen classes: {}", pair("reference_unseen"));
-    println!("  seconds: {:.1}", summary.metrics["seconds"].as_f64().unwrap_or(0.0));
+    let percent = |value: Option<f64>| value.map_or("n/a".to_string(), |v| format!("{:.1} %", v * 100.0));
+    // The gate's pairs are (new version, baseline); the seen validation pair's baseline is the
+    // version served before the run, so its source figure is recorded beside it.
+    let adapted = |key: &str| gate[key].as_array().and_then(|v| v.first()).and_then(|v| v.as_f64());
+    let source = |key: &str| gate[key].as_array().and_then(|v| v.get(1)).and_then(|v| v.as_f64());
+    let figures = [
+        ("seen validation accuracy", adapted("seen_validation"), summary.metrics["source_seen_validation"].as_f64()),
+        ("traffic predicted unseen", adapted("unseen_rate"), source("unseen_rate")),
+        ("reference accuracy, unseen classes", adapted("reference_unseen"), source("reference_unseen")),
+    ];
+    lines.push("  new version [source model]:".into());
+    for (name, new, source) in figures {
+        lines.push(format!("  {name}: {} [{}]", percent(new), percent(source)));
+    }
+    lines.push(format!("  seconds: {:.1}", summary.metrics["seconds"].as_f64().unwrap_or(0.0)));
+    lines
 }
 
 pub fn rollback(args: RollbackArgs, config: DeviceConfig) -> anyhow::Result<i32> {
@@ -352,4 +378,30 @@ fn format_time(ms: i64) -> String {
     }
     let time = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_report_puts_the_source_models_figure_in_brackets_on_every_line() {
+        let summary = RunSummary {
+            version: 2,
+            promoted: true,
+            method: "recommended".into(),
+            reasons: vec![],
+            metrics: serde_json::json!({
+                // Seen validation: the gate's baseline is the served version 1 (0.70), not the source.
+                "gate": { "seen_validation": [0.9, 0.7], "unseen_rate": [0.25, 0.3], "reference_unseen": null },
+                "source_seen_validation": 0.5,
+                "seconds": 1.25,
+            }),
+        };
+        let lines = summary_lines(&summary);
+        assert!(lines.contains(&"  seen validation accuracy: 90.0 % [50.0 %]".to_string()), "{lines:#?}");
+        assert!(lines.contains(&"  traffic predicted unseen: 25.0 % [30.0 %]".to_string()), "{lines:#?}");
+        assert!(lines.contains(&"  reference accuracy, unseen classes: n/a [n/a]".to_string()), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.contains("[source model]")), "{lines:#?}");
+    }
 }

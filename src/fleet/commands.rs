@@ -11,12 +11,24 @@ use crate::agent::VersionRef;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Adapt { method: Option<String> },
-    Rollback { to: VersionRef },
+    /// `force`: adapt even when the run would repeat the newest version.
+    Adapt {
+        method: Option<String>,
+        force: bool,
+    },
+    Rollback {
+        to: VersionRef,
+    },
     Status,
     SetPolicy(PolicyUpdate),
-    Label { class: String, name: String, image: Vec<u8> },
-    PublishWeights { version: Option<i64> },
+    Label {
+        class: String,
+        name: String,
+        image: Vec<u8>,
+    },
+    PublishWeights {
+        version: Option<i64>,
+    },
 }
 
 impl Command {
@@ -120,12 +132,14 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
             #[serde(deny_unknown_fields)]
             struct Args {
                 method: Option<String>,
+                #[serde(default)]
+                force: bool,
             }
             let args: Args = serde_json::from_value(args).map_err(bad_args)?;
             if let Some(method) = &args.method {
                 method.parse::<crate::adapt::method::Method>().map_err(|e| refuse(&id, format!("adapt: {e}")))?;
             }
-            Command::Adapt { method: args.method }
+            Command::Adapt { method: args.method, force: args.force }
         }
         "rollback" => {
             #[derive(Deserialize)]
@@ -289,7 +303,11 @@ mod tests {
         let cases = [
             (
                 build("1", "adapt", serde_json::json!({ "method": "ft-tail+prior" }), None),
-                Command::Adapt { method: Some("ft-tail+prior".into()) },
+                Command::Adapt { method: Some("ft-tail+prior".into()), force: false },
+            ),
+            (
+                build("1f", "adapt", serde_json::json!({ "force": true }), None),
+                Command::Adapt { method: None, force: true },
             ),
             (
                 build("2", "rollback", serde_json::json!({ "to": "source" }), None),
