@@ -25,25 +25,35 @@ pub struct BrokerArgs {
     /// listens on mqtt.embedded_listen).
     #[arg(long, global = true)]
     pub broker: Option<String>,
+    /// The fleet's topic level, `edgeadapt/v1/<FLEET>/<device>/...` (default: the config's
+    /// mqtt.fleet).
     #[arg(long, global = true)]
     pub fleet: Option<String>,
+    /// User name for the broker (default: the config's mqtt.username).
     #[arg(long, global = true)]
     pub username: Option<String>,
+    /// File holding the broker password (default: the config's mqtt.password_file).
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// CA certificate (PEM) for mqtts://.
     #[arg(long, global = true, value_name = "FILE")]
     pub ca: Option<PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS.
+    /// Client certificate (PEM) for mutual TLS.
     #[arg(long, global = true, value_name = "FILE")]
     pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM) for mutual TLS.
     #[arg(long, global = true, value_name = "FILE")]
     pub key: Option<PathBuf>,
     /// The fleet's command key, to sign commands.
     #[arg(long, global = true, value_name = "FILE")]
     pub command_key_file: Option<PathBuf>,
-    /// Seconds to wait for a response.
-    #[arg(long, global = true, default_value_t = 120)]
+}
+
+/// How long a command waits for the device's answer (`watch` has `--for` instead).
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Seconds to wait for the device's response.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub timeout: u64,
 }
 
@@ -57,37 +67,58 @@ pub enum FleetCommand {
     },
     /// Adapt a device now and wait for the result.
     Adapt {
+        /// The device's id (its config's device_id).
         #[arg(long)]
         device: String,
+        /// Method (default: the device's policy method).
         #[arg(long)]
         method: Option<String>,
+        /// Adapt even with no labels since the device's newest version (which the run would repeat).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Serve the source model or an earlier version on a device.
     Rollback {
+        /// The device's id (its config's device_id).
         #[arg(long)]
         device: String,
         /// `source` or a version number.
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// A device's full status.
     Status {
+        /// The device's id (default: the config's device_id).
         #[arg(long)]
-        device: String,
+        device: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
-    /// Change a device's adaptation policy.
+    /// Change a device's adaptation policy; options left out keep their value. The change holds
+    /// across the device's restarts.
     SetPolicy {
+        /// The device's id (its config's device_id).
         #[arg(long)]
         device: String,
+        /// Method for the runs the policy starts.
         #[arg(long)]
         method: Option<String>,
-        #[arg(long)]
+        /// Start a run after this many new labels (0: never).
+        #[arg(long, value_name = "N")]
         after_new_labels: Option<usize>,
-        #[arg(long)]
+        /// Start a run this often when there are new labels (0: never).
+        #[arg(long, value_name = "MINUTES")]
         every_minutes: Option<u64>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Fetch a version's weights from a device and rebuild a standalone bundle from them.
     Weights {
+        /// The device's id (its config's device_id).
         #[arg(long)]
         device: String,
         /// Default: the version the device serves.
@@ -102,7 +133,19 @@ pub enum FleetCommand {
         /// Replace the bundle at `--out` (a folder that is not a bundle is never replaced).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
+}
+
+/// The device `fleet status` asks: `--device`, else the config's `device_id`.
+fn status_device(device: Option<String>, config: Option<&DeviceConfig>) -> anyhow::Result<String> {
+    device.or_else(|| config.map(|c| c.device_id.clone())).ok_or_else(|| {
+        anyhow::anyhow!(
+            "which device? give --device ID, or a config whose device_id to use (--config FILE, or one of the \
+             places `edgeadapt --help` lists under --config)"
+        )
+    })
 }
 
 fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::Result<BrokerOptions> {
@@ -131,13 +174,16 @@ fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::R
     })
 }
 
-pub fn run(args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
+pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
     let options = broker_options(&args.broker, config)?;
-    let timeout = Duration::from_secs(args.broker.timeout);
+    // Before connecting: a missing device is the user's to fix, whatever the broker's state.
+    if let FleetCommand::Status { device, .. } = &mut args.command {
+        *device = Some(status_device(device.take(), config)?);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut client = FleetClient::connect(options, Duration::from_secs(10)).await?;
-        let (device, command, command_args) = match args.command {
+        let (device, command, command_args, wait) = match args.command {
             FleetCommand::Watch { seconds } => {
                 let live = std::io::stdout().is_terminal() && seconds.is_none();
                 let view = client
@@ -152,7 +198,8 @@ pub fn run(args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
                 }
                 return Ok(0);
             }
-            FleetCommand::Weights { device, version, bundle, out, force } => {
+            FleetCommand::Weights { device, version, bundle, out, force, wait } => {
+                let timeout = Duration::from_secs(wait.timeout);
                 let overwrite = crate::output::Overwrite::from_force(force);
                 crate::output::check_dir(&out, overwrite)?;
                 let bundle_dir =
@@ -171,20 +218,29 @@ pub fn run(args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
                 );
                 return Ok(0);
             }
-            FleetCommand::Adapt { device, method } => {
-                let args = method.map_or(serde_json::json!({}), |m| serde_json::json!({ "method": m }));
-                (device, "adapt", args)
+            FleetCommand::Adapt { device, method, force, wait } => {
+                let mut args = serde_json::Map::new();
+                if let Some(method) = method {
+                    args.insert("method".into(), method.into());
+                }
+                if force {
+                    args.insert("force".into(), true.into());
+                }
+                (device, "adapt", serde_json::Value::Object(args), wait)
             }
-            FleetCommand::Rollback { device, to } => {
+            FleetCommand::Rollback { device, to, wait } => {
                 let to = to.parse::<i64>().map_or(serde_json::json!(to), |n| serde_json::json!(n));
-                (device, "rollback", serde_json::json!({ "to": to }))
+                (device, "rollback", serde_json::json!({ "to": to }), wait)
             }
-            FleetCommand::Status { device } => (device, "status", serde_json::json!({})),
-            FleetCommand::SetPolicy { device, method, after_new_labels, every_minutes } => {
+            FleetCommand::Status { device, wait } => {
+                (status_device(device, config)?, "status", serde_json::json!({}), wait)
+            }
+            FleetCommand::SetPolicy { device, method, after_new_labels, every_minutes, wait } => {
                 let update = crate::fleet::commands::PolicyUpdate { method, after_new_labels, every_minutes };
-                (device, "set-policy", serde_json::to_value(update)?)
+                (device, "set-policy", serde_json::to_value(update)?, wait)
             }
         };
+        let timeout = Duration::from_secs(wait.timeout);
         let response = client.command(&device, command, command_args, timeout).await?;
         if response.ok {
             println!("{}", serde_json::to_string_pretty(&response.result.unwrap_or_default())?);
@@ -253,4 +309,18 @@ pub(super) fn render(view: &FleetView) -> String {
         ]);
     }
     if view.devices.is_empty() { "no devices seen yet\n".into() } else { table.render() + "\n" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_status_asks_the_given_device_else_the_configs_and_says_what_to_give_without_either() {
+        let config = DeviceConfig::parse("device_id = \"dev-1\"\nbundle = \"m\"\n", std::path::Path::new(".")).unwrap();
+        assert_eq!(status_device(Some("other".into()), Some(&config)).unwrap(), "other");
+        assert_eq!(status_device(None, Some(&config)).unwrap(), "dev-1");
+        let error = status_device(None, None).unwrap_err().to_string();
+        assert!(error.contains("--device ID") && error.contains("--config"), "{error}");
+    }
 }
