@@ -8,6 +8,23 @@ fn log_softmax(row: ArrayView1<'_, f32>) -> Vec<f32> {
     row.iter().map(|&z| z - log_total).collect()
 }
 
+/// Mean negative log-likelihood of the labels under `softmax(logits)`, without a gradient (for
+/// scoring and calibration).
+pub fn mean_nll(logits: &Array2<f32>, labels: &[usize]) -> f32 {
+    let total: f32 = logits.axis_iter(Axis(0)).zip(labels).map(|(row, &label)| -log_softmax(row)[label]).sum();
+    total / labels.len().max(1) as f32
+}
+
+/// Each row's softmax.
+pub fn softmax_rows(logits: &Array2<f32>) -> Array2<f32> {
+    let mut out = logits.clone();
+    for mut row in out.axis_iter_mut(Axis(0)) {
+        let log_p = log_softmax(row.view());
+        row.iter_mut().zip(log_p).for_each(|(v, lp)| *v = lp.exp());
+    }
+    out
+}
+
 /// Cross-entropy over all classes; returns the mean loss and its gradient.
 pub fn cross_entropy(logits: &Array2<f32>, labels: &[usize]) -> (f32, Array2<f32>) {
     let samples = logits.nrows() as f32;
@@ -58,6 +75,16 @@ pub fn distillation(
 mod tests {
     use super::*;
     use ndarray::array;
+
+    #[test]
+    fn the_plain_likelihood_and_softmax_agree_with_the_training_loss() {
+        let logits = array![[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]];
+        let labels = [2, 1];
+        assert!((mean_nll(&logits, &labels) - cross_entropy(&logits, &labels).0).abs() < 1e-6);
+        let p = softmax_rows(&logits);
+        assert!(p.rows().into_iter().all(|row| (row.sum() - 1.0).abs() < 1e-6));
+        assert!((p[[1, 1]].ln() + mean_nll(&logits.select(Axis(0), &[1]), &[1])).abs() < 1e-6);
+    }
 
     fn numeric(f: impl Fn(&Array2<f32>) -> f32, at: &Array2<f32>) -> Array2<f32> {
         let mut grad = Array2::zeros(at.dim());

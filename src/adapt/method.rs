@@ -437,13 +437,7 @@ impl Score {
     fn of(logits: &Array2<f32>, labels: &[usize]) -> Score {
         let predicted = crate::metrics::argmax_rows(logits.view());
         let accuracy = crate::metrics::accuracy(labels, &predicted).unwrap_or(0.0) as f32;
-        let mut nll = 0.0f64;
-        for (row, &label) in logits.axis_iter(Axis(0)).zip(labels) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            nll += sum.ln() - (row[label] - max) as f64;
-        }
-        Score { accuracy, nll: (nll / labels.len().max(1) as f64) as f32 }
+        Score { accuracy, nll: super::loss::mean_nll(logits, labels) }
     }
 
     fn better_than(&self, other: &Score) -> bool {

@@ -262,14 +262,8 @@ pub fn bbse(traffic_rate: f32, seen_called_unseen: f32, seen_classes: usize, uns
 /// classes), by golden-section search on `ln T` in [ln 0.05, ln 20].
 pub fn fit_temperature(logits: &Array2<f32>, labels: &[usize]) -> f32 {
     let nll = |log_t: f64| {
-        let t = log_t.exp();
-        let mut total = 0.0f64;
-        for (row, &label) in logits.axis_iter(Axis(0)).zip(labels) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let sum: f64 = row.iter().map(|&v| ((v as f64 - max) / t).exp()).sum();
-            total += sum.ln() - (row[label] as f64 - max) / t;
-        }
-        total
+        let t = log_t.exp() as f32;
+        super::loss::mean_nll(&logits.mapv(|v| v / t), labels)
     };
     let (mut lo, mut hi) = (0.05f64.ln(), 20f64.ln());
     let ratio = (5f64.sqrt() - 1.0) / 2.0;
@@ -298,13 +292,7 @@ pub fn em_share(logits: &Array2<f32>, temperature: f32, unseen: &[usize]) -> f32
     if logits.nrows() == 0 || classes == 0 {
         return 0.0;
     }
-    let mut posteriors = logits.mapv(|v| v / temperature);
-    for mut row in posteriors.axis_iter_mut(Axis(0)) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        row.mapv_inplace(|v| (v - max).exp());
-        let sum = row.sum();
-        row.mapv_inplace(|v| v / sum);
-    }
+    let posteriors = super::loss::softmax_rows(&logits.mapv(|v| v / temperature));
     let mut priors = vec![1.0 / classes as f64; classes];
     let uniform = 1.0 / classes as f64;
     for _ in 0..200 {
@@ -429,6 +417,10 @@ mod tests {
         }
 
         fn estimates(&self, share: f32, seed: u64) -> Vec<Estimate> {
+            self.estimates_by(&Estimator::ALL, share, seed, &ShareConfig { bootstrap: 60, ..ShareConfig::default() })
+        }
+
+        fn estimates_by(&self, estimators: &[Estimator], share: f32, seed: u64, config: &ShareConfig) -> Vec<Estimate> {
             let (traffic, labelled, labels) = self.site(share, seed);
             let input = ShareInput {
                 traffic: traffic.view(),
@@ -437,7 +429,7 @@ mod tests {
                 seen: &SEEN,
                 unseen: &UNSEEN,
             };
-            estimate(&input, &Estimator::ALL, &ShareConfig { bootstrap: 60, ..ShareConfig::default() }).unwrap()
+            estimate(&input, estimators, config).unwrap()
         }
     }
 
@@ -493,15 +485,7 @@ mod tests {
             "unseen share 0.350 (raised from the source's 0.200; estimate 0.350 [0.300, 0.400])"
         );
         // On the under-predicting mixture the whole path raises the share towards the truth.
-        let (traffic, labelled, labels) = UNDER.site(0.5, 3);
-        let input = ShareInput {
-            traffic: traffic.view(),
-            labelled: labelled.view(),
-            labels: &labels,
-            seen: &SEEN,
-            unseen: &UNSEEN,
-        };
-        let pu = estimate(&input, &[Estimator::Pu], &ShareConfig::default()).unwrap()[0];
+        let pu = UNDER.estimates_by(&[Estimator::Pu], 0.5, 3, &ShareConfig::default())[0];
         let source = get(&UNDER.estimates(0.5, 3), Estimator::Count).share;
         let choice = choose_share(source, Some(pu));
         assert_eq!(choice.reason, ShareReason::Raised);
