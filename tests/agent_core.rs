@@ -43,13 +43,6 @@ fn images(folder: &Path, classes: &[&str], n: usize) -> Vec<(String, String, Vec
     out
 }
 
-fn label(agent: &mut Agent, samples: &[(String, String, Vec<u8>)]) {
-    let items: Vec<Labelled<'_>> = samples.iter().map(|(class, what, bytes)| Labelled { what, bytes, class }).collect();
-    for result in agent.ingest(&items, "test") {
-        result.unwrap();
-    }
-}
-
 const SEEN: [&str; 4] = ["0", "1", "A", "B"];
 
 #[test]
@@ -90,7 +83,7 @@ fn a_run_is_promoted_rollback_is_bit_for_bit_and_a_restart_keeps_the_version() {
     let data = fonts36();
     let config = config(dir.path(), "ft-tail+prior");
     let mut agent = Agent::open(&config).unwrap();
-    label(&mut agent, &images(&data.join("target/adapt"), &SEEN, 30));
+    common::ingest_all(&mut agent, &images(&data.join("target/adapt"), &SEEN, 30));
     // Unlabelled traffic of every class, as the device would see it.
     let all: Vec<String> = agent.classes().to_vec();
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -146,7 +139,7 @@ fn naive_head_training_is_rejected_by_the_gate_and_cannot_be_served() {
     let dir = tempfile::tempdir().unwrap();
     let data = fonts36();
     let mut agent = Agent::open(&config(dir.path(), "recommended")).unwrap();
-    label(&mut agent, &images(&data.join("target/adapt"), &SEEN, 30));
+    common::ingest_all(&mut agent, &images(&data.join("target/adapt"), &SEEN, 30));
     let all: Vec<String> = agent.classes().to_vec();
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let traffic = images(&data.join("target/adapt"), &all, 5);
@@ -164,7 +157,7 @@ fn naive_head_training_is_rejected_by_the_gate_and_cannot_be_served() {
 fn adapting_again_without_new_labels_creates_nothing_and_says_why_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::open(&config(dir.path(), "ft-head")).unwrap();
-    label(&mut agent, &images(&fonts36().join("target/adapt"), &SEEN, 10));
+    common::ingest_all(&mut agent, &images(&fonts36().join("target/adapt"), &SEEN, 10));
     let first = agent.adapt_now(None, false, &mut |_, _| {}).unwrap();
     let events_before = agent.store().recent_events(1).unwrap();
     let versions = agent.status().unwrap().versions.len();
@@ -185,7 +178,7 @@ fn adapting_again_without_new_labels_creates_nothing_and_says_why_unless_forced(
 fn a_single_seen_class_is_an_error_and_is_not_retried_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::open(&config(dir.path(), "recommended")).unwrap();
-    label(&mut agent, &images(&fonts36().join("target/adapt"), &["7"], 10));
+    common::ingest_all(&mut agent, &images(&fonts36().join("target/adapt"), &["7"], 10));
     assert_eq!(agent.new_labels().unwrap(), 10);
     let error = agent.adapt_now(None, false, &mut |_, _| {}).unwrap_err();
     assert!(matches!(error, AgentError::Adapt(AdaptError::SingleClass(ref c)) if c == "7"), "{error}");

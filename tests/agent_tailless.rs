@@ -5,31 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use common::repo;
-use edgeadapt::agent::{Agent, Labelled, VersionRef};
+use edgeadapt::agent::{Agent, VersionRef};
 use edgeadapt::config::DeviceConfig;
 use edgeadapt::inference::Prediction;
 use edgeadapt::store::VersionStatus;
-
-/// Imports `tiny_cnn.onnx` split at its features (classes cat, dog, bird): the tail is empty.
-fn import_tailless(dir: &Path) -> PathBuf {
-    let fixtures = repo().join("tests/fixtures/onnx");
-    let bundle = dir.join("bundle");
-    let import = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
-        .arg("import-onnx")
-        .arg(fixtures.join("tiny_cnn.onnx"))
-        .args(["--features", "features", "--split", "features", "--classes"])
-        .arg(fixtures.join("tiny_cnn.classes.txt"))
-        .arg("--out")
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
-    bundle
-}
 
 /// A config with the given `[labelling]` and `[gate]` keys; the method is the default
 /// (`recommended`).
@@ -57,13 +39,6 @@ fn images(split: &str, classes: &[(&str, &str)], n: usize) -> Vec<(String, Strin
     out
 }
 
-fn label(agent: &mut Agent, samples: &[(String, String, Vec<u8>)]) {
-    let items: Vec<Labelled<'_>> = samples.iter().map(|(class, what, bytes)| Labelled { what, bytes, class }).collect();
-    for result in agent.ingest(&items, "test") {
-        result.unwrap();
-    }
-}
-
 /// Top-3 of 3 classes: the whole probability vector, so equal predictions mean equal logits up to
 /// a shift.
 fn classify(agent: &mut Agent, set: &[(String, String, Vec<u8>)]) -> Vec<Prediction> {
@@ -88,13 +63,13 @@ fn assert_adapter_recorded(agent: &mut Agent, id: i64) {
 #[test]
 fn a_tailless_bundle_adapts_with_an_adapter_is_promoted_and_served_again_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = import_tailless(dir.path());
+    let bundle = common::tailless_bundle(dir.path());
     // Every 2nd sample validates; the gate is loose so that a poor but finite result promotes.
     let gate = "max_seen_drop = 1.0\nmax_unseen_rate_drop = 1.0\nmax_reference_drop = 1.0";
     let config = config(&bundle, &dir.path().join("data"), 2, gate);
     let mut agent = Agent::open(&config).unwrap();
     assert_eq!(agent.classes(), ["cat", "dog", "bird"]);
-    label(&mut agent, &images("target/adapt", &SEEN, 8));
+    common::ingest_all(&mut agent, &images("target/adapt", &SEEN, 8));
     // Unlabelled traffic of every class, so the unseen-rate check has data.
     classify(&mut agent, &images("target/adapt", &ALL, 20)[..]);
     let probe = images("target/test", &ALL, 4);
@@ -138,12 +113,12 @@ fn a_tailless_bundle_adapts_with_an_adapter_is_promoted_and_served_again_after_a
 #[test]
 fn a_tailless_run_without_validation_samples_is_rejected_and_the_source_stays_served() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = import_tailless(dir.path());
+    let bundle = common::tailless_bundle(dir.path());
     // With every 20th sample held out (the 10th, 30th, ...) and 8 per class, none validates: the
     // gate rejects whatever the run produced, with that reason.
     let config = config(&bundle, &dir.path().join("data"), 20, "");
     let mut agent = Agent::open(&config).unwrap();
-    label(&mut agent, &images("target/adapt", &SEEN, 8));
+    common::ingest_all(&mut agent, &images("target/adapt", &SEEN, 8));
     let probe = images("target/test", &ALL, 4);
     let before = classify(&mut agent, &probe);
 

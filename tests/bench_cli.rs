@@ -86,18 +86,7 @@ fn a_method_that_cannot_run_gets_a_row_with_the_reason_and_the_rest_are_measured
     let fonts36 = repo().join("target/data/fonts36");
     assert!(fonts36.is_dir(), "run tools/setup.sh first: {} is missing", fonts36.display());
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("bundle");
-    let fixtures = repo().join("tests/fixtures/onnx");
-    let import = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
-        .arg("import-onnx")
-        .arg(fixtures.join("tiny_cnn.onnx"))
-        .args(["--features", "features", "--split", "features", "--classes"])
-        .arg(fixtures.join("tiny_cnn.classes.txt"))
-        .arg("--out")
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let bundle = common::tailless_bundle(dir.path());
     let root = dir.path().join("data");
     for split in ["target/adapt", "target/test"] {
         for (class, from) in [("cat", "0"), ("dog", "1"), ("bird", "2")] {

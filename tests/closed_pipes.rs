@@ -5,24 +5,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::{free_port, write_config};
 use common::repo;
-
-/// A folder of real images, enough that the command has output left to write.
-fn images(dir: &Path, n: usize) -> PathBuf {
-    let source = repo().join("target/data/fonts36/target/test/0");
-    assert!(source.is_dir(), "run tools/setup.sh first: {} is missing", source.display());
-    let folder = dir.join("images");
-    std::fs::create_dir_all(&folder).unwrap();
-    for i in 0..n {
-        std::fs::copy(source.join(format!("{i}.png")), folder.join(format!("{i}.png"))).unwrap();
-    }
-    folder
-}
 
 fn edgeadapt() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edgeadapt"));
@@ -63,7 +50,7 @@ fn assert_ended_by_sigpipe(status: ExitStatus, stderr: &str) {
 #[test]
 fn classify_ends_quietly_when_its_reader_goes_away_first() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = images(dir.path(), 40);
+    let folder = common::fonts36_images("target/test/0", dir.path(), 40);
     let bundle = repo().join("models/efficientnet-lite0-fonts36");
     let mut child = edgeadapt()
         .args(["classify", "--json", "--bundle"])
@@ -83,7 +70,7 @@ fn classify_ends_quietly_when_its_reader_goes_away_first() {
 fn classify_with_stdout_and_stderr_in_one_pipe_ends_after_the_first_line() {
     // `2>&1 | head -1`: the first log line is read, then both outputs are closed.
     let dir = tempfile::tempdir().unwrap();
-    let folder = images(dir.path(), 40);
+    let folder = common::fonts36_images("target/test/0", dir.path(), 40);
     let bundle = repo().join("models/efficientnet-lite0-fonts36");
     let (reader, writer) = std::io::pipe().unwrap();
     let mut child = edgeadapt()
@@ -106,7 +93,7 @@ fn classify_with_stdout_and_stderr_in_one_pipe_ends_after_the_first_line() {
 #[test]
 fn label_ends_quietly_when_its_reader_goes_away_and_keeps_what_it_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = images(dir.path(), 3);
+    let folder = common::fonts36_images("target/test/0", dir.path(), 3);
     let config = write_config(dir.path(), free_port(), "");
     let mut child = edgeadapt()
         .arg("--config")

@@ -4,23 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, free_port, write_config};
-use common::{fixture, repo};
-
-fn images(dir: &Path, n: usize) -> PathBuf {
-    let source = repo().join("target/data/fonts36/target/adapt/B");
-    assert!(source.is_dir(), "run tools/setup.sh first: {} is missing", source.display());
-    let folder = dir.join("images");
-    std::fs::create_dir_all(&folder).unwrap();
-    for i in 0..n {
-        std::fs::copy(source.join(format!("{i}.png")), folder.join(format!("{i}.png"))).unwrap();
-    }
-    folder
-}
+use common::fixture;
 
 fn label(config: &Path, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
@@ -62,7 +51,7 @@ fn assert_wrong_class_said_once(code: i32, stdout: &str, stderr: &str) {
 #[test]
 fn a_wrong_class_is_said_once_with_the_nearest_class_names() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = images(dir.path(), 5);
+    let folder = common::fonts36_images("target/adapt/B", dir.path(), 5);
     let config = write_config(dir.path(), free_port(), "");
     let (code, stdout, stderr) = label(&config, &[folder.to_str().unwrap(), "--class", "bolt"]);
     assert_wrong_class_said_once(code, &stdout, &stderr);
@@ -72,7 +61,7 @@ fn a_wrong_class_is_said_once_with_the_nearest_class_names() {
 #[test]
 fn a_wrong_class_through_the_running_agent_is_said_once_and_refused_files_are_named_once() {
     let dir = tempfile::tempdir().unwrap();
-    let folder = images(dir.path(), 5);
+    let folder = common::fonts36_images("target/adapt/B", dir.path(), 5);
     let port = free_port();
     let config = write_config(dir.path(), port, "");
     let log = dir.path().join("agent.log");

@@ -102,3 +102,43 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Copies the first `n` images of the benchmark folder `target/data/fonts36/<class_dir>` into
+/// `dir/images`.
+pub fn fonts36_images(class_dir: &str, dir: &Path, n: usize) -> PathBuf {
+    let source = repo().join("target/data/fonts36").join(class_dir);
+    assert!(source.is_dir(), "run tools/setup.sh first: {} is missing", source.display());
+    let folder = dir.join("images");
+    std::fs::create_dir_all(&folder).unwrap();
+    for i in 0..n {
+        std::fs::copy(source.join(format!("{i}.png")), folder.join(format!("{i}.png"))).unwrap();
+    }
+    folder
+}
+
+/// Imports `tiny_cnn.onnx` split at its features (classes cat, dog, bird) into `dir/bundle`:
+/// a bundle whose tail is empty.
+pub fn tailless_bundle(dir: &Path) -> PathBuf {
+    let fixtures = repo().join("tests/fixtures/onnx");
+    let bundle = dir.join("bundle");
+    let import = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .arg("import-onnx")
+        .arg(fixtures.join("tiny_cnn.onnx"))
+        .args(["--features", "features", "--split", "features", "--classes"])
+        .arg(fixtures.join("tiny_cnn.classes.txt"))
+        .arg("--out")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    bundle
+}
+
+/// Labels `(class, what, bytes)` samples in-process and fails on any refusal.
+pub fn ingest_all(agent: &mut edgeadapt::agent::Agent, samples: &[(String, String, Vec<u8>)]) {
+    let items: Vec<edgeadapt::agent::Labelled<'_>> =
+        samples.iter().map(|(class, what, bytes)| edgeadapt::agent::Labelled { what, bytes, class }).collect();
+    for result in agent.ingest(&items, "test") {
+        result.unwrap();
+    }
+}
