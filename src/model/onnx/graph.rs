@@ -110,7 +110,16 @@ impl<'g> GraphIndex<'g> {
         node.attribute.iter().find(|a| a.name.as_deref() == Some("value")).and_then(|a| a.t.as_ref())
     }
 
-    fn is_constant(&self, name: &str) -> bool {
+    /// The index of the node that computes `tensor`.
+    pub(super) fn producer(&self, tensor: &str) -> Option<usize> {
+        self.producer.get(tensor).copied()
+    }
+
+    pub(super) fn node_count(&self) -> usize {
+        self.graph.node.len()
+    }
+
+    pub(super) fn is_constant(&self, name: &str) -> bool {
         self.constant(name).is_some()
     }
 
@@ -386,87 +395,6 @@ pub fn match_tail(index: &GraphIndex<'_>, split: &str, features: &str) -> Result
         });
     }
     Ok(layers)
-}
-
-/// The split `import-onnx` takes when none is named, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SplitChoice {
-    pub tensor: String,
-    pub layers: Vec<MatchedLayer>,
-    pub reason: String,
-}
-
-/// Chooses the split: the deepest tensor from which every node up to `features` is a supported
-/// tail layer and whose first layer is trainable (linear or 1x1 convolution), so that the last
-/// hidden layers adapt. Leading activations and pooling stay in the trunk, where they cost
-/// nothing to cache. Without such a tensor the tail is empty (the split is the features).
-pub fn choose_split(index: &GraphIndex<'_>, features: &str) -> SplitChoice {
-    let mut best: Option<(String, Vec<MatchedLayer>)> = None;
-    let mut current = features.to_string();
-    let mut stop = String::new();
-    for _ in 0..=index.graph.node.len() {
-        let Some(&producer) = index.producer.get(current.as_str()) else {
-            stop = format!("'{current}' is the model's input");
-            break;
-        };
-        let node = index.node(producer);
-        let Some(previous) = previous_in_chain(index, node) else {
-            stop = format!("{} reads more than one tensor", describe_node(node));
-            break;
-        };
-        if let Ok(layers) = match_tail(index, &previous, features)
-            && layers.first().is_some_and(|l| l.layer.is_trainable())
-            && index.producer.contains_key(previous.as_str())
-        {
-            best = Some((previous.clone(), layers));
-        }
-        current = previous;
-    }
-    match best {
-        Some((tensor, layers)) => {
-            let trainable = layers.iter().filter(|l| l.layer.is_trainable()).count();
-            let before = index.producer.get(tensor.as_str()).map(|&p| describe_node(index.node(p))).unwrap_or_default();
-            SplitChoice {
-                reason: format!(
-                    "the deepest tensor from which every layer up to '{features}' is one the tail supports and the first has weights ({trainable} of {} layers trainable); it is computed by {before}",
-                    layers.len()
-                ),
-                tensor,
-                layers,
-            }
-        }
-        None => SplitChoice {
-            reason: format!(
-                "no linear or 1x1 convolution layer precedes '{features}' through supported layers only ({stop}); the tail is empty and adaptation trains a feature adapter"
-            ),
-            tensor: features.to_string(),
-            layers: Vec::new(),
-        },
-    }
-}
-
-/// The one tensor `node` computes from (its non-constant input); for the SiLU pattern's `Mul`,
-/// the tensor the `Sigmoid` also reads. `None` where the node joins several tensors.
-fn previous_in_chain(index: &GraphIndex<'_>, node: &NodeProto) -> Option<String> {
-    let inputs: Vec<&String> = node.input.iter().filter(|i| !i.is_empty() && !index.is_constant(i)).collect();
-    match inputs.as_slice() {
-        [single] => Some((*single).clone()),
-        [a, b] if node.op_type.as_deref() == Some("Mul") => {
-            let gated_by = |gate: &str, other: &str| {
-                index.producer.get(gate).map(|&p| index.node(p)).is_some_and(|p| {
-                    p.op_type.as_deref() == Some("Sigmoid") && p.input.first().map(String::as_str) == Some(other)
-                })
-            };
-            if gated_by(b, a) {
-                Some((*a).clone())
-            } else if gated_by(a, b) {
-                Some((*b).clone())
-            } else {
-                None
-            }
-        }
-        _ => None,
-    }
 }
 
 /// `t -> Sigmoid -> s; Mul(t, s)`: the SiLU pattern exporters emit. Returns the Mul's output.

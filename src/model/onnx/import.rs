@@ -128,7 +128,7 @@ pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError>
             if !index.exists(&options.features) {
                 return Err(graph_error(GraphError::TensorNotFound(options.features.clone())));
             }
-            let choice = graph::choose_split(&index, &options.features);
+            let choice = super::split::choose_split(&index, &options.features);
             (choice.tensor, choice.layers, Some(choice.reason))
         }
     };

@@ -6,6 +6,7 @@ pub mod graph;
 pub mod import;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto;
+pub mod split;
 pub mod tensor;
 
 /// Decodes an ONNX model from bytes.
