@@ -303,7 +303,7 @@ pub fn adapt(
         return Ok(Adapted { network: input.source.clone(), gamma: 0.0, unseen, notes: vec![] });
     }
     if method.base == Base::Recommended {
-        return adapt_recommended(input, hyper, seed, progress);
+        return super::recommended::adapt_recommended(input, hyper, seed, progress);
     }
     let mut done = 0usize;
     let mut network =
@@ -375,121 +375,12 @@ fn estimate_share(
     share::estimate(&share_input, &[share::Estimator::Pu], &config)?.first().copied()
 }
 
-/// The device default: train the tail with the head frozen, calibrate by prior matching on
-/// unlabelled local traffic (ALG without such traffic), and choose the learning rate on a
-/// validation split of the seen samples. Calibration protects the unseen classes, so the
-/// validation choice may safely favour the seen classes. docs/adaptation.md has the numbers.
-fn adapt_recommended(
-    input: &AdaptInput<'_>,
-    hyper: &Hyper,
-    seed: u64,
-    progress: &mut dyn FnMut(usize),
-) -> Result<Adapted, AdaptError> {
-    let method = recommended_for(input.source);
-    let rates = recommended_rates(hyper);
-    let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
-    let mut done = 0;
-    let mut scores: Vec<(f32, Score)> = Vec::new();
-    let train_labels: Vec<usize> = train_part.iter().map(|&i| input.data.labels[i]).collect();
-    if rates.len() > 1 && !validation.is_empty() && seen_and_unseen(&train_labels, input.classes).0.len() >= 2 {
-        let part = input.data.select(&train_part);
-        let part_teacher = input.teacher.select(Axis(0), &train_part);
-        let part_input = AdaptInput { data: &part, teacher: &part_teacher, ..*input };
-        let held_out = input.data.select(&validation);
-        for &rate in &rates {
-            let candidate = Hyper { learning_rate: Some(rate), steps: hyper.selection_steps, ..hyper.clone() };
-            let adapted = match adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n)) {
-                Ok(adapted) => Some(adapted),
-                // A rate that diverges is no candidate; a cancelled run stops here.
-                Err(AdaptError::NotFinite { .. }) => None,
-                Err(other) => return Err(other),
-            };
-            done += hyper.selection_steps;
-            if let Some(adapted) = adapted {
-                scores.push((rate, Score::of(&adapted.logits_of(&held_out), &held_out.labels)));
-            }
-        }
-    }
-    let rate = best_rate(&scores).unwrap_or(hyper.learning_rate.unwrap_or(hyper.tail_rate));
-    let final_hyper = Hyper { learning_rate: Some(rate), ..hyper.clone() };
-    let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
-    adapted.notes.insert(0, format!("lr {rate}"));
-    if method.base == Base::Adapter {
-        adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
-    }
-    if !scores.is_empty() {
-        let tried = scores.iter().map(|(r, s)| format!("{r}: {:.3}", s.accuracy)).collect::<Vec<_>>().join(", ");
-        adapted.notes.push(format!("validation {tried}"));
-    }
-    Ok(adapted)
-}
-
-/// A candidate's validation result: accuracy first; between equal accuracies (frequent with a
-/// few validation samples per class) the lower mean negative log-likelihood, which still tells
-/// candidates apart.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Score {
-    accuracy: f32,
-    nll: f32,
-}
-
-impl Score {
-    fn of(logits: &Array2<f32>, labels: &[usize]) -> Score {
-        let predicted = crate::metrics::argmax_rows(logits.view());
-        let accuracy = crate::metrics::accuracy(labels, &predicted).unwrap_or(0.0) as f32;
-        Score { accuracy, nll: super::loss::mean_nll(logits, labels) }
-    }
-
-    fn better_than(&self, other: &Score) -> bool {
-        self.accuracy > other.accuracy || (self.accuracy == other.accuracy && self.nll < other.nll)
-    }
-}
-
-/// The best-scoring rate; exact ties go to the smaller rate.
-fn best_rate(scores: &[(f32, Score)]) -> Option<f32> {
-    let mut best: Option<(f32, Score)> = None;
-    for &(rate, score) in scores {
-        let wins = best.is_none_or(|(best_rate, best_score)| {
-            score.better_than(&best_score) || (score == best_score && rate < best_rate)
-        });
-        if wins {
-            best = Some((rate, score));
-        }
-    }
-    best.map(|(rate, _)| rate)
-}
-
-fn recommended_rates(hyper: &Hyper) -> Vec<f32> {
-    match hyper.learning_rate {
-        Some(rate) => vec![rate],
-        None => hyper.recommended_rates.clone(),
-    }
-}
-
-/// Holds out `share` of each class's samples (at least one where a class has two or more).
-fn validation_split(data: &SplitSet, share: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7a11d);
-    let (seen, _) = seen_and_unseen(&data.labels, 0);
-    let mut train = Vec::new();
-    let mut validation = Vec::new();
-    for class in seen {
-        let mut members: Vec<usize> = (0..data.len()).filter(|&i| data.labels[i] == class).collect();
-        members.shuffle(&mut rng);
-        let held = if members.len() >= 2 { ((members.len() as f32 * share).round() as usize).max(1) } else { 0 };
-        validation.extend_from_slice(&members[..held]);
-        train.extend_from_slice(&members[held..]);
-    }
-    train.sort_unstable();
-    validation.sort_unstable();
-    (train, validation)
-}
-
 /// Steps a method runs, for progress bars.
 pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
     match method.base {
         Base::Source => 0,
         Base::Recommended => {
-            let rates = recommended_rates(hyper).len();
+            let rates = super::recommended::recommended_rates(hyper).len();
             hyper.steps + if rates > 1 { rates * hyper.selection_steps } else { 0 }
         }
         _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
@@ -498,13 +389,6 @@ pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
 
 fn planned_train_steps(method: &Method, hyper: &Hyper) -> usize {
     if method.lolsgd { hyper.lolsgd_rounds * hyper.lolsgd_copies * hyper.lolsgd_local_steps } else { hyper.steps }
-}
-
-/// The method `recommended` trains with on `source` (its learning rate is chosen per device):
-/// the tail where the bundle has one with weights, else a feature adapter.
-pub fn recommended_for(source: &Network) -> Method {
-    let base = if source.has_trainable_tail() { "ft-tail" } else { "adapter" };
-    format!("{base}+prior").parse().expect("a valid method")
 }
 
 fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {

@@ -8,5 +8,6 @@ pub mod loss;
 pub mod method;
 pub mod network;
 pub mod optim;
+pub mod recommended;
 pub mod share;
 pub mod train;
