@@ -109,6 +109,57 @@ pub fn recall_corrected_gamma(
     unlabelled[unlabelled.len() - 1] + 1e-3
 }
 
+/// The share of traffic an adapted model should predict as unseen so that every class counts
+/// alike: the `γ` that maximises the estimated group-balanced accuracy
+/// `|S|·q_S(γ) + |U|·q_U(γ)`, returned as the traffic share it predicts unseen at that `γ`.
+/// `q_S(γ)`, the share of seen samples kept in the seen group, is measured on held-out labelled
+/// samples; `q_U(γ)`, the share of unseen samples called unseen, is deconvolved from the
+/// traffic with its unseen share `π`: `r(γ) = π·q_U(γ) + (1 − π)·(1 − q_S(γ))`. At the optimum
+/// the per-class densities of the two groups' samples at the boundary are equal: a seen sample
+/// is pushed across as readily as an unseen one, per class of each group. Matching the
+/// traffic's own share instead maximises accuracy on the traffic, where rare unseen classes
+/// count little. `None` without held-out samples, traffic or a usable `π`.
+pub fn balanced_share(
+    traffic_gaps: &[f32],
+    held_out_seen_gaps: &[f32],
+    traffic_unseen_share: f32,
+    seen_classes: usize,
+    unseen_classes: usize,
+) -> Option<f32> {
+    let traffic = sorted_finite(traffic_gaps);
+    let held_out = sorted_finite(held_out_seen_gaps);
+    let pi = traffic_unseen_share;
+    if traffic.is_empty() || held_out.is_empty() || !(pi > 0.0 && pi < 1.0) || seen_classes == 0 || unseen_classes == 0
+    {
+        return None;
+    }
+    let below = |sorted: &[f32], gamma: f32| sorted.partition_point(|&g| g < gamma) as f32 / sorted.len() as f32;
+    let mut candidates: Vec<f32> = traffic.iter().chain(&held_out).map(|g| g + 1e-4).collect();
+    candidates.push(traffic[0].min(held_out[0]) - 1e-3);
+    candidates.sort_by(f32::total_cmp);
+    candidates.dedup();
+    let score = |gamma: f32| {
+        let seen_called_unseen = below(&held_out, gamma);
+        let unseen_called_unseen = ((below(&traffic, gamma) - (1.0 - pi) * seen_called_unseen) / pi).clamp(0.0, 1.0);
+        seen_classes as f32 * (1.0 - seen_called_unseen) + unseen_classes as f32 * unseen_called_unseen
+    };
+    let scores: Vec<f32> = candidates.iter().map(|&g| score(g)).collect();
+    let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // The score is flat where the groups' densities balance, and sampling noise picks any point
+    // of such a plateau: take the middle of every γ within 1 % of the best.
+    let tolerance = 0.01 * (seen_classes + unseen_classes) as f32;
+    let winners: Vec<f32> =
+        candidates.iter().zip(&scores).filter(|(_, s)| **s >= best - tolerance).map(|(g, _)| *g).collect();
+    let gamma = winners[winners.len() / 2];
+    Some(below(&traffic, gamma))
+}
+
+fn sorted_finite(values: &[f32]) -> Vec<f32> {
+    let mut sorted: Vec<f32> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    sorted.sort_by(f32::total_cmp);
+    sorted
+}
+
 fn sorted_gaps(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f32> {
     let mut gaps = gaps(logits, seen, unseen);
     gaps.retain(|g| g.is_finite());
@@ -162,6 +213,41 @@ mod tests {
         let confident = array![[4.0, 0.0], [5.0, 0.0]];
         let same = recall_corrected_gamma(&unlabelled, &confident, &[0], &[1], 0.5, 0.0);
         assert_eq!(gaps(&unlabelled, &[0], &[1]).iter().filter(|&&g| g < same).count(), 3);
+    }
+
+    /// `n` evenly spaced values covering `[low, high]`.
+    fn spread(low: f32, high: f32, n: usize) -> Vec<f32> {
+        (0..n).map(|i| low + (high - low) * (i as f32 + 0.5) / n as f32).collect()
+    }
+
+    /// Traffic with `share` unseen samples: seen gaps on [-1, 3], unseen gaps on [-3, 1].
+    fn overlapping_traffic(share: f32) -> Vec<f32> {
+        let unseen = (1000.0 * share) as usize;
+        spread(-3.0, 1.0, unseen).into_iter().chain(spread(-1.0, 3.0, 1000 - unseen)).collect()
+    }
+
+    #[test]
+    fn the_balanced_share_counts_every_class_alike_not_every_sample() {
+        let held_out = spread(-1.0, 3.0, 400);
+        // Equal class counts: the boundary sits mid-overlap (γ = 0), where a quarter of each
+        // group is on the wrong side, whatever the traffic's share.
+        let even = balanced_share(&overlapping_traffic(0.5), &held_out, 0.5, 5, 5).unwrap();
+        assert!((even - 0.5).abs() < 0.02, "{even}");
+        // Rare unseen samples still get the balanced boundary: 0.1·0.75 + 0.9·0.25 = 0.3, not 0.1.
+        let rare = balanced_share(&overlapping_traffic(0.1), &held_out, 0.1, 5, 5).unwrap();
+        assert!((rare - 0.3).abs() < 0.03, "{rare}");
+        // Five times as many unseen classes: every overlapping sample goes to them (γ = 1).
+        let many = balanced_share(&overlapping_traffic(0.5), &held_out, 0.5, 2, 10).unwrap();
+        assert!((many - 0.75).abs() < 0.02, "{many}");
+    }
+
+    #[test]
+    fn the_balanced_share_needs_held_out_samples_and_a_share_strictly_between_0_and_1() {
+        let traffic = overlapping_traffic(0.5);
+        assert_eq!(balanced_share(&traffic, &[], 0.5, 5, 5), None);
+        assert_eq!(balanced_share(&traffic, &[1.0], 0.0, 5, 5), None);
+        assert_eq!(balanced_share(&traffic, &[1.0], 1.0, 5, 5), None);
+        assert_eq!(balanced_share(&[], &[1.0], 0.5, 5, 5), None);
     }
 
     #[test]

@@ -197,6 +197,9 @@ pub struct Hyper {
     /// The unseen share of the unlabelled traffic for prior matching, instead of its estimate
     /// (bench diagnostics: the true share).
     pub unseen_share: Option<f32>,
+    /// `recommended` aims prior matching at the share that balances per-class errors between
+    /// the seen and unseen groups (see `calibrate::balanced_share`).
+    pub balanced_share: bool,
     /// Stops the run from another thread.
     pub cancel: Cancel,
 }
@@ -225,6 +228,7 @@ impl Default for Hyper {
             pcv_splits: 3,
             threads: TrainConfig::default().threads,
             unseen_share: None,
+            balanced_share: false,
             cancel: Cancel::default(),
         }
     }
@@ -357,7 +361,7 @@ pub fn adapt(
 }
 
 /// The best-bin estimate of the traffic's unseen share (see `share`), from source logits only.
-fn estimate_share(
+pub(super) fn estimate_share(
     input: &AdaptInput<'_>,
     traffic: &Traffic,
     seen: &[usize],

@@ -5,6 +5,7 @@ use ndarray::{Array2, Axis};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+use super::calibrate;
 use super::data::SplitSet;
 use super::method::{AdaptInput, Adapted, Base, Hyper, Method, adapt, seen_and_unseen};
 use super::network::Network;
@@ -25,6 +26,7 @@ pub(super) fn adapt_recommended(
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
     let mut done = 0;
     let mut scores: Vec<(f32, Score)> = Vec::new();
+    let mut candidates: Vec<Adapted> = Vec::new();
     let train_labels: Vec<usize> = train_part.iter().map(|&i| input.data.labels[i]).collect();
     if rates.len() > 1 && !validation.is_empty() && seen_and_unseen(&train_labels, input.classes).0.len() >= 2 {
         let part = input.data.select(&train_part);
@@ -42,12 +44,31 @@ pub(super) fn adapt_recommended(
             done += hyper.selection_steps;
             if let Some(adapted) = adapted {
                 scores.push((rate, Score::of(&adapted.logits_of(&held_out), &held_out.labels)));
+                candidates.push(adapted);
             }
         }
     }
-    let rate = best_rate(&scores).unwrap_or(hyper.learning_rate.unwrap_or(hyper.tail_rate));
-    let final_hyper = Hyper { learning_rate: Some(rate), ..hyper.clone() };
+    let best = best_rate(&scores);
+    let rate = best.unwrap_or(hyper.learning_rate.unwrap_or(hyper.tail_rate));
+    let balanced = match (hyper.balanced_share, best) {
+        (true, Some(_)) if hyper.unseen_share.is_none() => {
+            let index = scores.iter().position(|(r, _)| *r == rate).expect("the best rate was scored");
+            let held_out = input.data.select(&validation);
+            balanced_share(input, &candidates[index], &held_out, seed)
+        }
+        _ => None,
+    };
+    let final_hyper = Hyper {
+        learning_rate: Some(rate),
+        unseen_share: balanced.as_ref().map(|(share, _)| *share).or(hyper.unseen_share),
+        ..hyper.clone()
+    };
     let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
+    if let Some((_, why)) = balanced
+        && let Some(note) = adapted.notes.iter_mut().find(|n| n.starts_with("unseen share"))
+    {
+        *note = why;
+    }
     adapted.notes.insert(0, format!("lr {rate}"));
     if method.base == Base::Adapter {
         adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
@@ -57,6 +78,34 @@ pub(super) fn adapt_recommended(
         adapted.notes.push(format!("validation {tried}"));
     }
     Ok(adapted)
+}
+
+/// The balanced unseen share (see `calibrate::balanced_share`) measured on the chosen
+/// candidate, which did not train on `held_out`, with the traffic's share estimated from the
+/// source logits; `None` where the estimate is missing or too uncertain.
+fn balanced_share(
+    input: &AdaptInput<'_>,
+    candidate: &Adapted,
+    held_out: &SplitSet,
+    seed: u64,
+) -> Option<(f32, String)> {
+    let traffic = input.unlabelled.filter(|t| !t.splits.is_empty())?;
+    let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
+    let estimate = super::method::estimate_share(input, traffic, &seen, &unseen, seed)?;
+    if estimate.high - estimate.low > super::share::MAX_INTERVAL {
+        return None;
+    }
+    let raw = Adapted { gamma: 0.0, ..candidate.clone() };
+    let traffic_gaps = calibrate::gaps(&raw.logits_of(&traffic.splits), &seen, &unseen);
+    let held_out_gaps = calibrate::gaps(&raw.logits_of(held_out), &seen, &unseen);
+    let share = calibrate::balanced_share(&traffic_gaps, &held_out_gaps, estimate.share, seen.len(), unseen.len())?;
+    Some((
+        share,
+        format!(
+            "unseen share {share:.3} (balanced; traffic estimate {:.3} [{:.3}, {:.3}])",
+            estimate.share, estimate.low, estimate.high
+        ),
+    ))
 }
 
 /// A candidate's validation result: accuracy first; between equal accuracies (frequent with a

@@ -182,6 +182,9 @@ pub fn run(
         let mut hyper = options.hyper.clone();
         let (method, data, teacher): (Method, &SplitSet, &Array2<f32>) = if name == "oracle" {
             ("recommended".parse().map_err(anyhow::Error::msg)?, &adapt_all, &teacher_all)
+        } else if name == BALANCED {
+            hyper.balanced_share = true;
+            ("recommended".parse().map_err(anyhow::Error::msg)?, &seen_data, &teacher_seen)
         } else if name == TRUE_SHARE {
             hyper.unseen_share = Some(true_unseen_share);
             ("recommended".parse().map_err(anyhow::Error::msg)?, &seen_data, &teacher_seen)
@@ -240,6 +243,9 @@ pub fn run(
 /// The bench row that runs `recommended` with the traffic's true unseen share instead of its
 /// estimate: an upper bound on what the estimate can give, not a method.
 pub const TRUE_SHARE: &str = "recommended@true-share";
+
+/// The bench row that runs `recommended` with the balanced unseen share.
+pub const BALANCED: &str = "recommended@balanced";
 
 /// Draws traffic, without repeats and with a fixed seed (every method sees the same), so that
 /// `share` of it is unseen classes; as large as the two pools allow.
@@ -343,7 +349,7 @@ fn summarise(runs: Vec<SeedRun>) -> MethodReport {
 fn rank_correlations(methods: &BTreeMap<String, MethodReport>) -> BTreeMap<String, Option<f64>> {
     let rows: Vec<&MethodReport> = methods
         .iter()
-        .filter(|(name, m)| *name != "oracle" && *name != TRUE_SHARE && m.ran())
+        .filter(|(name, m)| *name != "oracle" && *name != TRUE_SHARE && *name != BALANCED && m.ran())
         .map(|(_, m)| m)
         .collect();
     let truth: Vec<f64> = rows.iter().map(|m| m.unseen.mean).collect();

@@ -88,7 +88,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         hyper.learning_rate = Some(lr);
     }
     for name in &args.methods {
-        if name != "oracle" && name != bench::TRUE_SHARE {
+        if name != "oracle" && name != bench::TRUE_SHARE && name != bench::BALANCED {
             name.parse::<crate::adapt::method::Method>().map_err(anyhow::Error::msg)?;
         }
     }
