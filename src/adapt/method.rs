@@ -197,6 +197,9 @@ pub struct Hyper {
     /// The unseen share of the unlabelled traffic for prior matching, instead of its estimate
     /// (bench diagnostics: the true share).
     pub unseen_share: Option<f32>,
+    /// The share choice for prior matching when it is already made (`recommended` makes it
+    /// once for its candidates and its final run).
+    pub share_choice: Option<share::ShareChoice>,
     /// `recommended` aims prior matching at the share that balances per-class errors between
     /// the seen and unseen groups (see `calibrate::balanced_share`).
     pub balanced_share: bool,
@@ -215,7 +218,7 @@ impl Default for Hyper {
             adapter_rate: 2.0,
             recommended_rates: vec![4.0, 8.0, 16.0, 32.0],
             validation_share: 0.2,
-            selection_steps: 150,
+            selection_steps: 100,
             sgd: SgdConfig { momentum: 0.9, weight_decay: 5e-4 },
             adapter_rank: 64,
             distill_temperature: 2.0,
@@ -228,6 +231,7 @@ impl Default for Hyper {
             pcv_splits: 3,
             threads: TrainConfig::default().threads,
             unseen_share: None,
+            share_choice: None,
             balanced_share: false,
             cancel: Cancel::default(),
         }
@@ -332,7 +336,9 @@ pub fn adapt(
                 source_rate
             }
             None => {
-                let choice = share::choose_share(source_rate, estimate_share(input, traffic, &seen, &unseen, seed));
+                let choice = hyper.share_choice.unwrap_or_else(|| {
+                    share::choose_share(source_rate, estimate_share(input, traffic, &seen, &unseen, seed))
+                });
                 notes.push(choice.to_string());
                 choice.share
             }
@@ -579,7 +585,7 @@ fn pcv_gamma(
 }
 
 /// Share of rows whose argmax is one of `classes`.
-fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
+pub(super) fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
     let hits = crate::metrics::argmax_rows(logits.view()).into_iter().filter(|c| classes.contains(c)).count();
     hits as f32 / logits.nrows().max(1) as f32
 }

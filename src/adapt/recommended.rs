@@ -9,6 +9,7 @@ use super::calibrate;
 use super::data::SplitSet;
 use super::method::{AdaptInput, Adapted, Base, Hyper, Method, adapt, seen_and_unseen};
 use super::network::Network;
+use super::share::{self, ShareChoice};
 use super::train::AdaptError;
 
 /// The device default: train the tail with the head frozen, calibrate by prior matching on
@@ -24,6 +25,8 @@ pub(super) fn adapt_recommended(
     let method = recommended_for(input.source);
     let rates = recommended_rates(hyper);
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
+    let choice = share_choice(input, seed);
+    let hyper = &Hyper { share_choice: choice, ..hyper.clone() };
     let mut done = 0;
     let mut scores: Vec<(f32, Score)> = Vec::new();
     let mut candidates: Vec<Adapted> = Vec::new();
@@ -54,7 +57,7 @@ pub(super) fn adapt_recommended(
         (true, Some(_)) if hyper.unseen_share.is_none() => {
             let index = scores.iter().position(|(r, _)| *r == rate).expect("the best rate was scored");
             let held_out = input.data.select(&validation);
-            balanced_share(input, &candidates[index], &held_out, seed)
+            balanced_share(input, &candidates[index], &held_out, choice)
         }
         _ => None,
     };
@@ -81,17 +84,16 @@ pub(super) fn adapt_recommended(
 }
 
 /// The balanced unseen share (see `calibrate::balanced_share`) measured on the chosen
-/// candidate, which did not train on `held_out`, with the traffic's share estimated from the
-/// source logits; `None` where the estimate is missing or too uncertain.
+/// candidate, which did not train on `held_out`, with the traffic's estimated share; `None` where the estimate is missing or too uncertain.
 fn balanced_share(
     input: &AdaptInput<'_>,
     candidate: &Adapted,
     held_out: &SplitSet,
-    seed: u64,
+    choice: Option<ShareChoice>,
 ) -> Option<(f32, String)> {
     let traffic = input.unlabelled.filter(|t| !t.splits.is_empty())?;
     let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
-    let estimate = super::method::estimate_share(input, traffic, &seen, &unseen, seed)?;
+    let estimate = choice?.estimate?;
     if estimate.high - estimate.low > super::share::MAX_INTERVAL {
         return None;
     }
@@ -106,6 +108,15 @@ fn balanced_share(
             estimate.share, estimate.low, estimate.high
         ),
     ))
+}
+
+/// The unseen share prior matching aims at, from every labelled sample: made once, so that
+/// every candidate and the final run aim at the same share.
+fn share_choice(input: &AdaptInput<'_>, seed: u64) -> Option<ShareChoice> {
+    let traffic = input.unlabelled.filter(|t| !t.splits.is_empty())?;
+    let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
+    let source_rate = super::method::share_predicted(&traffic.source_logits, &unseen);
+    Some(share::choose_share(source_rate, super::method::estimate_share(input, traffic, &seen, &unseen, seed)))
 }
 
 /// A candidate's validation result: accuracy first; between equal accuracies (frequent with a

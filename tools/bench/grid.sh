@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# The adaptation grid of docs/adaptation.md: fonts36 and fonts36-camera, 6/18/30 seen classes,
-# the traffic as it is and resampled to 5/20/50/80 % unseen, 3 seeds each; then the summary.
+# The adaptation grid of docs/adaptation.md: fonts36 and fonts36-camera with 6/18/30 of 36
+# classes seen, emoji10 (a small CNN brought in with import-onnx) with 5 of 10; the traffic as
+# it is, then resampled to 5/20/50/80 % unseen; 3 seeds each; then the summary.
 # Usage: tools/bench/grid.sh [OUT_DIR]   (run from the repository root after tools/setup.sh;
-# about 45 minutes on 2 cores)
+# about an hour on 2 cores)
 set -euo pipefail
 out="${1:-target/bench-grid}"
 mkdir -p "$out"
 cargo build --release --locked
 bin=target/release/edgeadapt
-for share in none 0.05 0.2 0.5 0.8; do
-    for data in fonts36 fonts36-camera; do
-        for seen in 6 18 30; do
-            methods="source,ft-tail+prior-source,recommended,recommended@true-share"
+# data set, its bundle, the seen-class counts
+benches=(
+    "fonts36 models/efficientnet-lite0-fonts36 6,18,30"
+    "fonts36-camera models/efficientnet-lite0-fonts36 6,18,30"
+    "emoji10 benches/models/emoji10-cnn 5"
+)
+for bench in "${benches[@]}"; do
+    read -r data bundle counts <<< "$bench"
+    for seen in ${counts//,/ }; do
+        for share in none 0.05 0.2 0.5 0.8; do
+            methods="source,ft-tail+prior-source,recommended,recommended@true-share,recommended@balanced"
             extra=()
             if [ "$share" = none ]; then
-                methods="source,ft-tail+alg,adapter+alg,ft-tail+prior-source,recommended,recommended@true-share,oracle"
+                methods="source,ft-tail+alg,adapter+alg,ft-head+alg,$methods,oracle"
             else
                 extra=(--traffic-unseen-share "$share")
             fi
             name="$out/$data-k$seen-s$share"
             echo "bench $data, $seen seen, traffic unseen share $share -> $name.txt"
-            "$bin" bench --data "target/data/$data" --seen "count:$seen,seed:0" --seeds 3 \
+            "$bin" bench --bundle "$bundle" --data "target/data/$data" --seen "count:$seen,seed:0" --seeds 3 \
                 --methods "$methods" "${extra[@]}" --json "$name.json" --force > "$name.txt"
         done
     done

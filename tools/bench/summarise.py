@@ -51,8 +51,8 @@ def per_seed(report, method, metric):
 
 
 def goals(cases):
-    print("| bench | seen | traffic unseen share (true) | source overall | `recommended` overall (Δ) | seen Δ | unseen Δ, worst seed | `recommended@true-share` overall | `ft-tail+prior-source` overall | best other row | oracle | gap closed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| bench | seen | traffic unseen share (true) | source overall | `recommended` overall (Δ) | seen Δ | unseen Δ, worst seed | `recommended@true-share` overall | `recommended@balanced` overall (unseen Δ, worst seed) | `ft-tail+prior-source` overall | best other row | oracle | gap closed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key in sorted(cases, key=order):
         data, k, share = key
         report = cases[key]
@@ -68,16 +68,19 @@ def goals(cases):
         others = [
             (mean(report, m, "overall"), m)
             for m in report["order"]
-            if m not in ("recommended", "recommended@true-share", "oracle", "source") and mean(report, m, "overall") is not None
+            if m not in ("recommended", "recommended@true-share", "recommended@balanced", "oracle", "source") and mean(report, m, "overall") is not None
         ]
         best = max(others) if others else None
         gap = (rec - source) / (oracle - source) if oracle and oracle > source else None
         true_share = mean(report, "recommended@true-share", "overall")
         prior_source = mean(report, "ft-tail+prior-source", "overall")
+        balanced = mean(report, "recommended@balanced", "overall")
+        balanced_unseen = [v - source_unseen for v in per_seed(report, "recommended@balanced", "unseen")]
+        balanced_cell = "-" if balanced is None else f"{balanced:.1f} ({min(balanced_unseen):+.1f})"
         fmt = lambda v: "-" if v is None else f"{v:.1f}"
         print(
             f"| {data} | {k} | {report['traffic']['true_unseen_share']:.3f} | {source:.1f} | {rec:.1f} ({rec - source:+.1f}) | {seen_d:+.1f} | {worst_unseen:+.1f} "
-            f"| {fmt(true_share)} | {fmt(prior_source)} | {'-' if best is None else f'{best[1]} {best[0]:.1f}'} | {fmt(oracle)} | {'-' if gap is None else f'{100 * gap:.0f} %'} |"
+            f"| {fmt(true_share)} | {balanced_cell} | {fmt(prior_source)} | {'-' if best is None else f'{best[1]} {best[0]:.1f}'} | {fmt(oracle)} | {'-' if gap is None else f'{100 * gap:.0f} %'} |"
         )
 
 
