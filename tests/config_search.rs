@@ -71,7 +71,7 @@ fn device_id(output: &Output) -> String {
 #[test]
 fn without_a_config_anywhere_the_error_names_every_place_looked() {
     if Path::new(SYSTEM_CONFIG).exists() {
-        eprintln!("skipped: this machine has {SYSTEM_CONFIG}, which the search would find");
+        common::skipped(&format!("this machine has {SYSTEM_CONFIG}, which the search would find"));
         return;
     }
     let place = Place::new();
@@ -123,7 +123,7 @@ fn a_variable_that_names_a_missing_file_is_an_error_not_a_fall_through() {
 #[test]
 fn classify_needs_no_config() {
     if Path::new(SYSTEM_CONFIG).exists() {
-        eprintln!("skipped: this machine has {SYSTEM_CONFIG}, which the search would find");
+        common::skipped(&format!("this machine has {SYSTEM_CONFIG}, which the search would find"));
         return;
     }
     let place = Place::new();

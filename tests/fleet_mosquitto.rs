@@ -193,7 +193,7 @@ fn wait_for(messages: &Messages, what: &str, check: impl Fn(&[(String, serde_jso
 fn mutual_tls_acl_outage_and_last_will_with_mosquitto() {
     let Some(binary) = mosquitto_binary() else {
         assert!(std::env::var_os("CI").is_none(), "CI must install mosquitto (see .ci/run)");
-        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
+        common::skipped("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -301,7 +301,7 @@ fn mutual_tls_acl_outage_and_last_will_with_mosquitto() {
 fn username_and_password_with_mosquitto() {
     let Some(binary) = mosquitto_binary() else {
         assert!(std::env::var_os("CI").is_none(), "CI must install mosquitto (see .ci/run)");
-        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
+        common::skipped("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
         return;
     };
     let passwd =

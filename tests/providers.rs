@@ -25,7 +25,7 @@ fn with_providers(providers: &[ProviderKind], require_gpu: bool) -> RuntimeOptio
 fn gpu_providers_fall_back_to_the_cpu_unless_a_gpu_is_required() {
     runtime::init(None).expect("ONNX Runtime loads");
     if common::gpu::missing(ProviderKind::Cuda).is_none() {
-        eprintln!("skipped: CUDA runs here, so there is no fallback to observe");
+        common::skipped("CUDA runs here, so there is no fallback to observe");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -3,4 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-cargo run --release --locked --quiet -- demo "$@"
+bin=target/release/edgeadapt
+if [ ! -x "$bin" ]; then
+    echo "Building edgeadapt (release) for the first time: about 10 minutes on 2 cores, with cargo's progress below; later runs start in seconds." >&2
+fi
+cargo build --release --locked --bin edgeadapt
+exec "$bin" demo "$@"

@@ -104,6 +104,8 @@ def main() -> int:
                     print(library_path)
                 return 0
 
+    print(f"Fetching ONNX Runtime {VERSION} ({package} wheel from PyPI, checked against its pinned sha256) "
+          f"into {target_dir}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as download_dir:
         command = [
             sys.executable, "-m", "pip", "download", f"{package}=={VERSION}", "--no-deps",

@@ -12,6 +12,7 @@ for archive in benches/data/*.tar.gz; do
     name=$(basename "$archive" .tar.gz)
     stamp="$data/$name/.extracted-$(sha256sum "$archive" | cut -c1-16)"
     if [ ! -f "$stamp" ]; then
+        echo "Unpacking $archive into $data/$name" >&2
         rm -rf "${data:?}/$name"
         tar -xzf "$archive" -C "$data"
         touch "$stamp"

@@ -3,6 +3,24 @@
 
 pub mod daemon;
 
+/// Reports a test that cannot run on this machine: on stderr, and in the list that
+/// `tools/test.sh` prints at the end, so a skip never passes for a pass.
+pub fn skipped(reason: &str) {
+    skipped_to(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped-tests.txt"), reason);
+}
+
+/// [`skipped`], listing the test in `list`.
+pub fn skipped_to(list: &std::path::Path, reason: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {reason}");
+    // The test harness names each test's thread after the test.
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(list) {
+        // One write per line: parallel tests append whole lines.
+        let _ = file.write_all(format!("{}::{test}: {reason}\n", env!("CARGO_CRATE_NAME")).as_bytes());
+    }
+}
+
 /// Gates for tests that need a GPU.
 pub mod gpu {
     use edgeadapt::runtime::{self, ProviderKind, gpu};
@@ -11,7 +29,7 @@ pub mod gpu {
         if std::env::var("EDGEADAPT_GPU_TESTS").as_deref() == Ok("require") {
             panic!("EDGEADAPT_GPU_TESTS=require, but: {reason}");
         }
-        eprintln!("skipped: {reason}");
+        super::skipped(reason);
     }
 
     /// Why `kind` cannot run here, if it cannot.
