@@ -47,6 +47,27 @@ fn collect(port: u16) -> Messages {
     messages
 }
 
+/// The retained message a new subscriber to `topic` gets first.
+async fn retained(port: u16, topic: &str) -> serde_json::Value {
+    static CLIENTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut options = MqttOptions::new(format!("late-watcher-{id}"), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 24, 1 << 24);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let wait = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match eventloop.poll().await.unwrap() {
+                Event::Incoming(Packet::ConnAck(_)) => client.subscribe(topic, QoS::AtLeastOnce).await.unwrap(),
+                Event::Incoming(Packet::Publish(p)) if p.retain => return json(&p.payload),
+                _ => {}
+            }
+        }
+    });
+    let message = wait.await.unwrap_or_else(|_| panic!("no retained message on {topic}"));
+    let _ = client.disconnect().await;
+    message
+}
+
 fn wait_for(messages: &Messages, what: &str, check: impl Fn(&[(String, Vec<u8>)]) -> bool) {
     let started = std::time::Instant::now();
     while !check(&messages.lock().unwrap()) {
@@ -138,6 +159,18 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
         let again =
             fleet.command_with_id("test-device", "adapt-1", "adapt", serde_json::json!({}), timeout).await.unwrap();
         assert_eq!(again, response);
+        // A watcher that starts now gets the labels and this result at once: metrics are
+        // retained and name the last adaptation.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = retained(mqtt_port, "edgeadapt/v1/test-fleet/test-device/metrics").await;
+            if metrics["last_adaptation"]["version"] == 1 {
+                assert_eq!(metrics["last_adaptation"]["promoted"], true, "{metrics}");
+                assert_eq!(metrics["samples"]["Q"][0].as_u64().unwrap() + metrics["samples"]["Q"][1].as_u64().unwrap(), 15);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no retained metrics with the last adaptation: {metrics}");
+        }
         // The same id for a different command is refused, not answered with the adapt result.
         let reused = fleet
             .command_with_id("test-device", "adapt-1", "rollback", serde_json::json!({ "to": "source" }), timeout)

@@ -653,6 +653,11 @@ impl Agent {
         })))
     }
 
+    /// The newest adaptation run's version, promoted or rejected; `None` before the first run.
+    pub fn last_adaptation(&self) -> Result<Option<crate::store::VersionRecord>, AgentError> {
+        Ok(self.store.versions()?.into_iter().rev().find(|v| v.status != crate::store::VersionStatus::Source))
+    }
+
     /// A version's weights as sent to the fleet: the JSON manifest and the chunks of the f16
     /// safetensors payload, each fitting `max_packet` bytes.
     pub fn weights_set(&self, version: i64, max_packet: usize) -> Result<(Vec<u8>, Vec<Vec<u8>>), AgentError> {

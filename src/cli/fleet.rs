@@ -281,9 +281,9 @@ pub(super) fn render(view: &FleetView) -> String {
             parts.join(" ")
         });
         let (last, seen, unseen) = match &state.last_adaptation {
-            Some(event) => {
-                let verdict = if event.kind == "version.promoted" { "promoted" } else { "rejected" };
-                let gate = &event.payload["metrics"]["gate"];
+            Some(result) => {
+                let verdict = if result.promoted { "promoted" } else { "rejected" };
+                let gate = &result.gate;
                 let pair = |key: &str| match gate[key].as_array() {
                     Some(v) if v.len() == 2 => format!(
                         "{:.1} ({:.1})",
@@ -292,7 +292,7 @@ pub(super) fn render(view: &FleetView) -> String {
                     ),
                     _ => "-".into(),
                 };
-                (format!("v{} {verdict}", event.payload["version"]), pair("seen_validation"), pair("unseen_rate"))
+                (format!("v{} {verdict}", result.version), pair("seen_validation"), pair("unseen_rate"))
             }
             None => ("-".into(), "-".into(), "-".into()),
         };

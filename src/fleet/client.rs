@@ -9,7 +9,9 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfig
 
 use super::commands;
 use super::link::BrokerAddress;
-use super::messages::{EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest};
+use super::messages::{
+    AdaptationResult, EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest,
+};
 use super::topics::{self, DeviceTopics};
 use super::weights::Reassembly;
 
@@ -315,6 +317,17 @@ impl FleetClient {
     }
 }
 
+impl DeviceView {
+    /// Keeps the newer of the known and the reported result.
+    fn note_adaptation(&mut self, reported: Option<AdaptationResult>) {
+        if let Some(reported) = reported
+            && self.last_adaptation.as_ref().is_none_or(|known| reported.version >= known.version)
+        {
+            self.last_adaptation = Some(reported);
+        }
+    }
+}
+
 /// What `fleet watch` knows of each device.
 #[derive(Debug, Clone, Default)]
 pub struct FleetView {
@@ -326,7 +339,8 @@ pub struct DeviceView {
     pub status: Option<StatusMessage>,
     pub metrics: Option<MetricsMessage>,
     /// The newest adaptation result (`version.promoted` or `version.rejected`).
-    pub last_adaptation: Option<EventMessage>,
+    /// From the newest `version.promoted`/`version.rejected` event, or the retained metrics.
+    pub last_adaptation: Option<AdaptationResult>,
     pub alerts: Vec<String>,
     /// Event ids seen, to drop repeats (delivery is at least once).
     pub last_event_id: i64,
@@ -339,7 +353,11 @@ impl FleetView {
         let entry = self.devices.entry(device).or_default();
         match leaf.as_str() {
             "status" => entry.status = serde_json::from_slice(payload).ok(),
-            "metrics" => entry.metrics = serde_json::from_slice(payload).ok(),
+            "metrics" => {
+                entry.metrics = serde_json::from_slice::<MetricsMessage>(payload).ok();
+                let reported = entry.metrics.as_ref().and_then(|m| m.last_adaptation.clone());
+                entry.note_adaptation(reported);
+            }
             "events" => {
                 let Ok(event) = serde_json::from_slice::<EventMessage>(payload) else { return };
                 if event.id <= entry.last_event_id {
@@ -348,7 +366,9 @@ impl FleetView {
                 entry.last_event_id = event.id;
                 entry.events += 1;
                 match event.kind.as_str() {
-                    "version.promoted" | "version.rejected" => entry.last_adaptation = Some(event.clone()),
+                    "version.promoted" | "version.rejected" => {
+                        entry.note_adaptation(AdaptationResult::from_event(&event))
+                    }
                     "adaptation.failed" | "version.load_failed" | "outbox.dropped" | "adaptation.interrupted" => {
                         entry.alerts.push(format!("{}: {}", event.kind, event.payload["error"].as_str().unwrap_or("")));
                         if entry.alerts.len() > 3 {
@@ -363,5 +383,51 @@ impl FleetView {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(last_version: Option<i64>) -> Vec<u8> {
+        let mut message = serde_json::json!({
+            "schema": "edgeadapt.metrics/1", "device": "d", "at_ms": 5, "serving": 1,
+            "samples": {"A": [4, 1]}, "new_labels_since_last_run": 0, "traffic_samples": 0,
+            "undelivered_events": 0,
+            "classification": {"classified": 0, "failed": 0, "per_class": {}, "per_class_confidence": {},
+                "confidence_histogram": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0], "latency_ms": null},
+        });
+        if let Some(version) = last_version {
+            message["last_adaptation"] = serde_json::json!({
+                "version": version, "promoted": true, "at_ms": 4, "gate": {"seen_validation": [0.8, 0.7]}
+            });
+        }
+        serde_json::to_vec(&message).unwrap()
+    }
+
+    fn event(id: i64, kind: &str, version: i64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schema": "edgeadapt.event/1", "device": "d", "id": id, "at_ms": 6, "kind": kind,
+            "payload": {"version": version, "metrics": {"gate": {"seen_validation": [0.6, 0.7]}}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_late_watcher_takes_the_last_adaptation_from_retained_metrics_and_newer_events_win() {
+        let mut view = FleetView::default();
+        view.apply("f", "edgeadapt/v1/f/d/metrics", &metrics(None));
+        assert!(view.devices["d"].metrics.is_some());
+        assert_eq!(view.devices["d"].last_adaptation, None);
+        view.apply("f", "edgeadapt/v1/f/d/metrics", &metrics(Some(1)));
+        let last = view.devices["d"].last_adaptation.clone().unwrap();
+        assert_eq!((last.version, last.promoted), (1, true));
+        view.apply("f", "edgeadapt/v1/f/d/events", &event(9, "version.rejected", 2));
+        let last = view.devices["d"].last_adaptation.clone().unwrap();
+        assert_eq!((last.version, last.promoted, last.gate["seen_validation"][0].as_f64()), (2, false, Some(0.6)));
+        // Metrics from before that run do not take it back.
+        view.apply("f", "edgeadapt/v1/f/d/metrics", &metrics(Some(1)));
+        assert_eq!(view.devices["d"].last_adaptation.as_ref().unwrap().version, 2);
     }
 }

@@ -394,7 +394,8 @@ pub async fn run(
             _ = outbox.tick(), if link.connected => publish_events(&shared, &mut link).await,
             _ = metrics.tick(), if link.connected => {
                 if let Some(message) = metrics_message(&shared, &device).await {
-                    link.publish_json(link.topics.metrics(), QoS::AtMostOnce, false, &message);
+                    // Retained: a watcher that starts late sees the device's figures at once.
+                    link.publish_json(link.topics.metrics(), QoS::AtMostOnce, true, &message);
                 }
             }
             Some(item) = commands_out.recv() => {
@@ -456,7 +457,10 @@ async fn metrics_message(shared: &Arc<Shared>, device: &str) -> Option<super::me
     let device = device.to_string();
     tokio::task::spawn_blocking(move || {
         let status = shared.status().ok()?;
-        let adaptation = shared.lock().served_version_metrics().ok().flatten();
+        let (adaptation, last) = {
+            let agent = shared.lock();
+            (agent.served_version_metrics().ok().flatten(), agent.last_adaptation().ok().flatten())
+        };
         Some(super::messages::MetricsMessage {
             schema: super::messages::METRICS_SCHEMA.into(),
             device,
@@ -468,6 +472,12 @@ async fn metrics_message(shared: &Arc<Shared>, device: &str) -> Option<super::me
             undelivered_events: status.undelivered_events,
             classification: status.classification,
             adaptation,
+            last_adaptation: last.map(|v| super::messages::AdaptationResult {
+                version: v.id,
+                promoted: v.status == crate::store::VersionStatus::Promoted,
+                at_ms: v.created_ms,
+                gate: v.metrics["gate"].clone(),
+            }),
         })
     })
     .await

@@ -48,6 +48,37 @@ pub struct MetricsMessage {
     /// health against the source), γ and method; absent for the source model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptation: Option<serde_json::Value>,
+    /// The newest adaptation run's result, promoted or rejected (absent before the first run):
+    /// metrics are retained, so a watcher that starts late sees it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_adaptation: Option<AdaptationResult>,
+}
+
+/// What an adaptation run ended with, as the fleet shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptationResult {
+    pub version: i64,
+    pub promoted: bool,
+    pub at_ms: i64,
+    /// The gate's figures, `[adapted, reference]` pairs (e.g. `seen_validation`, `unseen_rate`).
+    pub gate: serde_json::Value,
+}
+
+impl AdaptationResult {
+    /// From a `version.promoted` or `version.rejected` event; `None` for other events.
+    pub fn from_event(event: &EventMessage) -> Option<AdaptationResult> {
+        let promoted = match event.kind.as_str() {
+            "version.promoted" => true,
+            "version.rejected" => false,
+            _ => return None,
+        };
+        Some(AdaptationResult {
+            version: event.payload["version"].as_i64()?,
+            promoted,
+            at_ms: event.at_ms,
+            gate: event.payload["metrics"]["gate"].clone(),
+        })
+    }
 }
 
 /// One outbox event on `events`. Delivery is at least once: receivers drop repeated `id`s.
