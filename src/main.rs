@@ -4,8 +4,9 @@ use clap::Parser;
 use edgeadapt::cli::pipe;
 
 fn main() {
+    let cli = edgeadapt::cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEADAPT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,edgeadapt=info,rumqttd=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log_filter()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -15,7 +16,6 @@ fn main() {
         // panic on the same closed stderr.
         .log_internal_errors(false)
         .init();
-    let cli = edgeadapt::cli::Cli::parse();
     pipe::install_hook();
     // A closed stdout or stderr unwinds to here (destructors run), then ends as SIGPIPE would.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| edgeadapt::cli::run(cli))) {

@@ -244,6 +244,26 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
         assert!(same >= probes.len() - 1, "{same} of {} predictions agree", probes.len());
     });
 
+    // The fleet CLI speaks as the local commands do: tables and sentences, JSON on request.
+    let fleet_cli = |args: &[&str]| {
+        let broker = format!("mqtt://127.0.0.1:{mqtt_port}");
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .args(["fleet", "--broker", &broker, "--fleet", "test-fleet", "--config"])
+            .arg(&config)
+            .args(args)
+            .env("EDGEADAPT_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let text = fleet_cli(&["status", "--device", "test-device"]);
+    assert!(text.contains("serving version 1\n") && text.contains("| version |"), "{text}");
+    let status: serde_json::Value =
+        serde_json::from_str(&fleet_cli(&["status", "--device", "test-device", "--json"])).unwrap();
+    assert_eq!(status["serving"], 1);
+    assert_eq!(fleet_cli(&["rollback", "--device", "test-device", "--to", "1"]), "test-device serves version 1\n");
+
     // A command too malformed to have an id is answered with an empty id.
     runtime.block_on(async {
         let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("raw", "127.0.0.1", mqtt_port), 10);

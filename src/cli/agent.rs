@@ -273,7 +273,7 @@ fn print_summary(summary: &RunSummary) {
 
 /// A run's report: the verdict, the gate's reasons, then each figure of the new version with the
 /// source model's in brackets, so every line compares with the same baseline.
-fn summary_lines(summary: &RunSummary) -> Vec<String> {
+pub(super) fn summary_lines(summary: &RunSummary) -> Vec<String> {
     let verdict = if summary.promoted { "promoted" } else { "rejected" };
     let mut lines = vec![format!("version {} ({}) {verdict}", summary.version, summary.method)];
     lines.extend(summary.reasons.iter().map(|reason| format!("  - {reason}")));
@@ -313,22 +313,27 @@ pub fn status(args: StatusArgs, config: DeviceConfig) -> anyhow::Result<i32> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print_status(&status, live);
+        print!("{}", status_text(&status, live));
     }
     Ok(0)
 }
 
-fn print_status(status: &Status, live: bool) {
-    println!(
+/// `status`'s report: the served version, the versions and samples tables, the counters.
+pub(super) fn status_text(status: &Status, live: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "device {} · bundle {} · provider {} · {}",
         status.device_id,
         status.bundle,
         status.provider,
         if live { "agent running" } else { "agent not running (read from the store)" }
     );
-    println!("serving version {}{}", status.serving, if status.serving == 0 { " (source model)" } else { "" });
+    let _ =
+        writeln!(out, "serving version {}{}", status.serving, if status.serving == 0 { " (source model)" } else { "" });
     if let Some(run) = &status.running {
-        println!("adaptation running: {} step {}/{}", run.method, run.step, run.steps);
+        let _ = writeln!(out, "adaptation running: {} step {}/{}", run.method, run.step, run.steps);
     }
     let mut versions = Table::new(&["version", "parent", "status", "method", "created", "seen val.", "reasons"]);
     for v in &status.versions {
@@ -347,17 +352,18 @@ fn print_status(status: &Status, live: bool) {
             v.reasons.join("; "),
         ]);
     }
-    println!("\n{}", versions.render());
+    let _ = writeln!(out, "\n{}", versions.render());
     let mut samples = Table::new(&["class", "train", "validation"]);
     for (class, (train, validation)) in &status.samples {
         samples.row(vec![class.clone(), train.to_string(), validation.to_string()]);
     }
     if status.samples.is_empty() {
-        println!("no labelled samples yet");
+        let _ = writeln!(out, "no labelled samples yet");
     } else {
-        println!("{}", samples.render());
+        let _ = writeln!(out, "{}", samples.render());
     }
-    println!(
+    let _ = writeln!(
+        out,
         "new labels since the last run: {} · last run: {} · unlabelled traffic kept: {} · undelivered events: {}",
         status.new_labels_since_last_run,
         status.last_run_ms.map_or("never".into(), format_time),
@@ -368,8 +374,9 @@ fn print_status(status: &Status, live: bool) {
     if c.classified + c.failed > 0 {
         let latency =
             c.latency_ms.map_or("".into(), |l| format!(" · latency p50 {:.1} ms, p99 {:.1} ms", l.p50, l.p99));
-        println!("classified {} ({} failed) since start{latency}", c.classified, c.failed);
+        let _ = writeln!(out, "classified {} ({} failed) since start{latency}", c.classified, c.failed);
     }
+    out
 }
 
 fn format_time(ms: i64) -> String {

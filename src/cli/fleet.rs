@@ -55,6 +55,9 @@ pub struct WaitArgs {
     /// Seconds to wait for the device's response.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub timeout: u64,
+    /// Print the device's answer as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,14 +211,19 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
                 let (manifest, payload) = client.fetch_weights(&device, version, timeout).await?;
                 crate::fleet::rebuild::bundle_from_weights(&source, &manifest, &payload, &out, overwrite)
                     .map_err(anyhow::Error::msg)?;
-                println!(
-                    "version {} of {device} ({}, {} f16 bytes in {} chunks, sha256 verified) -> {}",
-                    manifest.version,
-                    manifest.method,
-                    manifest.total_bytes,
-                    manifest.chunks,
-                    out.display()
-                );
+                if wait.json {
+                    let written = serde_json::json!({ "manifest": manifest, "bundle": out });
+                    println!("{}", serde_json::to_string_pretty(&written)?);
+                } else {
+                    println!(
+                        "version {} of {device} ({}, {} f16 bytes in {} chunks, sha256 verified) -> {}",
+                        manifest.version,
+                        manifest.method,
+                        manifest.total_bytes,
+                        manifest.chunks,
+                        out.display()
+                    );
+                }
                 return Ok(0);
             }
             FleetCommand::Adapt { device, method, force, wait } => {
@@ -243,13 +251,39 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
         let timeout = Duration::from_secs(wait.timeout);
         let response = client.command(&device, command, command_args, timeout).await?;
         if response.ok {
-            println!("{}", serde_json::to_string_pretty(&response.result.unwrap_or_default())?);
+            let result = response.result.unwrap_or_default();
+            if wait.json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                print!("{}", answer_text(&device, command, result)?);
+            }
             Ok(0)
         } else {
             eprintln!("{device}: {command} failed: {}", response.error.unwrap_or_default());
             Ok(1)
         }
     })
+}
+
+/// A device's answer as the local command would print it (`status`'s tables, `adapt`'s report,
+/// `rollback`'s sentence).
+fn answer_text(device: &str, command: &str, result: serde_json::Value) -> anyhow::Result<String> {
+    let text = match command {
+        "status" => super::agent::status_text(&serde_json::from_value(result)?, true),
+        "adapt" => super::agent::summary_lines(&serde_json::from_value(result)?).join("\n") + "\n",
+        "rollback" => {
+            let serving = result["serving"].as_i64().unwrap_or_default();
+            format!("{device} serves version {serving}{}\n", if serving == 0 { " (source model)" } else { "" })
+        }
+        _ => match result.as_object() {
+            Some(fields) => {
+                let pairs: Vec<String> = fields.iter().map(|(key, value)| format!("{key} = {value}")).collect();
+                format!("{device} {command}: {}\n", pairs.join(", "))
+            }
+            None => format!("{device} {command}: {result}\n"),
+        },
+    };
+    Ok(text)
 }
 
 pub(super) fn render(view: &FleetView) -> String {

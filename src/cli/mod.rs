@@ -31,8 +31,25 @@ pub struct Cli {
     /// /etc/edgeadapt/config.toml and ./device-config/default.toml.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Log more: `-v` what the command does (info), `-vv` details (debug). Without it, commands
+    /// log only warnings and errors; `run` logs info. `EDGEADAPT_LOG` (e.g. `debug`) overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The log filter when `EDGEADAPT_LOG` does not set one: a command speaks through its
+    /// output and logs only what went wrong; the agent, a service, logs what it does.
+    pub fn log_filter(&self) -> &'static str {
+        let agent = matches!(self.command, Command::Run(_));
+        match (self.verbose, agent) {
+            (0, false) => "warn,rumqttd=off",
+            (0, true) | (1, _) => "warn,edgeadapt=info,rumqttd=off",
+            _ => "info,edgeadapt=debug,rumqttd=warn",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -89,7 +89,12 @@ impl Classifier {
             cache.verdict.describe()
         });
         let warmup = Warmup { provider: classifier.provider(), seconds: started.elapsed().as_secs_f64(), engine_cache };
-        tracing::info!(provider = %warmup.provider, seconds = warmup.seconds, engine_cache = ?warmup.engine_cache, "model warmed up");
+        match &warmup.engine_cache {
+            Some(cache) => {
+                tracing::info!(provider = %warmup.provider, seconds = warmup.seconds, engine_cache = %cache, "model warmed up")
+            }
+            None => tracing::info!(provider = %warmup.provider, seconds = warmup.seconds, "model warmed up"),
+        }
         Ok((classifier, warmup))
     }
 
