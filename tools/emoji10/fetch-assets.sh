@@ -15,7 +15,7 @@ DEB_PACKAGES=(
 )
 NPM_PACKAGES=(
     "@twemoji/svg 15.0.0 1d2907557a422c7c4e3feca50ef915c39da1db3d76b4a4d7e73fb59bce4403c3"
-    "emojione-assets 4.5.0 f55c1e3f230f1d552f17d18c936181234c9b155e304002d865124e6b0048acb5"
+    "openmoji 17.0.0 55ee7d13485dec86e9f38c1f3a645a13382d33ff97c0cd845ee824b0aef45e68"
 )
 
 check() {  # FILE SHA256

@@ -2,7 +2,7 @@
 """Generate the emoji10 scene-shift benchmark.
 
 Ten object emoji, each in three vendor designs (Noto Color Emoji, Twemoji,
-EmojiOne). Source domain: product shots, the object large and centred on a
+OpenMoji). Source domain: product shots, the object large and centred on a
 plain light background. Target domain: a site camera, the object anywhere and
 mostly smaller, in a cluttered scene (wallpaper crops and partial distractor
 emoji) under a colour cast, low exposure and contrast, sensor noise and JPEG,
@@ -14,6 +14,7 @@ Output layout (ImageFolder):
     OUT/emoji10/target/adapt/<class>/<n>.jpg
     OUT/emoji10/target/test/<class>/<n>.jpg
     OUT/emoji10/DATASET.json
+    OUT/emoji10/ATTRIBUTION.md
 
 Every image is a 64x64 RGB JPEG. Each image is drawn from its own random
 stream derived from (seed, split, class, index), so the output is
@@ -32,7 +33,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1.0: design 2 is OpenMoji
 
 # (folder name, code point(s) in hex as the vendors name their files, Unicode name)
 CLASSES = [
@@ -82,21 +83,56 @@ SPLITS = [
 ]
 SPLIT_IDS = {s: i for i, (s, _, _) in enumerate(SPLITS)}
 
-VENDORS = ["noto", "twemoji", "emojione"]
+VENDORS = ["noto", "twemoji", "openmoji"]
 PACKAGES = {
     "noto": ("fonts-noto-color-emoji", "2.042-0+deb12u1", "deb",
-             "OFL-1.1 (font); Apache-2.0 (tools and images)"),
+             "SIL-1.1 (OFL-1.1) for fonts/*, Apache-2.0 for the other files; "
+             "Copyright 2013-2017 Google Inc., Arjen Nienhuis (per the package's copyright file)"),
     "twemoji": ("@twemoji/svg", "15.0.0", "npm",
-                "CC-BY-4.0 (Twemoji graphics, jdecked/twemoji); MIT (package)"),
-    "emojione": ("emojione-assets", "4.5.0", "npm",
-                 "EmojiOne Free License (see the package's LICENSE.md; attribution required)"),
+                "package: MIT (its license file, Copyright (c) 2023 Samuel Kopp; it states nothing "
+                "about the graphics); graphics: CC-BY-4.0, Copyright 2019 Twitter, Inc and other "
+                "contributors (upstream jdecked/twemoji README and LICENSE-GRAPHICS)"),
+    "openmoji": ("openmoji", "17.0.0", "npm",
+                 "CC-BY-SA-4.0 (OpenMoji graphics; the package's LICENSE.txt, README and package.json)"),
     "backgrounds": ("gnome-backgrounds", "43.1-1", "deb",
-                    "CC-BY-SA-3.0 (wallpapers, per the package's copyright file)"),
+                    "CC-BY-SA-3.0 (the package's copyright file: adwaita* by Jakub Steiner; the other "
+                    "files used are not named there)"),
 }
+
+# Credit lines required by the licences of the artwork (CC-BY-4.0, CC-BY-SA-4.0, CC-BY-SA-3.0),
+# written to DATASET.json ("attribution") and, with a header, to emoji10/ATTRIBUTION.md.
+ATTRIBUTION_LINES = [
+    "Noto Color Emoji: Copyright 2013-2017 Google Inc. and Arjen Nienhuis; the font is licensed "
+    "under the SIL Open Font License 1.1, the other files of noto-emoji under the Apache License 2.0 "
+    "(Debian package fonts-noto-color-emoji 2.042-0+deb12u1; https://github.com/googlefonts/noto-emoji).",
+    "Twemoji: Copyright 2019 Twitter, Inc and other contributors. Graphics licensed under CC-BY 4.0: "
+    "https://creativecommons.org/licenses/by/4.0/ (https://github.com/jdecked/twemoji; SVG files from "
+    "the npm package @twemoji/svg 15.0.0, MIT, Copyright (c) 2023 Samuel Kopp).",
+    "OpenMoji: All emojis designed by OpenMoji – the open-source emoji and icon project. License: "
+    "CC BY-SA 4.0 (https://openmoji.org/, https://creativecommons.org/licenses/by-sa/4.0/; npm package "
+    "openmoji 17.0.0).",
+    "Wallpapers: GNOME, gnome-backgrounds 43.1 (Debian package 43.1-1, https://gitlab.gnome.org/"
+    "GNOME/gnome-backgrounds), Creative Commons Attribution-ShareAlike 3.0 "
+    "(https://creativecommons.org/licenses/by-sa/3.0/); the package's copyright file gives this "
+    "licence and Copyright 2011 Jakub Steiner for adwaita*, and does not name the other files used "
+    "(licorice, pixels, wood, grid, truchet, symbolic; -l and -d of each).",
+    "Changes: the emoji were rendered to bitmaps, cropped, rotated, scaled and composited on plain "
+    "backgrounds or on crops of the wallpapers with partial distractor emoji; the wallpaper crops were "
+    "rotated, flipped, blurred and blended with grey; colour casts, exposure, contrast, noise and JPEG "
+    "compression were applied; every image was downsampled to 64 x 64. The authors of these works do "
+    "not endorse this data set.",
+    "The emoji10 images are adaptations of this material and are licensed under CC BY-SA 4.0 "
+    "(https://creativecommons.org/licenses/by-sa/4.0/), as the ShareAlike terms of OpenMoji's licence "
+    "and of the wallpapers' CC BY-SA 3.0 (which allows a later version) require. They are provided as "
+    "is, without warranties.",
+]
+ATTRIBUTION_MD = ("# emoji10: attribution and licence\n\n"
+                  "The images of this data set are composed from the following works.\n\n"
+                  + "".join(f"- {line}\n" for line in ATTRIBUTION_LINES))
 NOTO_FONT = "fonts-noto-color-emoji/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NOTO_SIZE = 109  # the only bitmap strike of the CBDT font
 TWEMOJI_DIR = "npm-twemoji-svg/package"
-EMOJIONE_DIR = "npm-emojione-assets/package/png/128"
+OPENMOJI_DIR = "npm-openmoji/package/color/svg"  # file names in upper case
 BACKGROUND_DIR = "gnome-backgrounds/usr/share/backgrounds/gnome"
 
 SIZE = 64      # stored image size
@@ -194,10 +230,13 @@ class Sprites:
             png = cairosvg.svg2png(url=os.path.join(self.assets, rel),
                                    output_width=SPRITE, output_height=SPRITE)
             return Image.open(io.BytesIO(png)).convert("RGBA")
-        if vendor == "emojione":
-            rel = os.path.join(EMOJIONE_DIR, f"{cp}.png")
+        if vendor == "openmoji":
+            import cairosvg
+            rel = os.path.join(OPENMOJI_DIR, f"{cp.upper()}.svg")
             self.files[key_name(vendor, cp)] = rel
-            return Image.open(os.path.join(self.assets, rel)).convert("RGBA")
+            png = cairosvg.svg2png(url=os.path.join(self.assets, rel),
+                                   output_width=SPRITE, output_height=SPRITE)
+            return Image.open(io.BytesIO(png)).convert("RGBA")
         raise ValueError(vendor)
 
 
@@ -388,7 +427,8 @@ def main():
         "classes": names,
         "class_emoji": [{"class": n, "code_point": cp, "unicode_name": un} for n, cp, un in CLASSES],
         "vendors": VENDORS,
-        "vendor_rule": "image n of a class uses vendor n mod 3 (noto, twemoji, emojione)",
+        "vendor_rule": "image n of a class uses vendor n mod 3 (noto, twemoji, openmoji)",
+        "attribution": ATTRIBUTION_LINES,
         "packages": package_files(args.assets),
         "source_domain": {"description": "product shot: object centred on a plain light background",
                           **{k: list(v) for k, v in SRC.items()}},
@@ -453,6 +493,8 @@ def main():
     with open(os.path.join(root, "DATASET.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
+    with open(os.path.join(root, "ATTRIBUTION.md"), "w") as f:
+        f.write(ATTRIBUTION_MD)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ IMAGE_SIZE = 64
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 SPLITS = ("source/train", "source/test", "target/adapt", "target/test")
-VENDORS = ("noto", "twemoji", "emojione")  # image n of a class uses vendor n mod 3
+VENDORS = ("noto", "twemoji", "openmoji")  # image n of a class uses vendor n mod 3
 
 
 def log(msg):
