@@ -18,7 +18,7 @@ mkdir -p "$(dirname "$out")"
     --color rgb --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 \
     --name emoji10-cnn \
     --source "Small CNN (4 conv3x3 blocks, conv1x1 tail, linear head) trained from scratch on emoji10 source/train by tools/emoji10/train_model.py" \
-    --licence "Apache-2.0" \
+    --licence "model weights Apache-2.0; reference samples (emoji10 source/test renders) CC BY-SA 4.0" \
     --force \
     --out "$out"
 "$EDGEADAPT" add-reference --bundle "$out" --data target/data/emoji10/source/test --per-class 8
