@@ -133,6 +133,8 @@ NOTO_FONT = "fonts-noto-color-emoji/usr/share/fonts/truetype/noto/NotoColorEmoji
 NOTO_SIZE = 109  # the only bitmap strike of the CBDT font
 TWEMOJI_DIR = "npm-twemoji-svg/package"
 OPENMOJI_DIR = "npm-openmoji/package/color/svg"  # file names in upper case
+# SVG designs: folder and file name of a code point.
+SVG_FILES = {"twemoji": (TWEMOJI_DIR, lambda cp: cp), "openmoji": (OPENMOJI_DIR, str.upper)}
 BACKGROUND_DIR = "gnome-backgrounds/usr/share/backgrounds/gnome"
 
 SIZE = 64      # stored image size
@@ -223,16 +225,10 @@ class Sprites:
             if im.getchannel("A").getbbox() is None:
                 raise SystemExit(f"Noto Color Emoji has no glyph for {cp}")
             return im
-        if vendor == "twemoji":
+        if vendor in SVG_FILES:
             import cairosvg
-            rel = os.path.join(TWEMOJI_DIR, f"{cp}.svg")
-            self.files[key_name(vendor, cp)] = rel
-            png = cairosvg.svg2png(url=os.path.join(self.assets, rel),
-                                   output_width=SPRITE, output_height=SPRITE)
-            return Image.open(io.BytesIO(png)).convert("RGBA")
-        if vendor == "openmoji":
-            import cairosvg
-            rel = os.path.join(OPENMOJI_DIR, f"{cp.upper()}.svg")
+            folder, name = SVG_FILES[vendor]
+            rel = os.path.join(folder, f"{name(cp)}.svg")
             self.files[key_name(vendor, cp)] = rel
             png = cairosvg.svg2png(url=os.path.join(self.assets, rel),
                                    output_width=SPRITE, output_height=SPRITE)
