@@ -336,9 +336,7 @@ pub fn adapt(
                 source_rate
             }
             None => {
-                let choice = hyper.share_choice.unwrap_or_else(|| {
-                    share::choose_share(source_rate, estimate_share(input, traffic, &seen, &unseen, seed))
-                });
+                let choice = hyper.share_choice.unwrap_or_else(|| choose_share(input, traffic, &seen, &unseen, seed));
                 notes.push(choice.to_string());
                 choice.share
             }
@@ -366,8 +364,20 @@ pub fn adapt(
     Ok(Adapted { network, gamma, unseen, notes })
 }
 
-/// The best-bin estimate of the traffic's unseen share (see `share`), from source logits only.
-pub(super) fn estimate_share(
+/// The unseen share prior matching aims at (see `share::choose_share`), from source logits only.
+pub(super) fn choose_share(
+    input: &AdaptInput<'_>,
+    traffic: &Traffic,
+    seen: &[usize],
+    unseen: &[usize],
+    seed: u64,
+) -> share::ShareChoice {
+    let source_rate = share_predicted(&traffic.source_logits, unseen);
+    share::choose_share(source_rate, estimate_share(input, traffic, seen, unseen, seed))
+}
+
+/// The best-bin estimate of the traffic's unseen share (see `share`).
+fn estimate_share(
     input: &AdaptInput<'_>,
     traffic: &Traffic,
     seen: &[usize],
@@ -585,7 +595,7 @@ fn pcv_gamma(
 }
 
 /// Share of rows whose argmax is one of `classes`.
-pub(super) fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
+fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
     let hits = crate::metrics::argmax_rows(logits.view()).into_iter().filter(|c| classes.contains(c)).count();
     hits as f32 / logits.nrows().max(1) as f32
 }

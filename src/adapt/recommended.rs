@@ -9,7 +9,7 @@ use super::calibrate;
 use super::data::SplitSet;
 use super::method::{AdaptInput, Adapted, Base, Hyper, Method, adapt, seen_and_unseen};
 use super::network::Network;
-use super::share::{self, ShareChoice};
+use super::share::{self, ShareChoice, ShareReason};
 use super::train::AdaptError;
 
 /// The device default: train the tail with the head frozen, calibrate by prior matching on
@@ -29,13 +29,14 @@ pub(super) fn adapt_recommended(
     let hyper = &Hyper { share_choice: choice, ..hyper.clone() };
     let mut done = 0;
     let mut scores: Vec<(f32, Score)> = Vec::new();
+    // Only the balanced share looks at a candidate again.
     let mut candidates: Vec<Adapted> = Vec::new();
+    let held_out = input.data.select(&validation);
     let train_labels: Vec<usize> = train_part.iter().map(|&i| input.data.labels[i]).collect();
     if rates.len() > 1 && !validation.is_empty() && seen_and_unseen(&train_labels, input.classes).0.len() >= 2 {
         let part = input.data.select(&train_part);
         let part_teacher = input.teacher.select(Axis(0), &train_part);
         let part_input = AdaptInput { data: &part, teacher: &part_teacher, ..*input };
-        let held_out = input.data.select(&validation);
         for &rate in &rates {
             let candidate = Hyper { learning_rate: Some(rate), steps: hyper.selection_steps, ..hyper.clone() };
             let adapted = match adapt(&method, &part_input, &candidate, seed, &mut |n| progress(done + n)) {
@@ -47,7 +48,9 @@ pub(super) fn adapt_recommended(
             done += hyper.selection_steps;
             if let Some(adapted) = adapted {
                 scores.push((rate, Score::of(&adapted.logits_of(&held_out), &held_out.labels)));
-                candidates.push(adapted);
+                if hyper.balanced_share {
+                    candidates.push(adapted);
+                }
             }
         }
     }
@@ -56,22 +59,12 @@ pub(super) fn adapt_recommended(
     let balanced = match (hyper.balanced_share, best) {
         (true, Some(_)) if hyper.unseen_share.is_none() => {
             let index = scores.iter().position(|(r, _)| *r == rate).expect("the best rate was scored");
-            let held_out = input.data.select(&validation);
             balanced_share(input, &candidates[index], &held_out, choice)
         }
         _ => None,
     };
-    let final_hyper = Hyper {
-        learning_rate: Some(rate),
-        unseen_share: balanced.as_ref().map(|(share, _)| *share).or(hyper.unseen_share),
-        ..hyper.clone()
-    };
+    let final_hyper = Hyper { learning_rate: Some(rate), share_choice: balanced.or(choice), ..hyper.clone() };
     let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
-    if let Some((_, why)) = balanced
-        && let Some(note) = adapted.notes.iter_mut().find(|n| n.starts_with("unseen share"))
-    {
-        *note = why;
-    }
     adapted.notes.insert(0, format!("lr {rate}"));
     if method.base == Base::Adapter {
         adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
@@ -84,30 +77,26 @@ pub(super) fn adapt_recommended(
 }
 
 /// The balanced unseen share (see `calibrate::balanced_share`) measured on the chosen
-/// candidate, which did not train on `held_out`, with the traffic's estimated share; `None` where the estimate is missing or too uncertain.
+/// candidate, which did not train on `held_out`, with the traffic's estimated share; `None`
+/// where the estimate is missing or too uncertain.
 fn balanced_share(
     input: &AdaptInput<'_>,
     candidate: &Adapted,
     held_out: &SplitSet,
     choice: Option<ShareChoice>,
-) -> Option<(f32, String)> {
+) -> Option<ShareChoice> {
     let traffic = input.unlabelled.filter(|t| !t.splits.is_empty())?;
     let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
-    let estimate = choice?.estimate?;
-    if estimate.high - estimate.low > super::share::MAX_INTERVAL {
+    let choice = choice?;
+    let estimate = choice.estimate?;
+    if estimate.high - estimate.low > share::MAX_INTERVAL {
         return None;
     }
     let raw = Adapted { gamma: 0.0, ..candidate.clone() };
     let traffic_gaps = calibrate::gaps(&raw.logits_of(&traffic.splits), &seen, &unseen);
     let held_out_gaps = calibrate::gaps(&raw.logits_of(held_out), &seen, &unseen);
     let share = calibrate::balanced_share(&traffic_gaps, &held_out_gaps, estimate.share, seen.len(), unseen.len())?;
-    Some((
-        share,
-        format!(
-            "unseen share {share:.3} (balanced; traffic estimate {:.3} [{:.3}, {:.3}])",
-            estimate.share, estimate.low, estimate.high
-        ),
-    ))
+    Some(ShareChoice { share, reason: ShareReason::Balanced, ..choice })
 }
 
 /// The unseen share prior matching aims at, from every labelled sample: made once, so that
@@ -115,8 +104,7 @@ fn balanced_share(
 fn share_choice(input: &AdaptInput<'_>, seed: u64) -> Option<ShareChoice> {
     let traffic = input.unlabelled.filter(|t| !t.splits.is_empty())?;
     let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
-    let source_rate = super::method::share_predicted(&traffic.source_logits, &unseen);
-    Some(share::choose_share(source_rate, super::method::estimate_share(input, traffic, &seen, &unseen, seed)))
+    Some(super::method::choose_share(input, traffic, &seen, &unseen, seed))
 }
 
 /// A candidate's validation result: accuracy first; between equal accuracies (frequent with a

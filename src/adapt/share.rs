@@ -145,6 +145,9 @@ pub enum ShareReason {
     TooUncertain,
     /// Nothing to estimate from (no traffic or no labelled samples).
     NoEstimate,
+    /// The share that balances per-class errors between seen and unseen classes
+    /// (`calibrate::balanced_share`; the bench row `recommended@balanced`).
+    Balanced,
 }
 
 /// Raises the source model's share to the best-bin estimate where the estimate is higher, and
@@ -171,6 +174,7 @@ impl std::fmt::Display for ShareChoice {
             ShareReason::SourceKept => "the source's, kept",
             ShareReason::TooUncertain => "the source's, estimate too uncertain",
             ShareReason::NoEstimate => "the source's, nothing to estimate from",
+            ShareReason::Balanced => "balanced per class; the source's",
         };
         write!(f, " ({why} {:.3}", self.source)?;
         if let Some(e) = self.estimate {
