@@ -4,6 +4,7 @@
 //! too; naive head fine-tuning should sink them.
 
 use edgeadapt::adapt::data::SplitSet;
+use edgeadapt::adapt::gate::GateConfig;
 use edgeadapt::adapt::method::{AdaptInput, Adapted, Hyper, Method, Traffic, adapt};
 use edgeadapt::adapt::network::{Layer, Network, Role};
 use edgeadapt::adapt::train::{AdaptError, TrainConfig, train};
@@ -118,6 +119,7 @@ fn run(problem: &Problem, method: &str, hyper: &Hyper, seed: u64) -> Adapted {
         teacher: &problem.teacher,
         classes: CLASSES,
         unlabelled: Some(&problem.unlabelled),
+        reference: None,
     };
     let method: Method = method.parse().unwrap();
     adapt(&method, &input, hyper, seed, &mut |_| {}).unwrap()
@@ -218,6 +220,7 @@ fn recommended_trains_a_feature_adapter_when_the_bundle_has_no_tail() {
         teacher: &problem.teacher,
         classes: CLASSES,
         unlabelled: Some(&problem.unlabelled),
+        reference: None,
     };
     let ft_tail: Method = "ft-tail+alg".parse().unwrap();
     assert_eq!(adapt(&ft_tail, &tail_only, &hyper(), 0, &mut |_| {}).unwrap_err(), AdaptError::NothingToTrain);
@@ -227,6 +230,39 @@ fn recommended_trains_a_feature_adapter_when_the_bundle_has_no_tail() {
     let (seen, unseen) = (accuracy(&adapted, &problem.test_seen), accuracy(&adapted, &problem.test_unseen));
     assert!(seen > seen_before, "seen {seen_before} -> {seen}");
     assert!(unseen >= unseen_before - 0.02, "unseen {unseen_before} -> {unseen}");
+}
+
+#[test]
+fn recommended_keeps_the_source_when_the_gates_checks_refuse_every_rate() {
+    let problem = problem();
+    // Source-domain samples of the unseen classes, as a bundle ships them.
+    let reference = samples(&[2, 3], 40, &Array1::zeros(DIM), 5);
+    let input = AdaptInput {
+        source: &problem.source,
+        data: &problem.seen_data,
+        teacher: &problem.teacher,
+        classes: CLASSES,
+        unlabelled: Some(&problem.unlabelled),
+        reference: Some(&reference),
+    };
+    let recommended: Method = "recommended".parse().unwrap();
+    let adapted = adapt(&recommended, &input, &hyper(), 0, &mut |_| {}).unwrap();
+    assert!(adapted.notes.iter().any(|n| n.contains("(source 0.")), "{:?}", adapted.notes);
+    // Tolerances no candidate can meet: each check on its own refuses every rate.
+    let strict = [
+        (GateConfig { max_reference_drop: -0.5, ..GateConfig::default() }, "reference accuracy"),
+        (GateConfig { max_seen_drop: -0.5, ..GateConfig::default() }, "seen validation"),
+    ];
+    for (gate, check) in strict {
+        let hyper = Hyper { gate, ..hyper() };
+        match adapt(&recommended, &input, &hyper, 0, &mut |_| {}) {
+            Err(AdaptError::SourceKept { rates, reasons }) => {
+                assert_eq!(rates, hyper.recommended_rates, "{reasons}");
+                assert_eq!(reasons.matches(check).count(), rates.len(), "{reasons}");
+            }
+            other => panic!("{check}: expected the source kept, got {other:?}"),
+        }
+    }
 }
 
 #[test]

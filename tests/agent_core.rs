@@ -36,7 +36,8 @@ fn images(folder: &Path, classes: &[&str], n: usize) -> Vec<(String, String, Vec
     let mut out = Vec::new();
     for class in classes {
         for i in 0..n {
-            let path = folder.join(class).join(format!("{i}.png"));
+            let png = folder.join(class).join(format!("{i}.png"));
+            let path = if png.exists() { png } else { folder.join(class).join(format!("{i}.jpg")) };
             out.push((class.to_string(), path.display().to_string(), std::fs::read(&path).unwrap()));
         }
     }
@@ -186,6 +187,37 @@ fn a_single_seen_class_is_an_error_and_is_not_retried_at_once() {
     assert_eq!(agent.new_labels().unwrap(), 0, "the failed run counts as the last run");
     let events = agent.store().recent_events(1).unwrap();
     assert_eq!(events[0].kind, "adaptation.failed");
+}
+
+/// emoji10 (a small CNN under a scene shift): training its tail on five classes trades the
+/// unseen classes for the seen ones at every rate (docs/adaptation.md), so `recommended`'s own
+/// use of the gate's checks keeps the source, and says so.
+#[test]
+fn recommended_keeps_the_source_where_every_rate_hurts_the_unseen_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = repo().join("target/data/emoji10/target/adapt");
+    assert!(data.is_dir(), "run tools/setup.sh first: {} is missing", data.display());
+    let text = format!(
+        "device_id = \"core-test\"\nbundle = \"{}\"\ndata_dir = \"{}\"\n[adaptation]\nmethod = \"recommended\"\n",
+        repo().join("benches/models/emoji10-cnn").display(),
+        dir.path().display()
+    );
+    let mut agent = Agent::open(&DeviceConfig::parse(&text, Path::new(".")).unwrap()).unwrap();
+    common::ingest_all(&mut agent, &images(&data, &["banana", "car", "key", "clock", "shoe"], 40));
+    let all: Vec<String> = agent.classes().to_vec();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let traffic = images(&data, &all, 20);
+    let refs: Vec<(&str, &[u8])> = traffic.iter().map(|(_, what, bytes)| (what.as_str(), bytes.as_slice())).collect();
+    assert!(agent.classify(&refs, 1).iter().all(Result::is_ok));
+
+    let error = agent.adapt_now(None, false, &mut |_, _| {}).unwrap_err();
+    let AgentError::Adapt(AdaptError::SourceKept { rates, reasons }) = &error else { panic!("{error}") };
+    assert_eq!(rates.len(), 4, "{reasons}");
+    assert!(error.to_string().contains("reference accuracy on unseen classes"), "{error}");
+    assert_eq!(agent.serving(), 0);
+    assert_eq!(agent.new_labels().unwrap(), 0, "the run counts as the last run");
+    let events = agent.store().recent_events(1).unwrap();
+    assert_eq!(events[0].kind, "adaptation.source_kept");
 }
 
 #[test]

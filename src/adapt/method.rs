@@ -11,6 +11,7 @@ use rand::seq::SliceRandom;
 
 use super::calibrate;
 use super::data::SplitSet;
+use super::gate::GateConfig;
 use super::network::{Batch, Network};
 use super::optim::{SgdConfig, cosine};
 use super::share;
@@ -203,6 +204,8 @@ pub struct Hyper {
     /// `recommended` aims prior matching at the share that balances per-class errors between
     /// the seen and unseen groups (see `calibrate::balanced_share`).
     pub balanced_share: bool,
+    /// The gate's tolerances, which `recommended` applies to its candidates.
+    pub gate: GateConfig,
     /// Stops the run from another thread.
     pub cancel: Cancel,
 }
@@ -233,6 +236,7 @@ impl Default for Hyper {
             unseen_share: None,
             share_choice: None,
             balanced_share: false,
+            gate: GateConfig::default(),
             cancel: Cancel::default(),
         }
     }
@@ -273,6 +277,8 @@ pub struct AdaptInput<'a> {
     pub classes: usize,
     /// Unlabelled local traffic, for prior matching.
     pub unlabelled: Option<&'a Traffic>,
+    /// The bundle's source-domain reference samples, for the gate's checks `recommended` makes.
+    pub reference: Option<&'a SplitSet>,
 }
 
 /// Unlabelled local traffic with the source model's logits on it, computed once rather than by

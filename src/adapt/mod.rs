@@ -3,6 +3,7 @@
 
 pub mod calibrate;
 pub mod data;
+pub mod gate;
 pub mod health;
 pub mod loss;
 pub mod method;

@@ -7,6 +7,8 @@ use rand::seq::SliceRandom;
 
 use super::calibrate;
 use super::data::SplitSet;
+use super::gate::{self, GateInput};
+use super::health;
 use super::method::{AdaptInput, Adapted, Base, Hyper, Method, adapt, seen_and_unseen};
 use super::network::Network;
 use super::share::{self, ShareChoice, ShareReason};
@@ -15,7 +17,11 @@ use super::train::AdaptError;
 /// The device default: train the tail with the head frozen, calibrate by prior matching on
 /// unlabelled local traffic (ALG without such traffic), and choose the learning rate on a
 /// validation split of the seen samples. Calibration protects the unseen classes, so the
-/// validation choice may safely favour the seen classes. docs/adaptation.md has the numbers.
+/// validation choice may safely favour the seen classes. Every candidate must pass the gate's
+/// checks against the source model (seen validation, reference accuracy on unseen classes), so
+/// that a model on which adaptation hurts keeps its source instead of trading one group of
+/// classes for the other; the final run must pass the reference check too.
+/// docs/adaptation.md has the numbers.
 pub(super) fn adapt_recommended(
     input: &AdaptInput<'_>,
     hyper: &Hyper,
@@ -27,11 +33,15 @@ pub(super) fn adapt_recommended(
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
     let choice = share_choice(input, seed);
     let hyper = &Hyper { share_choice: choice, ..hyper.clone() };
+    let (_, unseen) = seen_and_unseen(&input.data.labels, input.classes);
+    let source = Adapted { network: input.source.clone(), gamma: 0.0, unseen, notes: vec![] };
     let mut done = 0;
     let mut scores: Vec<(f32, Score)> = Vec::new();
+    let mut refusals: Vec<(f32, Vec<String>)> = Vec::new();
     // Only the balanced share looks at a candidate again.
     let mut candidates: Vec<Adapted> = Vec::new();
     let held_out = input.data.select(&validation);
+    let source_score = Score::of(&source.logits_of(&held_out), &held_out.labels);
     let train_labels: Vec<usize> = train_part.iter().map(|&i| input.data.labels[i]).collect();
     if rates.len() > 1 && !validation.is_empty() && seen_and_unseen(&train_labels, input.classes).0.len() >= 2 {
         let part = input.data.select(&train_part);
@@ -46,12 +56,24 @@ pub(super) fn adapt_recommended(
                 Err(other) => return Err(other),
             };
             done += hyper.selection_steps;
-            if let Some(adapted) = adapted {
-                scores.push((rate, Score::of(&adapted.logits_of(&held_out), &held_out.labels)));
+            let Some(adapted) = adapted else { continue };
+            let score = Score::of(&adapted.logits_of(&held_out), &held_out.labels);
+            let mut reasons: Vec<String> =
+                gate::seen_drop(score.accuracy, source_score.accuracy, "the source model", &hyper.gate)
+                    .into_iter()
+                    .collect();
+            reasons.extend(reference_check(&adapted, &source, input.reference, &hyper.gate));
+            if reasons.is_empty() {
+                scores.push((rate, score));
                 if hyper.balanced_share {
                     candidates.push(adapted);
                 }
+            } else {
+                refusals.push((rate, reasons));
             }
+        }
+        if scores.is_empty() && !refusals.is_empty() {
+            return Err(source_kept(&refusals));
         }
     }
     let best = best_rate(&scores);
@@ -65,15 +87,43 @@ pub(super) fn adapt_recommended(
     };
     let final_hyper = Hyper { learning_rate: Some(rate), share_choice: balanced.or(choice), ..hyper.clone() };
     let mut adapted = adapt(&method, input, &final_hyper, seed, &mut |n| progress(done + n))?;
+    let final_reasons = reference_check(&adapted, &source, input.reference, &hyper.gate);
+    if !final_reasons.is_empty() {
+        return Err(source_kept(&[(rate, final_reasons)]));
+    }
     adapted.notes.insert(0, format!("lr {rate}"));
     if method.base == Base::Adapter {
         adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
     }
-    if !scores.is_empty() {
-        let tried = scores.iter().map(|(r, s)| format!("{r}: {:.3}", s.accuracy)).collect::<Vec<_>>().join(", ");
-        adapted.notes.push(format!("validation {tried}"));
+    if !scores.is_empty() || !refusals.is_empty() {
+        let mut tried: Vec<(f32, String)> = scores.iter().map(|(r, s)| (*r, format!("{:.3}", s.accuracy))).collect();
+        tried.extend(refusals.iter().map(|(r, _)| (*r, "refused".to_string())));
+        tried.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let tried = tried.iter().map(|(r, s)| format!("{r}: {s}")).collect::<Vec<_>>().join(", ");
+        adapted.notes.push(format!("validation {tried} (source {:.3})", source_score.accuracy));
     }
     Ok(adapted)
+}
+
+/// The gate's reference check of `adapted` against the source model: accuracy on the bundle's
+/// reference samples of the unseen classes. The gate's unseen-rate check is not repeated here:
+/// prior matching never aims below the share the source model predicts.
+fn reference_check(
+    adapted: &Adapted,
+    source: &Adapted,
+    reference: Option<&SplitSet>,
+    config: &gate::GateConfig,
+) -> Vec<String> {
+    let health = health::estimate(adapted, source, reference, None);
+    let input = GateInput { seen_validation: None, unseen_rate: None, reference_unseen: health.reference_unseen };
+    gate::unseen_health(&input, config).0
+}
+
+/// The source model is kept: every rate was refused, each for the reasons given.
+fn source_kept(refusals: &[(f32, Vec<String>)]) -> AdaptError {
+    let reasons =
+        refusals.iter().map(|(rate, reasons)| format!("lr {rate}: {}", reasons.join(", "))).collect::<Vec<_>>();
+    AdaptError::SourceKept { rates: refusals.iter().map(|(rate, _)| *rate).collect(), reasons: reasons.join("; ") }
 }
 
 /// The balanced unseen share (see `calibrate::balanced_share`) measured on the chosen

@@ -100,6 +100,10 @@ pub enum AdaptError {
     NothingToTrain,
     #[error("cancelled at step {step}; the previous version is kept")]
     Cancelled { step: usize },
+    #[error(
+        "no adapted candidate passed the gate's checks against the source model ({reasons}); the previous version is kept"
+    )]
+    SourceKept { rates: Vec<f32>, reasons: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]

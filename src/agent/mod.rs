@@ -7,7 +7,6 @@ pub mod commands;
 pub mod counters;
 pub mod daemon;
 pub mod folders;
-pub mod gate;
 pub mod http;
 pub mod listen;
 pub mod lock;
@@ -24,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::adapt::data::SplitSet;
+use crate::adapt::gate::{self, GateDecision, GateInput};
 use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
 use crate::adapt::network::Network;
@@ -35,7 +35,6 @@ use crate::inference::{Calibration, Classifier, Prediction, predict, prepare_byt
 use crate::model::Bundle;
 use crate::store::{EventRecord, NewSample, NewVersion, Split, Store, StoreError, VersionRecord, VersionStatus};
 use counters::{Counters, CountersReport};
-use gate::{GateDecision, GateInput};
 
 /// Unlabelled traffic rows are written to the store in groups of this many.
 const TRAFFIC_FLUSH_ROWS: usize = 64;
@@ -306,8 +305,14 @@ impl Agent {
     /// A run that started but never ended was cut short by a crash or power loss. It is recorded
     /// as ended, so a run that takes the process down is not started again until new labels come.
     fn note_interrupted_run(&mut self) -> Result<(), AgentError> {
-        let run_kinds =
-            ["adaptation.started", "adaptation.failed", "adaptation.cancelled", "version.promoted", "version.rejected"];
+        let run_kinds = [
+            "adaptation.started",
+            "adaptation.failed",
+            "adaptation.cancelled",
+            "adaptation.source_kept",
+            "version.promoted",
+            "version.rejected",
+        ];
         if let Some(started) = self.store.last_event_of(&run_kinds)?.filter(|e| e.kind == "adaptation.started") {
             let last_sample_id = started.payload["samples"]["last_sample_id"].as_i64().unwrap_or(0);
             let payload = serde_json::json!({ "method": started.payload["method"], "started_event": started.id });
@@ -775,7 +780,7 @@ impl Agent {
             source: self.source.clone(),
             current,
             classes: classes.len(),
-            hyper: Hyper::default(),
+            hyper: Hyper { gate: self.config.gate.clone(), ..Hyper::default() },
             seed: policy.seed,
             gate: self.config.gate.clone(),
             last_sample_id,
@@ -802,10 +807,11 @@ impl Agent {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
-                let kind = if matches!(error, AdaptError::Cancelled { .. }) {
-                    "adaptation.cancelled"
-                } else {
-                    "adaptation.failed"
+                let kind = match error {
+                    AdaptError::Cancelled { .. } => "adaptation.cancelled",
+                    // Not a fault: the method's own guards found nothing safer than the source.
+                    AdaptError::SourceKept { .. } => "adaptation.source_kept",
+                    _ => "adaptation.failed",
                 };
                 self.store.record_failed_run(
                     plan.last_sample_id,
@@ -916,6 +922,7 @@ pub fn execute(
         teacher: &teacher,
         classes: plan.classes,
         unlabelled: plan.traffic.as_ref(),
+        reference: plan.reference.as_ref(),
     };
     let hyper = Hyper { cancel: cancel.clone(), ..plan.hyper.clone() };
     let steps = plan.planned_steps();

@@ -17,6 +17,7 @@ use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
 use crate::adapt::network::Network;
 use crate::adapt::share;
+use crate::adapt::train::AdaptError;
 use crate::inference::Classifier;
 use crate::metrics::{accuracy, per_class_accuracy};
 use seen::SeenSpec;
@@ -195,13 +196,27 @@ pub fn run(
         let mut runs = Vec::new();
         let mut error = None;
         for seed in 0..options.seeds {
-            let input =
-                AdaptInput { source: &source, data, teacher, classes: classes.len(), unlabelled: Some(&unlabelled) };
+            let input = AdaptInput {
+                source: &source,
+                data,
+                teacher,
+                classes: classes.len(),
+                unlabelled: Some(&unlabelled),
+                reference: reference.as_ref(),
+            };
             let started = Instant::now();
             let adapted = match method::adapt(&method, &input, &hyper, seed as u64, &mut |step| {
                 progress(Progress::Adapting { method: name, seed, step, steps })
             }) {
                 Ok(adapted) => adapted,
+                // What a device does: serve the source model.
+                Err(AdaptError::SourceKept { rates, .. }) => {
+                    let rates = rates.iter().map(f32::to_string).collect::<Vec<_>>().join(", ");
+                    Adapted {
+                        notes: vec![format!("source kept (the gate's checks refused lr {rates})")],
+                        ..source_adapted.clone()
+                    }
+                }
                 // One method that cannot run on this bundle gets a row saying why; the rest run.
                 Err(problem) => {
                     error = Some(problem.to_string());

@@ -124,25 +124,6 @@ impl Default for AdaptationConfig {
     }
 }
 
-/// Tolerances of the safety gate, as fractions (0.02 = 2 points).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GateConfig {
-    /// How far validation accuracy on the seen classes may fall below the current version's.
-    pub max_seen_drop: f32,
-    /// How far the share of traffic predicted as an unseen class may fall below the source's.
-    pub max_unseen_rate_drop: f32,
-    /// How far accuracy on the bundle's reference samples of unseen classes may fall below the
-    /// source's.
-    pub max_reference_drop: f32,
-}
-
-impl Default for GateConfig {
-    fn default() -> Self {
-        GateConfig { max_seen_drop: 0.02, max_unseen_rate_drop: 0.05, max_reference_drop: 0.05 }
-    }
-}
-
 /// The fleet link over MQTT (docs/mqtt.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -13,7 +13,8 @@ use crate::runtime::RuntimeOptions;
 mod agent;
 pub mod search;
 
-pub use agent::{AdaptationConfig, AfterClassify, GateConfig, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
+pub use crate::adapt::gate::GateConfig;
+pub use agent::{AdaptationConfig, AfterClassify, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

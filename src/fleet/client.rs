@@ -369,7 +369,11 @@ impl FleetView {
                     "version.promoted" | "version.rejected" => {
                         entry.note_adaptation(AdaptationResult::from_event(&event))
                     }
-                    "adaptation.failed" | "version.load_failed" | "outbox.dropped" | "adaptation.interrupted" => {
+                    "adaptation.failed"
+                    | "adaptation.source_kept"
+                    | "version.load_failed"
+                    | "outbox.dropped"
+                    | "adaptation.interrupted" => {
                         entry.alerts.push(format!("{}: {}", event.kind, event.payload["error"].as_str().unwrap_or("")));
                         if entry.alerts.len() > 3 {
                             entry.alerts.remove(0);

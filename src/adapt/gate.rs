@@ -1,9 +1,26 @@
 //! The safety gate: whether an adapted version may be served. Pure decision logic; the agent
-//! measures the inputs.
+//! measures the inputs, and `recommended` applies the same checks to its own candidates.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::GateConfig;
+/// Tolerances of the safety gate, as fractions (0.02 = 2 points).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// How far validation accuracy on the seen classes may fall below the current version's.
+    pub max_seen_drop: f32,
+    /// How far the share of traffic predicted as an unseen class may fall below the source's.
+    pub max_unseen_rate_drop: f32,
+    /// How far accuracy on the bundle's reference samples of unseen classes may fall below the
+    /// source's.
+    pub max_reference_drop: f32,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig { max_seen_drop: 0.02, max_unseen_rate_drop: 0.05, max_reference_drop: 0.05 }
+    }
+}
 
 /// What the gate looks at, as fractions in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -30,18 +47,32 @@ pub struct GateDecision {
 /// seen validation samples nothing is known about the candidate, so it is rejected.
 pub fn decide(input: &GateInput, config: &GateConfig) -> GateDecision {
     let mut reasons = Vec::new();
-    let mut skipped = Vec::new();
-    let points = |v: f32| v * 100.0;
     match input.seen_validation {
-        Some((candidate, current)) if candidate < current - config.max_seen_drop => reasons.push(format!(
-            "seen validation accuracy {:.1} % is more than {:.1} points below the current version's {:.1} %",
-            points(candidate),
-            points(config.max_seen_drop),
-            points(current)
-        )),
-        Some(_) => {}
+        Some((candidate, current)) => reasons.extend(seen_drop(candidate, current, "the current version", config)),
         None => reasons.push("no validation samples of the seen classes to check the candidate on".into()),
     }
+    let (health, skipped) = unseen_health(input, config);
+    reasons.extend(health);
+    GateDecision { promote: reasons.is_empty(), reasons, skipped }
+}
+
+/// Why seen validation accuracy `candidate` falls too far below `baseline`'s, if it does.
+pub fn seen_drop(candidate: f32, baseline_accuracy: f32, baseline: &str, config: &GateConfig) -> Option<String> {
+    (candidate < baseline_accuracy - config.max_seen_drop).then(|| {
+        format!(
+            "seen validation accuracy {:.1} % is more than {:.1} points below {baseline}'s {:.1} %",
+            points(candidate),
+            points(config.max_seen_drop),
+            points(baseline_accuracy)
+        )
+    })
+}
+
+/// The unseen-health checks alone, which need no labelled sample: the reasons to reject, and
+/// the checks that could not run for lack of data.
+pub fn unseen_health(input: &GateInput, config: &GateConfig) -> (Vec<String>, Vec<String>) {
+    let mut reasons = Vec::new();
+    let mut skipped = Vec::new();
     match input.unseen_rate {
         Some((candidate, source)) if candidate < source - config.max_unseen_rate_drop => reasons.push(format!(
             "traffic predicted as unseen classes fell to {:.1} % from the source model's {:.1} % (tolerance {:.1} points)",
@@ -62,7 +93,11 @@ pub fn decide(input: &GateInput, config: &GateConfig) -> GateDecision {
         Some(_) => {}
         None => skipped.push("reference accuracy: the bundle has no reference samples of the unseen classes".into()),
     }
-    GateDecision { promote: reasons.is_empty(), reasons, skipped }
+    (reasons, skipped)
+}
+
+fn points(fraction: f32) -> f32 {
+    fraction * 100.0
 }
 
 #[cfg(test)]
