@@ -189,6 +189,30 @@ fn a_single_seen_class_is_an_error_and_is_not_retried_at_once() {
     assert_eq!(events[0].kind, "adaptation.failed");
 }
 
+#[test]
+fn a_stopped_agents_status_is_read_from_its_store_without_loading_the_model_or_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "ft-tail+prior");
+    let live = {
+        let mut agent = Agent::open(&config).unwrap();
+        common::ingest_all(&mut agent, &images(&fonts36().join("target/adapt"), &SEEN, 10));
+        agent.status().unwrap()
+    };
+    let last_event = |dir: &Path| {
+        let bundle = Bundle::load(&config.bundle).unwrap();
+        let store = Store::open(&dir.join("store.db"), &edgeadapt::agent::bundle_id(&bundle)).unwrap();
+        store.recent_events(1).unwrap()[0].id
+    };
+    let before = last_event(dir.path());
+    let stopped = edgeadapt::agent::stopped_status(&config).unwrap();
+    assert_eq!(last_event(dir.path()), before, "no event written (opening the agent records a warm-up)");
+    assert_eq!(stopped.provider, "cpu (configured)");
+    assert_eq!((stopped.serving, &stopped.samples), (live.serving, &live.samples));
+    let versions = |status: &edgeadapt::agent::Status| serde_json::to_value(&status.versions).unwrap();
+    assert_eq!(versions(&stopped), versions(&live));
+    assert_eq!(stopped.new_labels_since_last_run, 4 * 10);
+}
+
 /// emoji10 (a small CNN under a scene shift): training its tail on five classes trades the
 /// unseen classes for the seen ones at every rate (docs/adaptation.md), so `recommended`'s own
 /// use of the gate's checks keeps the source, and says so.

@@ -584,23 +584,12 @@ impl Agent {
     }
 
     pub fn status(&self) -> Result<Status, AgentError> {
-        let versions = self.store.versions()?.into_iter().map(summary).collect();
-        let last_run = self.store.last_run()?;
-        let since = last_run.map_or(0, |(sample, _)| sample);
-        Ok(Status {
-            device_id: self.config.device_id.clone(),
-            bundle: self.classifier.bundle.manifest.name.clone(),
-            provider: format!("{:?}", self.classifier.provider()).to_lowercase(),
-            serving: self.serving,
-            versions,
-            samples: self.store.sample_counts()?,
-            new_labels_since_last_run: self.store.count_samples_after(since)?,
-            last_run_ms: last_run.map(|(_, at)| at),
-            traffic_samples: self.traffic_rows + self.pending_traffic.len(),
-            undelivered_events: self.store.pending_events(100_000)?.len(),
-            classification: self.counters.report(),
-            running: None,
-        })
+        let provider = format!("{:?}", self.classifier.provider()).to_lowercase();
+        let traffic = self.traffic_rows + self.pending_traffic.len();
+        let mut status = store_status(&self.store, &self.config, &self.classifier.bundle, provider, traffic)?;
+        status.serving = self.serving;
+        status.classification = self.counters.report();
+        Ok(status)
     }
 
     /// Labels added since the last run.
@@ -905,6 +894,50 @@ impl Agent {
         let outcome = execute(&plan, &Cancel::default(), progress);
         self.commit_run(&plan, outcome)
     }
+}
+
+/// The status of an agent that is not running, read from its bundle and store: no model is
+/// loaded and nothing is written. The served version is the one it would serve (the promoted
+/// one), and the provider is the configured order, since no runtime has chosen one.
+pub fn stopped_status(config: &DeviceConfig) -> Result<Status, AgentError> {
+    let data_dir = config.require_data_dir().map_err(AgentError::Config)?;
+    let bundle = Bundle::load(&config.bundle)
+        .map_err(|e| AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() })?;
+    let store = Store::open(&store_path(data_dir), &bundle_id(&bundle))?;
+    let providers: Vec<String> = config.runtime.providers.iter().map(ToString::to_string).collect();
+    let provider = format!("{} (configured)", providers.join(", "));
+    let traffic = store.traffic()?.len();
+    let mut status = store_status(&store, config, &bundle, provider, traffic)?;
+    status.serving = store.promoted()?;
+    Ok(status)
+}
+
+/// What `status` reports from the store alone; the caller fills in the served version and the
+/// counters.
+fn store_status(
+    store: &Store,
+    config: &DeviceConfig,
+    bundle: &Bundle,
+    provider: String,
+    traffic_samples: usize,
+) -> Result<Status, AgentError> {
+    let versions = store.versions()?.into_iter().map(summary).collect();
+    let last_run = store.last_run()?;
+    let since = last_run.map_or(0, |(sample, _)| sample);
+    Ok(Status {
+        device_id: config.device_id.clone(),
+        bundle: bundle.manifest.name.clone(),
+        provider,
+        serving: 0,
+        versions,
+        samples: store.sample_counts()?,
+        new_labels_since_last_run: store.count_samples_after(since)?,
+        last_run_ms: last_run.map(|(_, at)| at),
+        traffic_samples,
+        undelivered_events: store.pending_events(100_000)?.len(),
+        classification: Counters::default().report(),
+        running: None,
+    })
 }
 
 /// The compute part of a run: adapt, then measure what the gate needs. Needs no agent.

@@ -65,11 +65,26 @@ enum Reached {
     Offline(DataLock, Box<Agent>),
 }
 
-/// Finds the running agent, or opens the store when none runs. An agent that holds the lock
-/// but does not answer yet is starting: wait for its endpoint rather than failing or racing it.
+/// Finds the running agent, or opens the agent on the store when none runs.
 fn reach(config: &DeviceConfig, role: &str) -> anyhow::Result<Reached> {
+    Ok(match access(config, role)? {
+        Access::Live(client) => Reached::Live(client),
+        Access::Locked(lock) => Reached::Offline(lock, Box::new(Agent::open(config)?)),
+    })
+}
+
+/// The running agent, or the data folder's lock when none runs.
+enum Access {
+    Live(Client),
+    Locked(DataLock),
+}
+
+/// Finds the running agent, or takes the data folder's lock when none runs. An agent that holds
+/// the lock but does not answer yet is starting: wait for its endpoint rather than failing or
+/// racing it.
+fn access(config: &DeviceConfig, role: &str) -> anyhow::Result<Access> {
     if let Some(client) = Client::connect(config) {
-        return Ok(Reached::Live(client));
+        return Ok(Access::Live(client));
     }
     let data_dir = config.require_data_dir().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(data_dir).map_err(|e| crate::config::data_dir_error(data_dir, e))?;
@@ -85,12 +100,12 @@ fn reach(config: &DeviceConfig, role: &str) -> anyhow::Result<Reached> {
             let started = Instant::now();
             while started.elapsed() < REACH_WAIT {
                 if let Some(client) = Client::connect(config) {
-                    return Ok(Reached::Live(client));
+                    return Ok(Access::Live(client));
                 }
                 match lock::holder(data_dir) {
                     Some(holder) if holder.is_agent() => std::thread::sleep(Duration::from_millis(200)),
                     // The agent went away (or never got the lock): take the store.
-                    _ => return reach(config, role),
+                    _ => return access(config, role),
                 }
             }
             anyhow::bail!("{holder} did not answer on {} within {} s", config.http.listen, REACH_WAIT.as_secs());
@@ -100,9 +115,9 @@ fn reach(config: &DeviceConfig, role: &str) -> anyhow::Result<Reached> {
     };
     // The agent may have started while this command waited for the lock.
     if let Some(client) = Client::connect(config) {
-        return Ok(Reached::Live(client));
+        return Ok(Access::Live(client));
     }
-    Ok(Reached::Offline(lock, Box::new(Agent::open(config)?)))
+    Ok(Access::Locked(lock))
 }
 
 pub fn run(_args: RunArgs, config: DeviceConfig, config_path: PathBuf) -> anyhow::Result<i32> {
@@ -306,9 +321,10 @@ pub fn rollback(args: RollbackArgs, config: DeviceConfig) -> anyhow::Result<i32>
 }
 
 pub fn status(args: StatusArgs, config: DeviceConfig) -> anyhow::Result<i32> {
-    let (status, live) = match reach(&config, "status")? {
-        Reached::Live(client) => (client.status()?, true),
-        Reached::Offline(_lock, agent) => (agent.status()?, false),
+    // A stopped agent's status is read from its store; the model is not loaded.
+    let (status, live) = match access(&config, "status")? {
+        Access::Live(client) => (client.status()?, true),
+        Access::Locked(_lock) => (crate::agent::stopped_status(&config)?, false),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
