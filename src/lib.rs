@@ -13,6 +13,7 @@ pub mod imaging;
 pub mod inference;
 pub mod metrics;
 pub mod model;
+pub mod network;
 pub mod output;
 pub mod runtime;
 pub mod store;

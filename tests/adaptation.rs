@@ -6,8 +6,8 @@
 use edgeadapt::adapt::data::SplitSet;
 use edgeadapt::adapt::gate::GateConfig;
 use edgeadapt::adapt::method::{AdaptInput, Adapted, Hyper, Method, Traffic, adapt};
-use edgeadapt::adapt::network::{Layer, Network, Role};
 use edgeadapt::adapt::train::{AdaptError, TrainConfig, train};
+use edgeadapt::network::{Layer, Network, Role};
 use half::f16;
 use ndarray::{Array1, Array2, ArrayD, Axis};
 use rand::{Rng, SeedableRng};

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use common::fixture;
 use edgeadapt::inference::Classifier;
+use edgeadapt::inference::import_check::import_onnx;
 use edgeadapt::model::bundle::sha256_file;
-use edgeadapt::model::onnx::import::{ImportOptions, import_onnx};
+use edgeadapt::model::onnx::import::ImportOptions;
 use edgeadapt::model::tensors::{StoredAs, to_safetensors};
 use edgeadapt::model::{Bundle, Manifest};
 use edgeadapt::runtime::RuntimeOptions;

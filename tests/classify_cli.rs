@@ -6,7 +6,8 @@ mod common;
 use std::process::Command;
 
 use common::fixture;
-use edgeadapt::model::onnx::import::{ImportOptions, import_onnx};
+use edgeadapt::inference::import_check::import_onnx;
+use edgeadapt::model::onnx::import::ImportOptions;
 
 fn tiny_bundle(dir: &std::path::Path) -> std::path::PathBuf {
     let out = dir.join("bundle");

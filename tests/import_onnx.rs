@@ -5,8 +5,9 @@ mod common;
 
 use common::{array, fixture, json, max_abs_diff, run_onnx, shape};
 use edgeadapt::inference::Classifier;
+use edgeadapt::inference::import_check::import_onnx;
 use edgeadapt::model::Bundle;
-use edgeadapt::model::onnx::import::{ImportError, ImportOptions, import_onnx};
+use edgeadapt::model::onnx::import::{ImportError, ImportOptions};
 use edgeadapt::model::onnx::{decode_model, encode_model, export};
 use edgeadapt::runtime::RuntimeOptions;
 use ndarray::{ArrayD, Ix4};

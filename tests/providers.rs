@@ -5,8 +5,9 @@ mod common;
 
 use common::fixture;
 use edgeadapt::inference::Classifier;
+use edgeadapt::inference::import_check::import_onnx;
 use edgeadapt::model::Bundle;
-use edgeadapt::model::onnx::import::{ImportOptions, import_onnx, pseudo_random_batch};
+use edgeadapt::model::onnx::import::{ImportOptions, pseudo_random_batch};
 use edgeadapt::runtime::{self, ProviderKind, RuntimeError, RuntimeOptions};
 
 fn tiny_bundle(dir: &std::path::Path) -> Bundle {

@@ -6,9 +6,10 @@ use std::process::Command;
 
 use common::fixture;
 use edgeadapt::imaging::{self, DecodeLimits};
+use edgeadapt::inference::import_check::import_onnx;
 use edgeadapt::inference::{Classifier, prepare_files};
 use edgeadapt::model::Bundle;
-use edgeadapt::model::onnx::import::{ImportOptions, import_onnx};
+use edgeadapt::model::onnx::import::ImportOptions;
 use edgeadapt::runtime::RuntimeOptions;
 
 #[test]

@@ -28,18 +28,6 @@ pub fn alg_gamma(logits: &Array2<f32>, labels: &[usize], seen: &[usize], unseen:
     ((seen_sum - unseen_sum) / counted as f64) as f32
 }
 
-/// Adds `gamma` to the unseen classes' logits.
-pub fn apply(logits: &mut Array2<f32>, unseen: &[usize], gamma: f32) {
-    if gamma == 0.0 {
-        return;
-    }
-    for mut row in logits.axis_iter_mut(Axis(0)) {
-        for &c in unseen {
-            row[c] += gamma;
-        }
-    }
-}
-
 /// Per-sample gap `max_{c∈S} z_c − max_{c∈U} z_c`: with bias `γ` a sample is predicted unseen
 /// exactly when its gap is below `γ`, so the whole accuracy-vs-γ curve is one sort of these.
 pub fn gaps(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f32> {
@@ -170,6 +158,7 @@ fn sorted_gaps(logits: &Array2<f32>, seen: &[usize], unseen: &[usize]) -> Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::network::apply_calibration;
     use ndarray::array;
 
     #[test]
@@ -180,7 +169,7 @@ mod tests {
         // sample 0: other seen = 1, unseen mean = -1 -> 2; sample 1: other seen = 3, unseen mean = 1 -> 2
         assert!((gamma - 2.0).abs() < 1e-6);
         let mut shifted = logits.clone();
-        apply(&mut shifted, &[2, 3], gamma);
+        apply_calibration(&mut shifted, &[2, 3], gamma);
         assert_eq!(shifted.row(0).to_vec(), vec![5.0, 1.0, 2.0, 0.0]);
     }
 
@@ -190,7 +179,7 @@ mod tests {
         let logits = array![[4.0, 0.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 1.0], [3.0, 1.0, 1.0]];
         let gamma = prior_matching_gamma(&logits, &[0, 1], &[2], 0.5);
         let mut calibrated = logits.clone();
-        apply(&mut calibrated, &[2], gamma);
+        apply_calibration(&mut calibrated, &[2], gamma);
         let unseen_share = calibrated.axis_iter(Axis(0)).filter(|r| r[2] > r[0].max(r[1])).count();
         assert_eq!(unseen_share, 2);
         assert!((gamma - 1.5).abs() < 1e-6);
@@ -262,10 +251,10 @@ mod tests {
         let gap = gaps(&logits, &[0, 1], &[2])[0];
         assert_eq!(gap, 1.0);
         let mut below = logits.clone();
-        apply(&mut below, &[2], 0.9);
+        apply_calibration(&mut below, &[2], 0.9);
         assert!(below[[0, 0]] > below[[0, 2]]);
         let mut above = logits.clone();
-        apply(&mut above, &[2], 1.1);
+        apply_calibration(&mut above, &[2], 1.1);
         assert!(above[[0, 2]] > above[[0, 0]]);
     }
 }

@@ -4,7 +4,7 @@
 use half::f16;
 use ndarray::{Array2, ArrayViewD, Axis};
 
-use super::network::Batch;
+use crate::network::Batch;
 
 /// Split tensors of `samples` samples, channels last: row `n * positions + p` holds position `p`
 /// of sample `n`.

@@ -12,10 +12,10 @@ use rand::seq::SliceRandom;
 use super::calibrate;
 use super::data::SplitSet;
 use super::gate::GateConfig;
-use super::network::{Batch, Network};
 use super::optim::{SgdConfig, cosine};
 use super::share;
 use super::train::{AdaptError, Cancel, DistillConfig, TrainConfig, Trainable, train};
+use crate::network::{Batch, Network};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Base {
@@ -255,7 +255,7 @@ pub struct Adapted {
 impl Adapted {
     pub fn logits(&self, batch: Batch) -> Array2<f32> {
         let mut logits = self.network.logits(batch);
-        calibrate::apply(&mut logits, &self.unseen, self.gamma);
+        crate::network::apply_calibration(&mut logits, &self.unseen, self.gamma);
         logits
     }
 

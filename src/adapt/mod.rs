@@ -1,13 +1,13 @@
 //! On-device adaptation: training the tail (and optionally a feature adapter) on cached split
 //! tensors of locally labelled samples, with the classifier head kept safe.
 
+pub mod backward;
 pub mod calibrate;
 pub mod data;
 pub mod gate;
 pub mod health;
 pub mod loss;
 pub mod method;
-pub mod network;
 pub mod optim;
 pub mod recommended;
 pub mod share;

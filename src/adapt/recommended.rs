@@ -10,9 +10,9 @@ use super::data::SplitSet;
 use super::gate::{self, GateInput};
 use super::health;
 use super::method::{AdaptInput, Adapted, Base, Hyper, Method, adapt, seen_and_unseen};
-use super::network::Network;
 use super::share::{self, ShareChoice, ShareReason};
 use super::train::AdaptError;
+use crate::network::Network;
 
 /// The device default: train the tail with the head frozen, calibrate by prior matching on
 /// unlabelled local traffic (ALG without such traffic), and choose the learning rate on a

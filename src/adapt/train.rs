@@ -7,8 +7,8 @@ use rand::seq::IndexedRandom;
 
 use super::data::SplitSet;
 use super::loss::{cross_entropy, distillation};
-use super::network::{Network, Role};
 use super::optim::{Sgd, SgdConfig, cosine};
+use crate::network::{Network, Role};
 
 /// What may change during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

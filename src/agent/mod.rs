@@ -26,13 +26,13 @@ use crate::adapt::data::SplitSet;
 use crate::adapt::gate::{self, GateDecision, GateInput};
 use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
-use crate::adapt::network::Network;
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::{AdaptationConfig, DeviceConfig, GateConfig};
 use crate::fleet::commands::PolicyUpdate;
 use crate::imaging::{self, DecodeLimits};
 use crate::inference::{Calibration, Classifier, Prediction, predict, prepare_bytes};
 use crate::model::Bundle;
+use crate::network::Network;
 use crate::store::{EventRecord, NewSample, NewVersion, Split, Store, StoreError, VersionRecord, VersionStatus};
 use counters::{Counters, CountersReport};
 

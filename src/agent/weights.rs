@@ -4,8 +4,8 @@
 
 use ndarray::ArrayD;
 
-use crate::adapt::network::Network;
 use crate::model::tensors::{StoredAs, TensorFile, to_safetensors};
+use crate::network::Network;
 
 /// Serialises the slots of `network` that differ from `source`. `network` may carry an adapter
 /// the source lacks (built by [`Network::with_adapter`]), whose slots are always written.
@@ -45,7 +45,7 @@ pub fn decode(bytes: &[u8], source: &Network, adapter_rank: usize, what: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapt::network::{Layer, Role};
+    use crate::network::{Layer, Role};
     use ndarray::{Array1, Array2};
 
     fn tiny() -> Network {

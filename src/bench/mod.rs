@@ -15,11 +15,11 @@ use serde::Serialize;
 use crate::adapt::data::SplitSet;
 use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
-use crate::adapt::network::Network;
 use crate::adapt::share;
 use crate::adapt::train::AdaptError;
 use crate::inference::Classifier;
 use crate::metrics::{accuracy, per_class_accuracy};
+use crate::network::Network;
 use seen::SeenSpec;
 
 pub struct BenchOptions {

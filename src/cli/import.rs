@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::config::DeviceConfig;
+use crate::inference::import_check::import_onnx;
 use crate::model::manifest::{ColorMode, ResizePolicy};
-use crate::model::onnx::import::{ImportOptions, import_onnx};
+use crate::model::onnx::import::ImportOptions;
 use crate::model::onnx::{decode_model, encode_model, export};
 use crate::output::{self, Overwrite};
 

@@ -7,10 +7,10 @@ use std::path::Path;
 use ndarray::ArrayD;
 
 use super::messages::WeightsManifest;
-use crate::adapt::network::Network;
 use crate::model::Bundle;
 use crate::model::manifest::TailLayerKind;
 use crate::model::tensors::{StoredAs, TensorFile, to_safetensors};
+use crate::network::Network;
 
 pub fn bundle_from_weights(
     source: &Bundle,

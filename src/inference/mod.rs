@@ -1,13 +1,15 @@
 //! Classification with a bundle: the trunk runs in ONNX Runtime, tail and head in Rust.
 
+pub mod import_check;
+
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayView4, ArrayViewD, Axis};
 use serde::Serialize;
 
-use crate::adapt::network::{Batch, Network};
 use crate::imaging::{self, DecodeLimits, ImageInputError};
 use crate::model::Bundle;
+use crate::network::{Batch, Network};
 use crate::runtime::{self, ModelSession, ProviderKind, RuntimeError, RuntimeOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +172,7 @@ impl Classifier {
     /// runs, and the tail's matrix products are too small to thread well on their own.
     pub fn logits_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
         let mut logits = self.uncalibrated_logits(split)?;
-        crate::adapt::calibrate::apply(&mut logits, &self.calibration.unseen, self.calibration.gamma);
+        crate::network::apply_calibration(&mut logits, &self.calibration.unseen, self.calibration.gamma);
         Ok(logits)
     }
 

@@ -1,5 +1,5 @@
 //! The classifier head (the model's last layer), kept frozen by default during adaptation.
-//! Its logits are computed by [`crate::adapt::network::Network`], like the tail's.
+//! Its logits are computed by the `network` module, like the tail's.
 
 use ndarray::{Array1, Array2};
 

@@ -3,7 +3,7 @@
 //!
 //! These layers run in Rust rather than inside ONNX Runtime because they are the part of the
 //! model that on-device adaptation updates. Inference and training both run them through
-//! [`crate::adapt::network::Network`], so an adapted version needs no new ONNX file and there is
+//! the `network` module, so an adapted version needs no new ONNX file and there is
 //! one implementation of the forward pass.
 
 use ndarray::{Array1, Array2};

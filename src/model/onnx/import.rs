@@ -12,7 +12,6 @@ use ndarray::{Array4, ArrayD};
 use super::graph::{self, GraphError, GraphIndex};
 use super::proto::{ModelProto, tensor_proto::DataType, type_proto};
 use super::{decode_model, encode_model};
-use crate::inference::Classifier;
 use crate::model::manifest::{
     ColorMode, FORMAT_VERSION, HeadSpec, InputContract, Layout, Manifest, Provenance, ResizePolicy, TailLayerSpec,
     TrunkSpec,
@@ -84,8 +83,9 @@ pub enum ImportError {
     Classes { path: PathBuf, problem: String },
     #[error(transparent)]
     Bundle(#[from] BundleError),
-    #[error(transparent)]
-    Inference(#[from] crate::inference::InferenceError),
+    /// Running the new bundle for the check failed.
+    #[error("{0}")]
+    Check(String),
     #[error(transparent)]
     Runtime(#[from] runtime::RuntimeError),
     #[error("{path}: running the model failed: {problem}")]
@@ -111,7 +111,15 @@ pub struct ImportReport {
     pub max_logit_diff: f32,
 }
 
-pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError> {
+/// The check that a written bundle gives the original model's logits: the bundle's folder, the
+/// original model, the original's logits output; the largest absolute logit difference. Running
+/// a bundle belongs to the inference layer, so the caller supplies it
+/// (`inference::import_check`).
+pub type LogitCheck<'a> = dyn Fn(&Path, &Path, &str) -> Result<f32, ImportError> + 'a;
+
+/// Reads `options.model` into a bundle at `options.out`, kept only when `check` finds its logits
+/// within [`IMPORT_TOLERANCE`] of the original's.
+pub fn import_onnx(options: &ImportOptions, check: &LogitCheck<'_>) -> Result<ImportReport, ImportError> {
     let path = options.model.clone();
     output::check_dir(&options.out, options.overwrite).map_err(BundleError::Output)?;
     let bytes = std::fs::read(&path).map_err(|source| ImportError::Io { path: path.clone(), source })?;
@@ -191,7 +199,7 @@ pub fn import_onnx(options: &ImportOptions) -> Result<ImportReport, ImportError>
     let checking = output::staging_dir(&options.out).map_err(BundleError::Output)?;
     let verified = Bundle::write(&checking, manifest, &files, Overwrite::Refuse)
         .map_err(ImportError::from)
-        .and_then(|()| verify(&checking, &path, &head.output, &options.runtime))
+        .and_then(|()| check(&checking, &path, &head.output))
         .and_then(|diff| match diff <= IMPORT_TOLERANCE {
             true => Ok(diff),
             false => Err(ImportError::Mismatch { max_diff: diff }),
@@ -323,7 +331,8 @@ fn class_names(file: Option<&Path>, count: usize) -> Result<Vec<String>, ImportE
     Ok(names)
 }
 
-fn batch_shape(input: &InputContract, batch: usize) -> [usize; 4] {
+/// The input batch shape of `batch` images in the model's layout.
+pub fn batch_shape(input: &InputContract, batch: usize) -> [usize; 4] {
     let (c, h, w) = (input.channels as usize, input.height as usize, input.width as usize);
     match input.layout {
         Layout::Nchw => [batch, c, h, w],
@@ -355,29 +364,6 @@ fn split_shape(
 
 fn unique() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
-}
-
-/// Largest absolute logit difference between the written bundle and the original model.
-fn verify(bundle_dir: &Path, original: &Path, logits_name: &str, options: &RuntimeOptions) -> Result<f32, ImportError> {
-    let bundle = Bundle::load(bundle_dir)?;
-    let batch = pseudo_random_batch(batch_shape(&bundle.manifest.input, 3), 0x5eed);
-    let mut classifier = Classifier::open(bundle, options)?;
-    let ours = classifier.logits(batch.view())?;
-    let run_error = |problem: String| ImportError::Run { path: original.to_path_buf(), problem };
-    let mut session = runtime::open_session(original, "import-original", None, options)?;
-    let tensor = ort::value::TensorRef::from_array_view(batch.view()).map_err(|e| run_error(e.to_string()))?;
-    let input_name = classifier.bundle.manifest.input.tensor.clone();
-    let outputs =
-        session.session.run(ort::inputs![input_name.as_str() => tensor]).map_err(|e| run_error(e.to_string()))?;
-    let theirs = outputs
-        .get(logits_name)
-        .ok_or_else(|| run_error(format!("no output '{logits_name}'")))?
-        .try_extract_array::<f32>()
-        .map_err(|e| run_error(e.to_string()))?;
-    if theirs.shape() != ours.shape() {
-        return Err(run_error(format!("logits shape {:?} vs bundle {:?}", theirs.shape(), ours.shape())));
-    }
-    Ok(ours.iter().zip(theirs.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max))
 }
 
 /// Deterministic values in [-2, 2): enough to exercise every unit without a random crate.
