@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod model;
 pub mod network;
 pub mod output;
+pub mod protocol;
 pub mod runtime;
 pub mod store;

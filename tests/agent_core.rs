@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 
 use common::{fixture, repo};
 use edgeadapt::adapt::train::AdaptError;
-use edgeadapt::agent::{Agent, AgentError, IngestError, Labelled, VersionRef};
+use edgeadapt::agent::{Agent, AgentError, IngestError, Labelled};
 use edgeadapt::config::DeviceConfig;
 use edgeadapt::inference::Classifier;
 use edgeadapt::model::Bundle;
 use edgeadapt::model::tensors::{StoredAs, to_safetensors};
+use edgeadapt::protocol::VersionRef;
 use edgeadapt::runtime::RuntimeOptions;
 use edgeadapt::store::{NewVersion, Store, VersionStatus};
 
@@ -200,7 +201,7 @@ fn a_stopped_agents_status_is_read_from_its_store_without_loading_the_model_or_w
     };
     let last_event = |dir: &Path| {
         let bundle = Bundle::load(&config.bundle).unwrap();
-        let store = Store::open(&dir.join("store.db"), &edgeadapt::agent::bundle_id(&bundle)).unwrap();
+        let store = Store::open(&dir.join("store.db"), &bundle.id()).unwrap();
         store.recent_events(1).unwrap()[0].id
     };
     let before = last_event(dir.path());
@@ -252,7 +253,7 @@ fn a_promoted_version_with_broken_weights_is_reported_and_the_source_is_served()
         let agent = Agent::open(&config).unwrap();
         drop(agent);
         let bundle = Bundle::load(&config.bundle).unwrap();
-        edgeadapt::agent::bundle_id(&bundle)
+        bundle.id()
     };
     let mut store = Store::open(&dir.path().join("store.db"), &bundle_id).unwrap();
     let nan = ndarray::Array1::from_elem(36, f32::NAN).into_dyn();

@@ -8,9 +8,10 @@ mod common;
 use std::path::Path;
 
 use common::repo;
-use edgeadapt::agent::{Agent, VersionRef};
+use edgeadapt::agent::Agent;
 use edgeadapt::config::DeviceConfig;
 use edgeadapt::inference::Prediction;
+use edgeadapt::protocol::VersionRef;
 use edgeadapt::store::VersionStatus;
 
 /// A config with the given `[labelling]` and `[gate]` keys; the method is the default

@@ -303,7 +303,7 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     let messages = messages.lock().unwrap();
     let mut checked = BTreeSet::new();
     for (topic, payload) in messages.iter() {
-        let (_, leaf) = edgeadapt::fleet::topics::parse("test-fleet", topic).unwrap();
+        let (_, leaf) = edgeadapt::protocol::topics::parse("test-fleet", topic).unwrap();
         let leaf = if leaf.contains("/chunk/") {
             continue;
         } else if leaf.ends_with("/manifest") {

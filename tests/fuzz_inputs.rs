@@ -20,16 +20,16 @@ use std::io::Cursor;
 use std::path::Path;
 
 use base64::Engine;
-use edgeadapt::agent::VersionRef;
 use edgeadapt::config::DeviceConfig;
-use edgeadapt::fleet::commands::{self, Command, PolicyUpdate};
-use edgeadapt::fleet::messages::{COMMAND_SCHEMA, CommandMessage, WEIGHTS_SCHEMA, WeightsManifest};
-use edgeadapt::fleet::weights::{self, Reassembly};
 use edgeadapt::imaging::{DecodeLimits, ImageInputError, decode_bytes};
 use edgeadapt::model::manifest::{
     ColorMode, HeadSpec, InputContract, Layout, Manifest, Provenance, ReferenceSpec, ResizePolicy, TailLayerKind,
     TailLayerSpec, TrunkSpec,
 };
+use edgeadapt::protocol::VersionRef;
+use edgeadapt::protocol::commands::{self, Command, PolicyUpdate};
+use edgeadapt::protocol::messages::{COMMAND_SCHEMA, CommandMessage, WEIGHTS_SCHEMA, WeightsManifest};
+use edgeadapt::protocol::weights::{self, Reassembly};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
 use proptest::prelude::*;
 use proptest::sample::{Index, select};

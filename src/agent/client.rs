@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use super::http::{ErrorBody, RunState};
-use super::{Ingested, RunProgress, Status, VersionRef};
+use super::{Ingested, RunProgress, Status};
 use crate::config::DeviceConfig;
 use crate::inference::Prediction;
+use crate::protocol::VersionRef;
 
 /// How long a command keeps asking a busy agent.
 const BUSY_WAIT: Duration = Duration::from_secs(60);

@@ -16,7 +16,7 @@ pub async fn handle_commands(
     device: String,
 ) {
     use crate::fleet::link::LinkMessage;
-    use crate::fleet::messages::{response_error, response_ok};
+    use crate::protocol::messages::{response_error, response_ok};
     {
         // Commands a crash cut short are answered now, so a retry learns what happened.
         let shared = Arc::clone(&shared);
@@ -38,7 +38,7 @@ pub async fn handle_commands(
         let key = key.clone();
         let device = device.clone();
         tokio::spawn(async move {
-            let (id, command) = match crate::fleet::commands::parse(&payload, key.as_deref()) {
+            let (id, command) = match crate::protocol::commands::parse(&payload, key.as_deref()) {
                 Ok(parsed) => parsed,
                 Err(refusal) => {
                     tracing::warn!(id = %short(&refusal.id), error = %refusal.error, "command refused");
@@ -48,7 +48,7 @@ pub async fn handle_commands(
                 }
             };
             let name = command.name();
-            let fingerprint = crate::fleet::commands::fingerprint(&payload);
+            let fingerprint = crate::protocol::commands::fingerprint(&payload);
             let claimed = {
                 let shared = Arc::clone(&shared);
                 let id = id.clone();
@@ -100,7 +100,7 @@ fn short(id: &str) -> String {
     const MAX: usize = 80;
     match id.len() <= MAX {
         true => id.to_string(),
-        false => format!("{} ({} bytes)", crate::fleet::commands::clip(id, MAX), id.len()),
+        false => format!("{} ({} bytes)", crate::protocol::commands::clip(id, MAX), id.len()),
     }
 }
 

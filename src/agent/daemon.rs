@@ -171,13 +171,17 @@ impl Shared {
     /// Runs a fleet command; a `publish-weights` also returns the set to publish.
     pub async fn execute(
         self: &Arc<Self>,
-        command: crate::fleet::commands::Command,
+        command: crate::protocol::commands::Command,
     ) -> (Result<serde_json::Value, String>, Option<crate::fleet::link::LinkMessage>) {
-        use crate::fleet::commands::Command;
+        use crate::protocol::commands::Command;
         let shared = Arc::clone(self);
         let max_packet = self.config.mqtt.max_packet_bytes;
         match command {
             Command::Adapt { method, force } => {
+                // Refused before anything is recorded, as the protocol's own refusals are.
+                if let Some(Err(problem)) = method.as_deref().map(str::parse::<crate::adapt::method::Method>) {
+                    return (Err(format!("adapt: {problem}")), None);
+                }
                 let started =
                     tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), force, Origin::Command))
                         .await;
@@ -427,7 +431,7 @@ fn start_link(
         config.device_id.clone(),
     ));
     Ok(tokio::spawn(crate::fleet::link::run(
-        Arc::clone(shared),
+        Arc::clone(shared) as Arc<dyn crate::fleet::port::AgentPort>,
         mqtt,
         config.device_id.clone(),
         embedded_port,

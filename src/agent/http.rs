@@ -19,8 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::daemon::{Origin, Shared, StartError};
-use super::{AgentError, IngestError, Labelled, RunProgress, RunSummary, VersionRef};
+use super::{AgentError, IngestError, Labelled, RunProgress, RunSummary};
 use crate::config::HttpConfig;
+use crate::protocol::VersionRef;
 
 type SharedState = State<Arc<Shared>>;
 

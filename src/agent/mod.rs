@@ -6,13 +6,13 @@ pub mod client;
 pub mod commands;
 pub mod counters;
 pub mod daemon;
+mod fleet_port;
 pub mod folders;
 pub mod http;
 pub mod listen;
 pub mod lock;
 pub mod nearest;
 pub mod policy;
-pub mod weights;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,11 +28,12 @@ use crate::adapt::health::{self, Health};
 use crate::adapt::method::{self, AdaptInput, Adapted, Hyper, Method, Traffic};
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::{AdaptationConfig, DeviceConfig, GateConfig};
-use crate::fleet::commands::PolicyUpdate;
 use crate::imaging::{self, DecodeLimits};
 use crate::inference::{Calibration, Classifier, Prediction, predict, prepare_bytes};
 use crate::model::Bundle;
-use crate::network::Network;
+use crate::network::{Network, weights};
+use crate::protocol::VersionRef;
+use crate::protocol::commands::PolicyUpdate;
 use crate::store::{EventRecord, NewSample, NewVersion, Split, Store, StoreError, VersionRecord, VersionStatus};
 use counters::{Counters, CountersReport};
 
@@ -104,38 +105,6 @@ pub struct Labelled<'a> {
     pub what: &'a str,
     pub bytes: &'a [u8],
     pub class: &'a str,
-}
-
-/// Which version to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionRef {
-    Source,
-    Id(i64),
-}
-
-impl std::str::FromStr for VersionRef {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<VersionRef, String> {
-        match text {
-            "source" | "0" => Ok(VersionRef::Source),
-            other => other
-                .parse::<i64>()
-                .ok()
-                .filter(|&id| id > 0)
-                .map(VersionRef::Id)
-                .ok_or_else(|| format!("'{other}' is neither 'source' nor a version number")),
-        }
-    }
-}
-
-impl VersionRef {
-    pub fn id(self) -> i64 {
-        match self {
-            VersionRef::Source => 0,
-            VersionRef::Id(id) => id,
-        }
-    }
 }
 
 /// Everything a run needs, copied out of the agent so training runs without holding it.
@@ -272,7 +241,7 @@ impl Agent {
             Ok(None) => None,
             Err(e) => return Err(AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() }),
         };
-        let store = Store::open(&store_path(data_dir), &bundle_id(&bundle))?;
+        let store = Store::open(&store_path(data_dir), &bundle.id())?;
         let (classifier, warmup) = Classifier::open_warm(bundle, &config.runtime, warming_up)?;
         let source = Network::from_bundle(&classifier.bundle);
         let traffic_rows = store.traffic()?.len();
@@ -666,25 +635,26 @@ impl Agent {
             .as_deref()
             .ok_or_else(|| AgentError::Version { id: version, problem: "has no weights".into() })?;
         let (payload, tensors) =
-            crate::fleet::weights::to_f16(stored).map_err(|problem| AgentError::Version { id: version, problem })?;
-        let bundle = bundle_id(&self.classifier.bundle);
-        let (manifest, chunks) = crate::fleet::weights::chunk(&payload, max_packet, |chunk_bytes, chunks, sha256| {
-            crate::fleet::messages::WeightsManifest {
-                schema: crate::fleet::messages::WEIGHTS_SCHEMA.into(),
-                device: self.config.device_id.clone(),
-                version,
-                parent: record.parent,
-                method: record.method.clone(),
-                bundle,
-                dtype: "f16".into(),
-                tensors,
-                params: record.params.clone(),
-                total_bytes: payload.len(),
-                chunk_bytes,
-                chunks,
-                sha256,
-            }
-        });
+            crate::protocol::weights::to_f16(stored).map_err(|problem| AgentError::Version { id: version, problem })?;
+        let bundle = self.classifier.bundle.id();
+        let (manifest, chunks) =
+            crate::protocol::weights::chunk(&payload, max_packet, |chunk_bytes, chunks, sha256| {
+                crate::protocol::messages::WeightsManifest {
+                    schema: crate::protocol::messages::WEIGHTS_SCHEMA.into(),
+                    device: self.config.device_id.clone(),
+                    version,
+                    parent: record.parent,
+                    method: record.method.clone(),
+                    bundle,
+                    dtype: "f16".into(),
+                    tensors,
+                    params: record.params.clone(),
+                    total_bytes: payload.len(),
+                    chunk_bytes,
+                    chunks,
+                    sha256,
+                }
+            });
         let manifest = serde_json::to_vec(&manifest).expect("manifests serialise");
         Ok((manifest, chunks.into_iter().map(<[u8]>::to_vec).collect()))
     }
@@ -903,7 +873,7 @@ pub fn stopped_status(config: &DeviceConfig) -> Result<Status, AgentError> {
     let data_dir = config.require_data_dir().map_err(AgentError::Config)?;
     let bundle = Bundle::load(&config.bundle)
         .map_err(|e| AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() })?;
-    let store = Store::open(&store_path(data_dir), &bundle_id(&bundle))?;
+    let store = Store::open(&store_path(data_dir), &bundle.id())?;
     let providers: Vec<String> = config.runtime.providers.iter().map(ToString::to_string).collect();
     let provider = format!("{} (configured)", providers.join(", "));
     let traffic = store.traffic()?.len();
@@ -1017,16 +987,6 @@ fn accuracy(logits: &Array2<f32>, labels: &[usize]) -> f32 {
 
 fn unknown_label(class: &str) -> AgentError {
     AgentError::Input(format!("stored sample of class '{class}', which this bundle does not have"))
-}
-
-/// Identifies a bundle by its files' checksums, so a store is never used with another model.
-pub fn bundle_id(bundle: &Bundle) -> String {
-    let mut hasher = Sha256::new();
-    for (file, sha) in &bundle.manifest.checksums {
-        hasher.update(file.as_bytes());
-        hasher.update(sha.as_bytes());
-    }
-    format!("{}@{}", bundle.manifest.name, &hex::encode(hasher.finalize())[..16])
 }
 
 /// One sample's rows of a split set as f16 little-endian bytes.

@@ -9,8 +9,9 @@ use clap::Args;
 use super::table::Table;
 use crate::agent::client::{Client, Refused};
 use crate::agent::lock::{self, DataLock, LockError};
-use crate::agent::{Agent, AgentError, IngestError, Labelled, RunSummary, Status, VersionRef};
+use crate::agent::{Agent, AgentError, IngestError, Labelled, RunSummary, Status};
 use crate::config::DeviceConfig;
+use crate::protocol::VersionRef;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {}

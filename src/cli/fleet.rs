@@ -244,7 +244,7 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
                 (status_device(device, config)?, "status", serde_json::json!({}), wait)
             }
             FleetCommand::SetPolicy { device, method, after_new_labels, every_minutes, wait } => {
-                let update = crate::fleet::commands::PolicyUpdate { method, after_new_labels, every_minutes };
+                let update = crate::protocol::commands::PolicyUpdate { method, after_new_labels, every_minutes };
                 (device, "set-policy", serde_json::to_value(update)?, wait)
             }
         };

@@ -179,7 +179,7 @@ impl Default for MqttConfig {
             command_key_file: None,
             keep_alive_s: 30,
             metrics_every_s: 30,
-            max_packet_bytes: crate::fleet::weights::DEFAULT_MAX_PACKET_BYTES,
+            max_packet_bytes: crate::protocol::weights::DEFAULT_MAX_PACKET_BYTES,
             outbox_limit: 100_000,
             command_ids_kept: 10_000,
             command_ids_days: 7,

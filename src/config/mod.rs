@@ -209,11 +209,11 @@ impl DeviceConfig {
     fn validate_mqtt(&self) -> Result<(), ParseError> {
         let invalid = |key: &str, problem: &str| ParseError::Invalid { key: key.into(), problem: problem.into() };
         let mqtt = &self.mqtt;
-        if !crate::fleet::topics::valid_level(&mqtt.fleet) {
+        if !crate::protocol::topics::valid_level(&mqtt.fleet) {
             return Err(invalid("mqtt.fleet", "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'"));
         }
-        match crate::fleet::link::BrokerAddress::parse(&mqtt.broker) {
-            Ok(crate::fleet::link::BrokerAddress::Tls { .. }) if mqtt.ca_file.is_none() => {
+        match crate::protocol::broker_address::BrokerAddress::parse(&mqtt.broker) {
+            Ok(crate::protocol::broker_address::BrokerAddress::Tls { .. }) if mqtt.ca_file.is_none() => {
                 return Err(invalid("mqtt.ca_file", "is required for an mqtts:// broker"));
             }
             Ok(_) => {}

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 
-use super::commands;
-use super::link::BrokerAddress;
-use super::messages::{
+use crate::protocol::broker_address::BrokerAddress;
+use crate::protocol::commands;
+use crate::protocol::messages::{
     AdaptationResult, EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest,
 };
-use super::topics::{self, DeviceTopics};
-use super::weights::Reassembly;
+use crate::protocol::topics::{self, DeviceTopics};
+use crate::protocol::weights::Reassembly;
 
 /// Chunks that arrive before their manifest are kept up to this many bytes.
 const EARLY_CHUNK_BYTES: usize = 64 << 20;
@@ -46,7 +46,7 @@ impl BrokerOptions {
             client_cert: None,
             client_key: None,
             command_key: None,
-            max_packet_bytes: super::weights::DEFAULT_MAX_PACKET_BYTES,
+            max_packet_bytes: crate::protocol::weights::DEFAULT_MAX_PACKET_BYTES,
         }
     }
 }

@@ -15,49 +15,16 @@ use rand::Rng;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 
-use super::messages::{EVENT_SCHEMA, EventMessage, ResponseMessage, STATUS_SCHEMA, StatusMessage};
-use super::topics::DeviceTopics;
-use crate::agent::daemon::Shared;
+use super::port::{AgentPort, Served};
 use crate::config::MqttConfig;
+use crate::protocol::broker_address::BrokerAddress;
+use crate::protocol::messages::{EVENT_SCHEMA, EventMessage, ResponseMessage, STATUS_SCHEMA, StatusMessage};
+use crate::protocol::topics::DeviceTopics;
 
 /// Events published but not yet acknowledged, at most.
 const EVENT_WINDOW: usize = 64;
 /// How often the outbox is checked for new events.
 const OUTBOX_POLL: Duration = Duration::from_millis(100);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokerAddress {
-    Embedded,
-    Tcp { host: String, port: u16 },
-    Tls { host: String, port: u16 },
-}
-
-impl BrokerAddress {
-    pub fn parse(text: &str) -> Result<BrokerAddress, String> {
-        if text == "embedded" {
-            return Ok(BrokerAddress::Embedded);
-        }
-        let (tls, rest) = if let Some(rest) = text.strip_prefix("mqtts://") {
-            (true, rest)
-        } else if let Some(rest) = text.strip_prefix("mqtt://") {
-            (false, rest)
-        } else {
-            return Err(format!("'{text}' is not \"embedded\", mqtt://HOST:PORT or mqtts://HOST:PORT"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) => {
-                (host, port.parse::<u16>().map_err(|_| format!("'{text}': the port must be a number"))?)
-            }
-            None => (rest, if tls { 8883 } else { 1883 }),
-        };
-        if host.is_empty() {
-            return Err(format!("'{text}' has no host"));
-        }
-        let host = host.to_string();
-        Ok(if tls { BrokerAddress::Tls { host, port } } else { BrokerAddress::Tcp { host, port } })
-    }
-}
 
 /// Something for the link to publish, from command handling.
 pub enum LinkMessage {
@@ -128,10 +95,10 @@ pub fn status_message(
     device: &str,
     online: bool,
     reason: &str,
-    served: Option<(i64, String, String)>,
+    served: Option<Served>,
 ) -> StatusMessage {
     let (version, bundle, provider) = match served {
-        Some((v, b, p)) => (Some(v), Some(b), Some(p)),
+        Some(Served { version, bundle, provider }) => (Some(version), Some(bundle), Some(provider)),
         None => (None, None, None),
     };
     StatusMessage {
@@ -308,7 +275,7 @@ impl Link {
 
 /// Runs the link until `shutdown` turns true, then publishes the offline status and disconnects.
 pub async fn run(
-    shared: Arc<Shared>,
+    agent: Arc<dyn AgentPort>,
     config: MqttConfig,
     device: String,
     embedded_port: Option<u16>,
@@ -345,7 +312,7 @@ pub async fn run(
                     if let Err(error) = link.client.try_subscribe(link.topics.commands(), QoS::AtLeastOnce) {
                         tracing::warn!(%error, "cannot subscribe to commands");
                     }
-                    let served = served(&shared).await;
+                    let served = served(&agent).await;
                     let status = status_message(&config, &device, true, "started", served);
                     link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
                 }
@@ -357,8 +324,8 @@ pub async fn run(
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     if let Some(id) = link.tracker.awaiting_ack.remove(&ack.pkid) {
                         link.tracker.in_flight.remove(&id);
-                        let shared = Arc::clone(&shared);
-                        let marked = tokio::task::spawn_blocking(move || shared.lock().store().mark_delivered(&[id])).await;
+                        let agent = Arc::clone(&agent);
+                        let marked = tokio::task::spawn_blocking(move || agent.mark_delivered(&[id])).await;
                         if !matches!(marked, Ok(Ok(()))) {
                             if let Ok(Err(error)) = marked {
                                 tracing::warn!(%error, "cannot mark an event delivered; trying again");
@@ -391,9 +358,9 @@ pub async fn run(
                     }
                 }
             },
-            _ = outbox.tick(), if link.connected => publish_events(&shared, &mut link).await,
+            _ = outbox.tick(), if link.connected => publish_events(&agent, &mut link).await,
             _ = metrics.tick(), if link.connected => {
-                if let Some(message) = metrics_message(&shared, &device).await {
+                if let Some(message) = metrics_message(&agent, &device).await {
                     // Retained: a watcher that starts late sees the device's figures at once.
                     link.publish_json(link.topics.metrics(), QoS::AtMostOnce, true, &message);
                 }
@@ -411,7 +378,7 @@ pub async fn run(
                         } else {
                             let error = format!("the response ({} bytes) exceeds the broker's packet limit", payload.len());
                             let id: String = response.id.chars().take(128).collect();
-                            serde_json::to_vec(&crate::fleet::messages::response_error(&device, &id, error))
+                            serde_json::to_vec(&crate::protocol::messages::response_error(&device, &id, error))
                                 .expect("responses serialise")
                         };
                         link.publish(link.topics.responses(), QoS::AtLeastOnce, false, payload, None);
@@ -427,7 +394,7 @@ pub async fn run(
         }
     }
     if link.connected {
-        let served = served(&shared).await;
+        let served = served(&agent).await;
         let status = status_message(&config, &device, false, "shutdown", served);
         link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
         let _ = link.client.try_disconnect();
@@ -447,41 +414,18 @@ pub async fn run(
     Ok(())
 }
 
-async fn served(shared: &Arc<Shared>) -> Option<(i64, String, String)> {
-    let shared = Arc::clone(shared);
-    tokio::task::spawn_blocking(move || shared.status().ok().map(|s| (s.serving, s.bundle, s.provider))).await.ok()?
+async fn served(agent: &Arc<dyn AgentPort>) -> Option<Served> {
+    let agent = Arc::clone(agent);
+    tokio::task::spawn_blocking(move || agent.served()).await.ok()?
 }
 
-async fn metrics_message(shared: &Arc<Shared>, device: &str) -> Option<super::messages::MetricsMessage> {
-    let shared = Arc::clone(shared);
+async fn metrics_message(
+    agent: &Arc<dyn AgentPort>,
+    device: &str,
+) -> Option<crate::protocol::messages::MetricsMessage> {
+    let agent = Arc::clone(agent);
     let device = device.to_string();
-    tokio::task::spawn_blocking(move || {
-        let status = shared.status().ok()?;
-        let (adaptation, last) = {
-            let agent = shared.lock();
-            (agent.served_version_metrics().ok().flatten(), agent.last_adaptation().ok().flatten())
-        };
-        Some(super::messages::MetricsMessage {
-            schema: super::messages::METRICS_SCHEMA.into(),
-            device,
-            at_ms: crate::store::now_ms(),
-            serving: status.serving,
-            samples: status.samples,
-            new_labels_since_last_run: status.new_labels_since_last_run,
-            traffic_samples: status.traffic_samples,
-            undelivered_events: status.undelivered_events,
-            classification: status.classification,
-            adaptation,
-            last_adaptation: last.map(|v| super::messages::AdaptationResult {
-                version: v.id,
-                promoted: v.status == crate::store::VersionStatus::Promoted,
-                at_ms: v.created_ms,
-                gate: v.metrics["gate"].clone(),
-            }),
-        })
-    })
-    .await
-    .ok()?
+    tokio::task::spawn_blocking(move || agent.metrics(&device)).await.ok()?
 }
 
 /// Whether a publish of `payload` on `topic` fits in a packet of `max_packet` bytes.
@@ -495,7 +439,7 @@ const PUBLISH_HEADER: usize = 16;
 
 /// Publishes undelivered events beyond those already in flight; a promoted version's weights
 /// follow its event.
-async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
+async fn publish_events(agent: &Arc<dyn AgentPort>, link: &mut Link) {
     let room = EVENT_WINDOW.saturating_sub(link.tracker.in_flight.len());
     if room == 0 {
         return;
@@ -504,36 +448,17 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
     let limit = link.config.outbox_limit;
     let max_packet = link.config.max_packet_bytes;
     let unmarked: Vec<i64> = std::mem::take(&mut link.tracker.unmarked).into_iter().collect();
-    let shared2 = Arc::clone(shared);
+    let port = Arc::clone(agent);
     let retry = unmarked.clone();
-    let remarked =
-        tokio::task::spawn_blocking(move || retry.is_empty() || shared2.lock().store().mark_delivered(&retry).is_ok());
+    let remarked = tokio::task::spawn_blocking(move || retry.is_empty() || port.mark_delivered(&retry).is_ok());
     if !matches!(remarked.await, Ok(true)) {
         link.tracker.unmarked.extend(unmarked);
         return;
     }
-    let shared2 = Arc::clone(shared);
-    let fetched = tokio::task::spawn_blocking(move || {
-        let mut agent = shared2.lock();
-        let dropped = agent.store().trim_outbox(limit)?;
-        if dropped > 0 {
-            tracing::warn!(dropped, limit, "outbox full: oldest undelivered events dropped");
-        }
-        let events = agent.store().pending_events_after(after, room)?;
-        let mut weights = Vec::new();
-        for event in events.iter().filter(|e| e.kind == "version.promoted") {
-            if let Some(version) = event.payload["version"].as_i64() {
-                match agent.weights_set(version, max_packet) {
-                    Ok(set) => weights.push((version, set)),
-                    Err(error) => tracing::warn!(version, %error, "cannot prepare weights to publish"),
-                }
-            }
-        }
-        Ok::<_, crate::store::StoreError>((events, weights))
-    })
-    .await;
+    let port = Arc::clone(agent);
+    let fetched = tokio::task::spawn_blocking(move || port.outbox(after, room, limit, max_packet)).await;
     let (events, weights) = match fetched {
-        Ok(Ok(found)) => found,
+        Ok(Ok(outbox)) => (outbox.events, outbox.weights),
         Ok(Err(error)) => {
             tracing::warn!(%error, "cannot read the outbox");
             return;
@@ -565,7 +490,7 @@ async fn publish_events(shared: &Arc<Shared>, link: &mut Link) {
         link.tracker.published_up_to = event.id;
         if matches!(event.kind.as_str(), "version.promoted" | "version.rollback" | "version.load_failed") {
             // The retained status always names the version served.
-            let served = served(shared).await;
+            let served = served(agent).await;
             let status = status_message(&link.config, &link.device, true, "version changed", served);
             link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
         }
@@ -589,7 +514,7 @@ mod tests {
         let topic = format!("edgeadapt/v1/{}/{}/weights/12/chunk/3", "f".repeat(64), "d".repeat(64));
         for max_packet in [4096, 65_536, 262_144] {
             let payload = vec![0u8; 3 * max_packet];
-            let chunk_bytes = max_packet - super::super::weights::PACKET_OVERHEAD;
+            let chunk_bytes = max_packet - crate::protocol::weights::PACKET_OVERHEAD;
             assert!(fits(&topic, &payload[..chunk_bytes], max_packet), "{max_packet}");
             assert!(!fits(&topic, &payload[..max_packet], max_packet), "{max_packet}");
         }

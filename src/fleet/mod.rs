@@ -1,11 +1,8 @@
-//! The fleet interface over MQTT: the topic tree and message schemas (docs/mqtt.md), commands,
-//! weights sets, the agent's broker link and the embedded broker.
+//! The fleet interface over MQTT: the agent's broker link, the embedded broker, the fleet-side
+//! client, and rebuilding a version from a weights set. The wire format is `crate::protocol`.
 
 pub mod broker;
 pub mod client;
-pub mod commands;
 pub mod link;
-pub mod messages;
+pub mod port;
 pub mod rebuild;
-pub mod topics;
-pub mod weights;

@@ -6,11 +6,11 @@ use std::path::Path;
 
 use ndarray::ArrayD;
 
-use super::messages::WeightsManifest;
 use crate::model::Bundle;
 use crate::model::manifest::TailLayerKind;
 use crate::model::tensors::{StoredAs, TensorFile, to_safetensors};
 use crate::network::Network;
+use crate::protocol::messages::WeightsManifest;
 
 pub fn bundle_from_weights(
     source: &Bundle,
@@ -19,7 +19,7 @@ pub fn bundle_from_weights(
     out: &Path,
     overwrite: crate::output::Overwrite,
 ) -> Result<(), String> {
-    let expected = crate::agent::bundle_id(source);
+    let expected = source.id();
     if manifest.bundle != expected {
         return Err(format!(
             "the weights are for bundle {}, but {} is {expected}",
@@ -36,7 +36,7 @@ pub fn bundle_from_weights(
         ));
     }
     let what = format!("weights of version {}", manifest.version);
-    let network = crate::agent::weights::decode(payload, &Network::from_bundle(source), 0, &what)?;
+    let network = crate::network::weights::decode(payload, &Network::from_bundle(source), 0, &what)?;
     let gamma = manifest.params["gamma"].as_f64().unwrap_or(0.0) as f32;
     let unseen: Vec<usize> = manifest.params["unseen"]
         .as_array()

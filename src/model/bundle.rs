@@ -47,6 +47,17 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// Identifies the bundle by its files' checksums, so a store is never used with another
+    /// model.
+    pub fn id(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (file, sha) in &self.manifest.checksums {
+            hasher.update(file.as_bytes());
+            hasher.update(sha.as_bytes());
+        }
+        format!("{}@{}", self.manifest.name, &hex::encode(hasher.finalize())[..16])
+    }
+
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&manifest_path)

@@ -43,7 +43,7 @@ pub struct MetricsMessage {
     pub new_labels_since_last_run: usize,
     pub traffic_samples: usize,
     pub undelivered_events: usize,
-    pub classification: crate::agent::counters::CountersReport,
+    pub classification: crate::protocol::counters::CountersReport,
     /// The served version's gate figures (seen validation accuracy, unseen-rate and reference
     /// health against the source), γ and method; absent for the source model.
     #[serde(default, skip_serializing_if = "Option::is_none")]

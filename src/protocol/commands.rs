@@ -7,7 +7,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::messages::{COMMAND_SCHEMA, CommandMessage};
-use crate::agent::VersionRef;
+use crate::protocol::VersionRef;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -135,10 +135,8 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
                 #[serde(default)]
                 force: bool,
             }
+            // The method's name is the agent's to check: the protocol does not know the methods.
             let args: Args = serde_json::from_value(args).map_err(bad_args)?;
-            if let Some(method) = &args.method {
-                method.parse::<crate::adapt::method::Method>().map_err(|e| refuse(&id, format!("adapt: {e}")))?;
-            }
             Command::Adapt { method: args.method, force: args.force }
         }
         "rollback" => {
@@ -160,9 +158,6 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
         "status" => Command::Status,
         "set-policy" => {
             let update: PolicyUpdate = serde_json::from_value(args).map_err(bad_args)?;
-            if let Some(method) = &update.method {
-                method.parse::<crate::adapt::method::Method>().map_err(|e| refuse(&id, format!("set-policy: {e}")))?;
-            }
             if update.after_new_labels.is_some_and(|n| n > 1_000_000_000) {
                 return Err(refuse(&id, "set-policy: after_new_labels must be at most 1000000000".into()));
             }
@@ -309,6 +304,11 @@ mod tests {
                 build("1f", "adapt", serde_json::json!({ "force": true }), None),
                 Command::Adapt { method: None, force: true },
             ),
+            // Method names are the agent's to check.
+            (
+                build("1m", "adapt", serde_json::json!({ "method": "ft-taill" }), None),
+                Command::Adapt { method: Some("ft-taill".into()), force: false },
+            ),
             (
                 build("2", "rollback", serde_json::json!({ "to": "source" }), None),
                 Command::Rollback { to: VersionRef::Source },
@@ -338,7 +338,6 @@ mod tests {
         assert_eq!(parse(b"\xff\x00", None).unwrap_err().id, "");
         let cases = [
             (build("a", "reboot", serde_json::json!({}), None), "unknown command"),
-            (build("b", "adapt", serde_json::json!({ "method": "ft-taill" }), None), "adapt"),
             (build("c", "adapt", serde_json::json!({ "lr": 1 }), None), "bad arguments"),
             (build("d", "rollback", serde_json::json!({ "to": "yesterday" }), None), "rollback"),
             (build("e", "label", serde_json::json!({ "class": "A", "image_base64": "***" }), None), "base64"),

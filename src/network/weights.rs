@@ -4,8 +4,8 @@
 
 use ndarray::ArrayD;
 
+use super::Network;
 use crate::model::tensors::{StoredAs, TensorFile, to_safetensors};
-use crate::network::Network;
 
 /// Serialises the slots of `network` that differ from `source`. `network` may carry an adapter
 /// the source lacks (built by [`Network::with_adapter`]), whose slots are always written.

@@ -1,0 +1,13 @@
+//! The fleet protocol: the topic tree and message schemas (docs/mqtt.md), commands with their
+//! signatures, weights sets in chunks, broker addresses. Pure data and checks, with no
+//! dependency on the agent, the config or the broker link: they depend on it.
+
+pub mod broker_address;
+pub mod commands;
+pub mod counters;
+pub mod messages;
+pub mod topics;
+pub mod version_ref;
+pub mod weights;
+
+pub use version_ref::VersionRef;
