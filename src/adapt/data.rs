@@ -80,6 +80,35 @@ impl SplitSet {
     }
 }
 
+/// One sample's rows of a split set as f16 little-endian bytes.
+pub fn encode_features(set: &SplitSet, sample: usize) -> Vec<u8> {
+    let rows = set.data.slice(ndarray::s![sample * set.positions..(sample + 1) * set.positions, ..]);
+    rows.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Rebuilds a split set from stored rows, checking each row's size.
+pub fn decode_features(
+    rows: &[(i64, &[u8])],
+    labels: Vec<usize>,
+    positions: usize,
+    channels: usize,
+) -> Result<SplitSet, String> {
+    let per_sample = positions * channels;
+    let mut values = Vec::with_capacity(rows.len() * per_sample);
+    for (id, bytes) in rows {
+        if bytes.len() != per_sample * 2 {
+            return Err(format!(
+                "stored features of sample {id} have {} bytes, the bundle's split tensor needs {}",
+                bytes.len(),
+                per_sample * 2
+            ));
+        }
+        values.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])));
+    }
+    let data = Array2::from_shape_vec((rows.len() * positions, channels), values).map_err(|e| e.to_string())?;
+    Ok(SplitSet { data, positions, labels })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,78 @@
+//! Classification, and the unlabelled traffic it leaves for prior matching.
+
+use std::time::Instant;
+
+use crate::adapt::data::{SplitSet, encode_features};
+use crate::imaging;
+use crate::inference::{Prediction, predict, prepare_bytes};
+
+use super::{Agent, AgentError};
+
+/// Unlabelled traffic rows are written to the store in groups of this many.
+const TRAFFIC_FLUSH_ROWS: usize = 64;
+
+impl Agent {
+    /// Classifies encoded images with the served version. Counts each result and keeps the
+    /// split tensors as unlabelled traffic.
+    pub fn classify(&mut self, images: &[(&str, &[u8])], top_k: usize) -> Vec<Result<Prediction, String>> {
+        let started = Instant::now();
+        let mut results: Vec<Option<Result<Prediction, String>>> = vec![None; images.len()];
+        let mut ready = Vec::new();
+        let prepared = prepare_bytes(images, &self.classifier.bundle.manifest.input, &self.limits);
+        for (index, outcome) in prepared.into_iter().enumerate() {
+            match outcome {
+                Ok(input) => ready.push((index, input)),
+                Err(e) => results[index] = Some(Err(e.to_string())),
+            }
+        }
+        if !ready.is_empty() {
+            let batch = imaging::stack(&ready.iter().map(|(_, input)| input.view()).collect::<Vec<_>>());
+            let outcome = self.classifier.split(batch.view()).and_then(|split| {
+                let logits = self.classifier.logits_from_split(split.view())?;
+                Ok((split, logits))
+            });
+            match outcome {
+                Ok((split, logits)) => {
+                    let predictions = predict(logits.view(), self.classes(), top_k);
+                    if let Ok(set) = SplitSet::from_onnx(split.view(), vec![0; ready.len()]) {
+                        self.pending_traffic.extend((0..set.len()).map(|i| encode_features(&set, i)));
+                    }
+                    for ((index, _), prediction) in ready.iter().zip(predictions) {
+                        results[*index] = Some(Ok(prediction));
+                    }
+                }
+                Err(e) => {
+                    for (index, _) in &ready {
+                        results[*index] = Some(Err(e.to_string()));
+                    }
+                }
+            }
+        }
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let results: Vec<_> = results.into_iter().map(|r| r.expect("every image has a result")).collect();
+        for result in &results {
+            match result {
+                Ok(prediction) => self.counters.record(&prediction.class, prediction.confidence, latency_ms),
+                Err(_) => self.counters.record_failure(),
+            }
+        }
+        if self.pending_traffic.len() >= TRAFFIC_FLUSH_ROWS
+            && let Err(error) = self.flush_traffic()
+        {
+            tracing::warn!(%error, "cannot store unlabelled traffic");
+        }
+        results
+    }
+
+    /// Writes buffered traffic rows to the store.
+    pub fn flush_traffic(&mut self) -> Result<(), AgentError> {
+        if self.pending_traffic.is_empty() {
+            return Ok(());
+        }
+        let keep = self.config.watch.keep_traffic;
+        self.store.add_traffic(&self.pending_traffic, keep)?;
+        self.traffic_rows = (self.traffic_rows + self.pending_traffic.len()).min(keep);
+        self.pending_traffic.clear();
+        Ok(())
+    }
+}
