@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use super::daemon::Shared;
+use super::Labelled;
+use super::shared::{Origin, Shared};
 use crate::store::Claim;
 
 /// Runs each command as it arrives (several may run at once) and sends its response. A repeated
@@ -101,6 +102,77 @@ fn short(id: &str) -> String {
     match id.len() <= MAX {
         true => id.to_string(),
         false => format!("{} ({} bytes)", crate::protocol::commands::clip(id, MAX), id.len()),
+    }
+}
+
+impl Shared {
+    /// Runs a fleet command; a `publish-weights` also returns the set to publish.
+    pub async fn execute(
+        self: &Arc<Self>,
+        command: crate::protocol::commands::Command,
+    ) -> (Result<serde_json::Value, String>, Option<crate::fleet::link::LinkMessage>) {
+        use crate::protocol::commands::Command;
+        let shared = Arc::clone(self);
+        let max_packet = self.config.mqtt.max_packet_bytes;
+        match command {
+            Command::Adapt { method, force } => {
+                // Refused before anything is recorded, as the protocol's own refusals are.
+                if let Some(Err(problem)) = method.as_deref().map(str::parse::<crate::adapt::method::Method>) {
+                    return (Err(format!("adapt: {problem}")), None);
+                }
+                let started =
+                    tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), force, Origin::Command))
+                        .await;
+                match started {
+                    Ok(Ok((id, _))) => {
+                        let result = self.wait_for_run(id).await;
+                        (result.map(|summary| serde_json::to_value(summary).expect("summaries serialise")), None)
+                    }
+                    Ok(Err(error)) => (Err(error.to_string()), None),
+                    Err(error) => (Err(error.to_string()), None),
+                }
+            }
+            Command::PublishWeights { version } => {
+                let outcome = tokio::task::spawn_blocking(move || {
+                    let agent = shared.lock();
+                    let version = version.unwrap_or(agent.serving());
+                    agent.weights_set(version, max_packet).map(|set| (version, set))
+                })
+                .await;
+                match outcome {
+                    Ok(Ok((version, (manifest, chunks)))) => {
+                        let bytes: usize = chunks.iter().map(Vec::len).sum();
+                        let result = serde_json::json!({ "version": version, "chunks": chunks.len(), "bytes": bytes });
+                        (Ok(result), Some(crate::fleet::link::LinkMessage::Weights { version, manifest, chunks }))
+                    }
+                    Ok(Err(error)) => (Err(error.to_string()), None),
+                    Err(error) => (Err(error.to_string()), None),
+                }
+            }
+            other => {
+                let outcome = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+                    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
+                    match other {
+                        Command::Rollback { to } => {
+                            let serving = shared.lock().rollback(to).map_err(|e| e.to_string())?;
+                            Ok(serde_json::json!({ "serving": serving }))
+                        }
+                        Command::Status => json(serde_json::to_value(shared.status().map_err(|e| e.to_string())?)),
+                        Command::SetPolicy(update) => {
+                            json(serde_json::to_value(shared.lock().set_policy(&update).map_err(|e| e.to_string())?))
+                        }
+                        Command::Label { class, name, image } => {
+                            let item = Labelled { what: &name, bytes: &image, class: &class };
+                            let result = shared.lock().ingest(&[item], "mqtt").remove(0);
+                            json(serde_json::to_value(result.map_err(|e| e.to_string())?))
+                        }
+                        Command::Adapt { .. } | Command::PublishWeights { .. } => unreachable!("handled above"),
+                    }
+                })
+                .await;
+                (outcome.unwrap_or_else(|e| Err(e.to_string())), None)
+            }
+        }
     }
 }
 

@@ -3,254 +3,20 @@
 //! at a time trains on its own thread while classification goes on.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use serde::Serialize;
 
 use super::folders::{Folders, Poller};
 use super::listen::{self, Listener};
-use super::{Agent, AgentError, Labelled, RunProgress, RunSummary, event, execute, policy};
-use crate::adapt::train::{AdaptError, Cancel};
+use super::shared::{Origin, Shared, StartError};
+use super::{Agent, event, policy};
 use crate::config::DeviceConfig;
 
 /// How long the agent waits at start for a CLI command working on the store offline.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
+
 /// How often the policy is checked and traffic written out.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
-
-/// The state the daemon's tasks share.
-pub struct Shared {
-    pub agent: Mutex<Agent>,
-    run: Mutex<Option<ActiveRun>>,
-    /// The last finished run: its number and result.
-    last_run: Mutex<Option<(u64, Result<RunSummary, String>)>>,
-    runs_started: std::sync::atomic::AtomicU64,
-    config: DeviceConfig,
-    started: Instant,
-}
-
-struct ActiveRun {
-    cancel: Cancel,
-    progress: RunProgress,
-}
-
-/// Where a run request came from, for events.
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    Command,
-    NewLabels,
-    Schedule,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("an adaptation run is already in progress ({0})")]
-    Busy(String),
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-}
-
-impl From<crate::store::StoreError> for StartError {
-    fn from(error: crate::store::StoreError) -> StartError {
-        StartError::Agent(error.into())
-    }
-}
-
-impl Shared {
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Agent> {
-        // A panic while holding the lock leaves the agent usable: every change it makes is a
-        // committed transaction or nothing.
-        self.agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The run in progress.
-    pub fn run_progress(&self) -> Option<RunProgress> {
-        self.run.lock().expect("run lock").as_ref().map(|r| r.progress.clone())
-    }
-
-    /// The last finished run's result.
-    pub fn last_result(&self) -> Option<Result<RunSummary, String>> {
-        self.last_run.lock().expect("last run lock").as_ref().map(|(_, result)| result.clone())
-    }
-
-    pub fn status(&self) -> Result<super::Status, AgentError> {
-        let mut status = self.lock().status()?;
-        status.running = self.run.lock().expect("run lock").as_ref().map(|r| r.progress.clone());
-        Ok(status)
-    }
-
-    /// Starts a run on its own thread; returns its number once it is planned. `force` as in
-    /// [`super::Agent::prepare_run`].
-    pub fn start_run(
-        self: &Arc<Self>,
-        method: Option<&str>,
-        force: bool,
-        origin: Origin,
-    ) -> Result<(u64, RunProgress), StartError> {
-        let mut slot = self.run.lock().expect("run lock");
-        if let Some(active) = slot.as_ref() {
-            return Err(StartError::Busy(active.progress.method.clone()));
-        }
-        let plan = {
-            let mut agent = self.lock();
-            let plan = agent.prepare_run(method, force);
-            match plan {
-                Ok(plan) => {
-                    agent.store().push_event(&event(
-                        "adaptation.started",
-                        serde_json::json!({
-                            "method": plan.method_name, "origin": origin, "seen_classes": plan.seen,
-                            "samples": plan.sample_set,
-                        }),
-                    ))?;
-                    plan
-                }
-                // Nothing was tried: no failed run to record.
-                Err(error @ AgentError::NothingNew(_)) => return Err(error.into()),
-                Err(error) => {
-                    // A policy-started run that cannot start must not retry at once.
-                    let origin = serde_json::to_value(origin).ok().and_then(|v| v.as_str().map(String::from));
-                    agent.record_refused_run(origin.as_deref().unwrap_or("command"), &error)?;
-                    return Err(error.into());
-                }
-            }
-        };
-        let cancel = Cancel::default();
-        let progress = RunProgress { method: plan.method_name.clone(), step: 0, steps: plan.planned_steps() };
-        let id = self.runs_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        *slot = Some(ActiveRun { cancel: cancel.clone(), progress: progress.clone() });
-        drop(slot);
-        let shared = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("adaptation".into())
-            .spawn(move || {
-                let mut reported = 0;
-                let outcome = execute(&plan, &cancel, &mut |step, steps| {
-                    if let Some(active) = shared.run.lock().expect("run lock").as_mut() {
-                        active.progress.step = step;
-                    }
-                    // A progress event every tenth of the run.
-                    let tenth = (step * 10) / steps.max(1);
-                    if tenth > reported {
-                        reported = tenth;
-                        let payload = serde_json::json!({ "method": plan.method_name, "step": step, "steps": steps });
-                        if let Err(error) = shared.lock().store().push_event(&event("adaptation.progress", payload)) {
-                            tracing::warn!(%error, "cannot record progress");
-                        }
-                    }
-                });
-                let result = shared.lock().commit_run(&plan, outcome);
-                match &result {
-                    Ok(summary) if summary.promoted => tracing::info!(version = summary.version, "version promoted"),
-                    Ok(summary) => {
-                        tracing::warn!(version = summary.version, reasons = ?summary.reasons, "version rejected")
-                    }
-                    Err(error) => tracing::warn!(%error, "adaptation ended without a version"),
-                }
-                *shared.last_run.lock().expect("last run lock") = Some((id, result.map_err(|e| e.to_string())));
-                *shared.run.lock().expect("run lock") = None;
-            })
-            .expect("threads can be spawned");
-        Ok((id, progress))
-    }
-
-    /// Waits for run `id` to finish and returns its result.
-    pub async fn wait_for_run(&self, id: u64) -> Result<RunSummary, String> {
-        loop {
-            if let Some((last, result)) = self.last_run.lock().expect("last run lock").as_ref()
-                && *last >= id
-            {
-                return if *last == id { result.clone() } else { Err("the run's result was superseded".into()) };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Runs a fleet command; a `publish-weights` also returns the set to publish.
-    pub async fn execute(
-        self: &Arc<Self>,
-        command: crate::protocol::commands::Command,
-    ) -> (Result<serde_json::Value, String>, Option<crate::fleet::link::LinkMessage>) {
-        use crate::protocol::commands::Command;
-        let shared = Arc::clone(self);
-        let max_packet = self.config.mqtt.max_packet_bytes;
-        match command {
-            Command::Adapt { method, force } => {
-                // Refused before anything is recorded, as the protocol's own refusals are.
-                if let Some(Err(problem)) = method.as_deref().map(str::parse::<crate::adapt::method::Method>) {
-                    return (Err(format!("adapt: {problem}")), None);
-                }
-                let started =
-                    tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), force, Origin::Command))
-                        .await;
-                match started {
-                    Ok(Ok((id, _))) => {
-                        let result = self.wait_for_run(id).await;
-                        (result.map(|summary| serde_json::to_value(summary).expect("summaries serialise")), None)
-                    }
-                    Ok(Err(error)) => (Err(error.to_string()), None),
-                    Err(error) => (Err(error.to_string()), None),
-                }
-            }
-            Command::PublishWeights { version } => {
-                let outcome = tokio::task::spawn_blocking(move || {
-                    let agent = shared.lock();
-                    let version = version.unwrap_or(agent.serving());
-                    agent.weights_set(version, max_packet).map(|set| (version, set))
-                })
-                .await;
-                match outcome {
-                    Ok(Ok((version, (manifest, chunks)))) => {
-                        let bytes: usize = chunks.iter().map(Vec::len).sum();
-                        let result = serde_json::json!({ "version": version, "chunks": chunks.len(), "bytes": bytes });
-                        (Ok(result), Some(crate::fleet::link::LinkMessage::Weights { version, manifest, chunks }))
-                    }
-                    Ok(Err(error)) => (Err(error.to_string()), None),
-                    Err(error) => (Err(error.to_string()), None),
-                }
-            }
-            other => {
-                let outcome = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
-                    let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
-                    match other {
-                        Command::Rollback { to } => {
-                            let serving = shared.lock().rollback(to).map_err(|e| e.to_string())?;
-                            Ok(serde_json::json!({ "serving": serving }))
-                        }
-                        Command::Status => json(serde_json::to_value(shared.status().map_err(|e| e.to_string())?)),
-                        Command::SetPolicy(update) => {
-                            json(serde_json::to_value(shared.lock().set_policy(&update).map_err(|e| e.to_string())?))
-                        }
-                        Command::Label { class, name, image } => {
-                            let item = Labelled { what: &name, bytes: &image, class: &class };
-                            let result = shared.lock().ingest(&[item], "mqtt").remove(0);
-                            json(serde_json::to_value(result.map_err(|e| e.to_string())?))
-                        }
-                        Command::Adapt { .. } | Command::PublishWeights { .. } => unreachable!("handled above"),
-                    }
-                })
-                .await;
-                (outcome.unwrap_or_else(|e| Err(e.to_string())), None)
-            }
-        }
-    }
-
-    pub fn cancel_run(&self) -> bool {
-        match self.run.lock().expect("run lock").as_ref() {
-            Some(active) => {
-                active.cancel.cancel();
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn is_running(&self) -> bool {
-        self.run.lock().expect("run lock").is_some()
-    }
-}
 
 /// Runs the daemon until SIGINT or SIGTERM. `ready` is called once the endpoint listens.
 pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -267,14 +33,7 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     let embedded_port =
         if config.mqtt.enabled { start_embedded_broker(&config, config_path.as_deref())? } else { None };
     let agent = open_agent_announcing(&config, embedded_port).await?;
-    let shared = Arc::new(Shared {
-        agent: Mutex::new(agent),
-        run: Mutex::new(None),
-        last_run: Mutex::new(None),
-        runs_started: std::sync::atomic::AtomicU64::new(0),
-        config: config.clone(),
-        started: Instant::now(),
-    });
+    let shared = Arc::new(Shared::new(agent, config.clone()));
     {
         let mut agent = shared.lock();
         let serving = agent.serving();
@@ -587,9 +346,4 @@ async fn poll_folders(shared: Arc<Shared>, folders: Folders) {
             Err(error) => tracing::error!(%error, "folder task failed"),
         }
     }
-}
-
-/// Whether an error ended a run by cancellation (for messages).
-pub fn is_cancelled(error: &AgentError) -> bool {
-    matches!(error, AgentError::Adapt(AdaptError::Cancelled { .. }))
 }

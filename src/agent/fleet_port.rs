@@ -1,7 +1,7 @@
 //! The agent as the broker link sees it ([`AgentPort`]): the served version, metrics, and the
 //! event outbox with the weights sets of promoted versions.
 
-use super::daemon::Shared;
+use super::shared::Shared;
 use crate::fleet::port::{AgentPort, Outbox, Served};
 use crate::protocol::messages::{AdaptationResult, METRICS_SCHEMA, MetricsMessage};
 use crate::store::VersionStatus;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::daemon::{Origin, Shared, StartError};
+use super::shared::{Origin, Shared, StartError};
 use super::{AgentError, IngestError, Labelled, RunProgress, RunSummary};
 use crate::config::HttpConfig;
 use crate::protocol::VersionRef;

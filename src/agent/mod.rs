@@ -16,6 +16,7 @@ pub mod lock;
 pub mod nearest;
 pub mod policy;
 mod run;
+pub mod shared;
 mod traffic;
 mod versions;
 
