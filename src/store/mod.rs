@@ -1,6 +1,6 @@
 //! The durable local store: one SQLite database (WAL, full sync) holding labelled samples with
 //! their cached split tensors, model versions with their weights, the event outbox, unlabelled
-//! traffic features and metrics history.
+//! traffic features and fleet command ids.
 //!
 //! Every change that is acknowledged to a caller is one committed transaction, and the
 //! transaction also records the event that describes it, so a crash or power loss can neither
@@ -244,6 +244,32 @@ mod tests {
         assert_eq!(versions.len(), 1);
         assert_eq!(versions[0].status, VersionStatus::Source);
         assert_eq!(store.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_store_of_an_older_schema_is_migrated_keeping_its_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        {
+            let mut store = Store::open(&path, "bundle-a").unwrap();
+            store.insert_samples(&[sample("s1", "A")], |_| Split::Train, |_, _, _| event("sample")).unwrap();
+        }
+        // The store as schema 2 left it: the metrics table back, the version set back.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE metrics (id INTEGER PRIMARY KEY, at_ms INTEGER, version INTEGER, payload TEXT);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&path, "bundle-a").unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        let tables: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'metrics'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 0, "migration 3 drops the metrics table nothing wrote");
+        assert_eq!(store.sample_counts().unwrap()["A"], (1, 0));
     }
 
     #[test]

@@ -65,4 +65,8 @@ pub const MIGRATIONS: &[&str] = &[
         response TEXT
     );
     ",
+    // 3: the metrics table, which nothing wrote: the metrics history is the MQTT metrics stream.
+    "
+    DROP TABLE metrics;
+    ",
 ];

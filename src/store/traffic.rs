@@ -1,4 +1,4 @@
-//! Unlabelled traffic rows (split tensors for prior matching) and per-version metrics.
+//! Unlabelled traffic rows: split tensors of classified images, for prior matching.
 
 use rusqlite::params;
 
@@ -23,15 +23,5 @@ impl Store {
         let mut statement = self.conn.prepare("SELECT features FROM traffic ORDER BY id").map_err(self.err())?;
         let rows = statement.query_map([], |row| row.get(0)).map_err(self.err())?;
         rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>().map_err(self.err())
-    }
-
-    pub fn record_metrics(&mut self, version: i64, payload: &serde_json::Value) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT INTO metrics (at_ms, version, payload) VALUES (?1, ?2, ?3)",
-                params![now_ms(), version, payload.to_string()],
-            )
-            .map(|_| ())
-            .map_err(self.err())
     }
 }
