@@ -623,12 +623,9 @@ fn accuracy_where(logits: &Array2<f32>, labels: &[usize], mask: &[bool], unseen:
             continue;
         }
         total += 1;
-        let predicted = row
-            .iter()
-            .enumerate()
-            .map(|(c, &z)| (c, if unseen.contains(&c) { z + gamma } else { z }))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(0, |(c, _)| c);
+        let predicted = crate::metrics::argmax(
+            row.iter().enumerate().map(|(c, &z)| if unseen.contains(&c) { z + gamma } else { z }),
+        );
         correct += (predicted == label) as usize;
     }
     if total == 0 { 0.0 } else { correct as f32 / total as f32 }

@@ -2,12 +2,21 @@
 
 use ndarray::{ArrayView2, Axis};
 
-/// The predicted class of each row of logits (of equal maxima, the last).
+/// The index of the largest value; of equal maxima the lowest index, as the served prediction
+/// (`inference::predict`) orders them. 0 for no values.
+pub fn argmax(values: impl IntoIterator<Item = f32>) -> usize {
+    let mut best: Option<(usize, f32)> = None;
+    for (index, value) in values.into_iter().enumerate() {
+        if best.is_none_or(|(_, top)| value.total_cmp(&top).is_gt()) {
+            best = Some((index, value));
+        }
+    }
+    best.map_or(0, |(index, _)| index)
+}
+
+/// The predicted class of each row of logits ([`argmax`]).
 pub fn argmax_rows(logits: ArrayView2<'_, f32>) -> Vec<usize> {
-    logits
-        .axis_iter(Axis(0))
-        .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(c, _)| c))
-        .collect()
+    logits.axis_iter(Axis(0)).map(|row| argmax(row.iter().copied())).collect()
 }
 
 /// Fraction of `predicted[i] == labels[i]`; `None` for no samples.
@@ -41,5 +50,15 @@ mod tests {
         assert_eq!(accuracy(&[0, 1, 2, 2], &[0, 1, 1, 2]), Some(0.75));
         assert_eq!(accuracy(&[], &[]), None);
         assert_eq!(per_class_accuracy(&[0, 0, 2], &[0, 1, 2], 3), vec![Some(0.5), None, Some(1.0)]);
+    }
+
+    #[test]
+    fn argmax_takes_the_lowest_index_of_equal_maxima_as_the_served_prediction_does() {
+        assert_eq!(argmax([0.1, 0.7, 0.7, 0.2]), 1);
+        assert_eq!(argmax([3.0]), 0);
+        assert_eq!(argmax(std::iter::empty()), 0);
+        assert_eq!(argmax([f32::NEG_INFINITY, -1.0]), 1);
+        let logits = ndarray::array![[1.0, 2.0, 2.0], [5.0, 5.0, 0.0]];
+        assert_eq!(argmax_rows(logits.view()), vec![1, 0]);
     }
 }
