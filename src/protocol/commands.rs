@@ -293,6 +293,26 @@ mod tests {
         serde_json::to_vec(message).unwrap()
     }
 
+    /// The known answers docs/mqtt.md gives for other clients (computed there with Python's
+    /// `hmac`).
+    #[test]
+    fn signatures_match_the_documented_known_answers() {
+        let key = b"fleet-secret";
+        let args = serde_json::json!({ "method": "recommended", "every_minutes": 60 });
+        assert_eq!(
+            signed_text("cmd-42", "set-policy", &args),
+            "cmd-42\nset-policy\n{\"every_minutes\":60,\"method\":\"recommended\"}"
+        );
+        assert_eq!(
+            sign(key, "cmd-42", "set-policy", &args),
+            "35a7a656bfdb86d3beac0fc23ed18e7ace3a932831f07391f3f4e95621e6c293"
+        );
+        assert_eq!(
+            sign(key, "cmd-43", "status", &serde_json::Value::Null),
+            "9f3dd348096439da7819fbafcc16ea83d493a20fd34c64199b990d27948e4dc8"
+        );
+    }
+
     #[test]
     fn every_command_parses() {
         let cases = [
