@@ -340,7 +340,7 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
 #[test]
 fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
     use edgeadapt::config::MqttConfig;
-    use edgeadapt::fleet::link::{StartProgress, announce_start};
+    use edgeadapt::fleet::connect::{StartProgress, announce_start};
 
     let port = free_port();
     edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20).unwrap();

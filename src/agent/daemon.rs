@@ -127,7 +127,7 @@ fn start_embedded_broker(config: &DeviceConfig, config_path: Option<&Path>) -> a
 /// Opens the agent (the model's warm-up included) while, with MQTT on, a retained status tells
 /// the fleet that the device is starting and for how long it has been warming up.
 async fn open_agent_announcing(config: &DeviceConfig, embedded_port: Option<u16>) -> anyhow::Result<Agent> {
-    use crate::fleet::link::{StartProgress, announce_start};
+    use crate::fleet::connect::{StartProgress, announce_start};
     let (progress, watcher) = tokio::sync::watch::channel(StartProgress::WarmingUp(0));
     let announcer = config
         .mqtt

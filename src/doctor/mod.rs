@@ -395,7 +395,7 @@ fn broker(config: &DeviceConfig) -> Check {
         Err(error) => return fail("MQTT broker", error.to_string(), "-"),
     };
     let outcome = runtime.block_on(async {
-        let mut options = crate::fleet::link::options(&config.mqtt, &config.device_id, None, false)?;
+        let mut options = crate::fleet::connect::options(&config.mqtt, &config.device_id, None, false)?;
         options.set_client_id(format!("{}-doctor", options.client_id()));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
         let connected = tokio::time::timeout(Duration::from_secs(10), async {

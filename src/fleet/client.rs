@@ -91,7 +91,7 @@ impl FleetClient {
             mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Simple { ca, alpn: None, client_auth }));
         }
         let (client, mut eventloop) = AsyncClient::new(mqtt, 1000);
-        super::link::no_delay(&mut eventloop);
+        super::connect::no_delay(&mut eventloop);
         let connected = tokio::time::timeout(timeout, async {
             loop {
                 match eventloop.poll().await {

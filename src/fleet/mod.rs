@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod connect;
 pub mod link;
 pub mod port;
 pub mod rebuild;

@@ -33,3 +33,24 @@ impl BrokerAddress {
         Ok(if tls { BrokerAddress::Tls { host, port } } else { BrokerAddress::Tcp { host, port } })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_parse_with_default_ports() {
+        assert_eq!(BrokerAddress::parse("embedded"), Ok(BrokerAddress::Embedded));
+        assert_eq!(
+            BrokerAddress::parse("mqtt://broker.lan"),
+            Ok(BrokerAddress::Tcp { host: "broker.lan".into(), port: 1883 })
+        );
+        assert_eq!(
+            BrokerAddress::parse("mqtts://10.0.0.2:9883/"),
+            Ok(BrokerAddress::Tls { host: "10.0.0.2".into(), port: 9883 })
+        );
+        assert!(BrokerAddress::parse("tcp://x:1").is_err());
+        assert!(BrokerAddress::parse("mqtt://:1883").is_err());
+        assert!(BrokerAddress::parse("mqtt://host:port").is_err());
+    }
+}
