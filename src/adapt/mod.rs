@@ -11,4 +11,5 @@ pub mod method;
 pub mod optim;
 pub mod recommended;
 pub mod share;
+pub mod spec;
 pub mod train;

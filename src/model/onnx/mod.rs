@@ -8,6 +8,7 @@ pub mod import;
 pub mod proto;
 pub mod split;
 pub mod tensor;
+pub mod trunk;
 
 /// Decodes an ONNX model from bytes.
 pub fn decode_model(bytes: &[u8]) -> Result<proto::ModelProto, prost::DecodeError> {
