@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use super::folders::{Folders, Poller};
 use super::listen::{self, Listener};
 use super::shared::{Origin, Shared, StartError};
-use super::{Agent, event, policy};
+use super::{Agent, policy};
 use crate::config::DeviceConfig;
+use crate::protocol::events::Event;
 
 /// How long the agent waits at start for a CLI command working on the store offline.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
@@ -37,10 +38,11 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     {
         let mut agent = shared.lock();
         let serving = agent.serving();
-        agent.store().push_event(&event(
-            "agent.started",
-            serde_json::json!({ "device_id": config.device_id, "serving": serving, "pid": std::process::id() }),
-        ))?;
+        agent.store().push_event(&Event::AgentStarted {
+            device_id: config.device_id.clone(),
+            serving,
+            pid: std::process::id(),
+        })?;
     }
     let folders = Folders::new(&config, &data_dir);
     folders.create()?;
@@ -87,9 +89,7 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
             tracing::warn!(%error, "cannot store traffic");
         }
         let uptime = shared_for_exit.started.elapsed().as_secs();
-        agent
-            .store()
-            .push_event(&event("agent.stopped", serde_json::json!({ "uptime_s": uptime, "cancelled_run": cancelled })))
+        agent.store().push_event(&Event::AgentStopped { uptime_s: uptime, cancelled_run: cancelled })
     })
     .await??;
     if let Some(link) = link {

@@ -3,6 +3,7 @@
 
 use super::shared::Shared;
 use crate::fleet::port::{AgentPort, Outbox, Served};
+use crate::protocol::events::EventKind;
 use crate::protocol::messages::{AdaptationResult, METRICS_SCHEMA, MetricsMessage};
 use crate::store::VersionStatus;
 
@@ -50,7 +51,7 @@ impl AgentPort for Shared {
         }
         let events = agent.store().pending_events_after(after, room).map_err(|e| e.to_string())?;
         let mut weights = Vec::new();
-        for event in events.iter().filter(|e| e.kind == "version.promoted") {
+        for event in events.iter().filter(|e| e.kind == EventKind::VersionPromoted.as_str()) {
             if let Some(version) = event.payload["version"].as_i64() {
                 match agent.weights_set(version, max_packet) {
                     Ok(set) => weights.push((version, set)),

@@ -9,7 +9,8 @@ use crate::imaging;
 use crate::inference::prepare_bytes;
 use crate::store::{NewSample, Split, StoreError};
 
-use super::{Agent, AgentError, event, nearest, policy};
+use super::{Agent, AgentError, nearest, policy};
+use crate::protocol::events::Event;
 
 /// Why one labelled sample was refused. Nothing of a refused sample is stored.
 #[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
@@ -142,11 +143,11 @@ impl Agent {
         let stored = self.store.insert_samples(
             &samples,
             |n| policy::split_for(n, every),
-            |sample, id, split| {
-                event(
-                    "sample.ingested",
-                    serde_json::json!({ "id": id, "class": sample.class, "split": split, "origin": sample.origin }),
-                )
+            |sample, id, split| Event::SampleIngested {
+                id,
+                class: sample.class.to_string(),
+                split: split.as_str().to_string(),
+                origin: sample.origin.to_string(),
             },
         );
         match stored {

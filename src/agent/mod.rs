@@ -31,7 +31,8 @@ use crate::imaging::DecodeLimits;
 use crate::inference::{Calibration, Classifier};
 use crate::model::Bundle;
 use crate::network::{Network, weights};
-use crate::store::{EventRecord, Store, StoreError};
+use crate::protocol::events::{Event, EventKind};
+use crate::store::{Store, StoreError};
 use counters::Counters;
 
 pub use ingest::{IngestError, Ingested, Labelled};
@@ -80,10 +81,6 @@ pub fn log_warmup(elapsed: std::time::Duration) {
     }
 }
 
-pub fn event(kind: &str, payload: serde_json::Value) -> EventRecord {
-    EventRecord { kind: kind.to_string(), payload }
-}
-
 impl Agent {
     /// Opens the bundle, the runtime and the store, and serves the promoted version. A promoted
     /// version that cannot be loaded is reported and the source model is served instead.
@@ -121,14 +118,11 @@ impl Agent {
             limits: DecodeLimits::default(),
         };
         agent.note_interrupted_run()?;
-        agent.store.push_event(&event("runtime.warmed_up", serde_json::to_value(&warmup).expect("serialises")))?;
+        agent.store.push_event(&Event::RuntimeWarmedUp(serde_json::to_value(&warmup).expect("serialises")))?;
         let promoted = agent.store.promoted()?;
         if let Err(error) = agent.serve(promoted) {
             tracing::error!(%error, "cannot serve the promoted version; serving the source model");
-            agent.store.push_event(&event(
-                "version.load_failed",
-                serde_json::json!({ "version": promoted, "error": error.to_string() }),
-            ))?;
+            agent.store.push_event(&Event::VersionLoadFailed { version: promoted, error: error.to_string() })?;
             agent.serve(0)?;
         }
         Ok(agent)
@@ -137,19 +131,15 @@ impl Agent {
     /// A run that started but never ended was cut short by a crash or power loss. It is recorded
     /// as ended, so a run that takes the process down is not started again until new labels come.
     fn note_interrupted_run(&mut self) -> Result<(), AgentError> {
-        let run_kinds = [
-            "adaptation.started",
-            "adaptation.failed",
-            "adaptation.cancelled",
-            "adaptation.source_kept",
-            "version.promoted",
-            "version.rejected",
-        ];
-        if let Some(started) = self.store.last_event_of(&run_kinds)?.filter(|e| e.kind == "adaptation.started") {
+        let started = EventKind::AdaptationStarted;
+        let mut run_kinds = vec![started];
+        run_kinds.extend(EventKind::RUN_ENDS);
+        if let Some(started) = self.store.last_event_of(&run_kinds)?.filter(|e| e.kind == started.as_str()) {
             let last_sample_id = started.payload["samples"]["last_sample_id"].as_i64().unwrap_or(0);
-            let payload = serde_json::json!({ "method": started.payload["method"], "started_event": started.id });
-            tracing::warn!(method = %started.payload["method"], "the last adaptation run was interrupted");
-            self.store.record_failed_run(last_sample_id, &event("adaptation.interrupted", payload))?;
+            let method = started.payload["method"].clone();
+            tracing::warn!(%method, "the last adaptation run was interrupted");
+            let interrupted = Event::AdaptationInterrupted { method, started_event: started.id };
+            self.store.record_failed_run(last_sample_id, &interrupted)?;
         }
         Ok(())
     }
@@ -160,10 +150,10 @@ impl Agent {
         self.config.gate = new.gate.clone();
         self.config.adaptation = new.adaptation.clone();
         self.config.labelling = new.labelling.clone();
-        self.store.push_event(&event(
-            "config.reloaded",
-            serde_json::json!({ "applied": applied, "needs_restart": restart }),
-        ))?;
+        self.store.push_event(&Event::ConfigReloaded {
+            applied: applied.iter().map(|s| s.to_string()).collect(),
+            needs_restart: restart.iter().map(|s| s.to_string()).collect(),
+        })?;
         Ok((applied, restart))
     }
 

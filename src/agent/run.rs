@@ -19,7 +19,8 @@ use crate::network::{Network, weights};
 use crate::store::{NewVersion, Split, VersionStatus};
 
 use super::ingest::unknown_label;
-use super::{Agent, AgentError, StoredParams, event, policy};
+use super::{Agent, AgentError, StoredParams, policy};
+use crate::protocol::events::{Event, RunEnded, VersionMade};
 
 /// Everything a run needs, copied out of the agent so training runs without holding it.
 pub struct RunPlan {
@@ -47,6 +48,16 @@ impl RunPlan {
     /// Training steps the run takes, for progress reports.
     pub fn planned_steps(&self) -> usize {
         method::planned_steps(&self.method, &self.hyper)
+    }
+
+    /// The event that opens this run; `origin` says who asked for it.
+    pub fn started_event(&self, origin: &str) -> Event {
+        Event::AdaptationStarted {
+            method: self.method_name.clone(),
+            origin: origin.to_string(),
+            seen_classes: self.seen.clone(),
+            samples: self.sample_set.clone(),
+        }
     }
 }
 
@@ -241,16 +252,14 @@ impl Agent {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
-                let kind = match error {
-                    AdaptError::Cancelled { .. } => "adaptation.cancelled",
+                let ended = RunEnded { method: Some(plan.method_name.clone()), origin: None, error: error.to_string() };
+                let event = match error {
+                    AdaptError::Cancelled { .. } => Event::AdaptationCancelled(ended),
                     // Not a fault: the method's own guards found nothing safer than the source.
-                    AdaptError::SourceKept { .. } => "adaptation.source_kept",
-                    _ => "adaptation.failed",
+                    AdaptError::SourceKept { .. } => Event::AdaptationSourceKept(ended),
+                    _ => Event::AdaptationFailed(ended),
                 };
-                self.store.record_failed_run(
-                    plan.last_sample_id,
-                    &event(kind, serde_json::json!({ "method": plan.method_name, "error": error.to_string() })),
-                )?;
+                self.store.record_failed_run(plan.last_sample_id, &event)?;
                 return Err(error.into());
             }
         };
@@ -274,13 +283,6 @@ impl Agent {
             "gate_skipped": outcome.decision.skipped,
         });
         let status = if outcome.decision.promote { VersionStatus::Promoted } else { VersionStatus::Rejected };
-        let kind = if outcome.decision.promote { "version.promoted" } else { "version.rejected" };
-        let payload = serde_json::json!({
-            "method": plan.method_name,
-            "parent": plan.parent,
-            "reasons": outcome.decision.reasons,
-            "metrics": metrics,
-        });
         let id = self.store.insert_version(
             &NewVersion {
                 parent: plan.parent,
@@ -293,7 +295,16 @@ impl Agent {
                 weights: &weights,
                 last_sample_id: plan.last_sample_id,
             },
-            &[event(kind, payload)],
+            |version| {
+                let made = VersionMade {
+                    version,
+                    method: plan.method_name.clone(),
+                    parent: plan.parent,
+                    reasons: outcome.decision.reasons.clone(),
+                    metrics: metrics.clone(),
+                };
+                vec![if outcome.decision.promote { Event::VersionPromoted(made) } else { Event::VersionRejected(made) }]
+            },
         )?;
         if outcome.decision.promote {
             let calibration = Calibration { gamma: outcome.adapted.gamma, unseen: outcome.adapted.unseen.clone() };
@@ -312,8 +323,8 @@ impl Agent {
     /// Records a run that could not start, so the policy waits for new labels before retrying.
     pub fn record_refused_run(&mut self, origin: &str, error: &AgentError) -> Result<(), AgentError> {
         let last = self.store.last_sample_id()?;
-        let payload = serde_json::json!({ "origin": origin, "error": error.to_string() });
-        Ok(self.store.record_failed_run(last, &event("adaptation.failed", payload))?)
+        let ended = RunEnded { method: None, origin: Some(origin.to_string()), error: error.to_string() };
+        Ok(self.store.record_failed_run(last, &Event::AdaptationFailed(ended))?)
     }
 
     /// Runs a whole adaptation in the calling thread (for the offline CLI); `force` as in
@@ -333,9 +344,7 @@ impl Agent {
                 return Err(error);
             }
         };
-        let payload =
-            serde_json::json!({ "method": plan.method_name, "origin": "command", "samples": plan.sample_set });
-        self.store.push_event(&event("adaptation.started", payload))?;
+        self.store.push_event(&plan.started_event("command"))?;
         let outcome = execute(&plan, &Cancel::default(), progress);
         self.commit_run(&plan, outcome)
     }

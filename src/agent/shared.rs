@@ -4,11 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
-use super::{Agent, AgentError, RunProgress, RunSummary, event, execute};
+use super::{Agent, AgentError, RunProgress, RunSummary, execute};
 use crate::adapt::train::{AdaptError, Cancel};
 use crate::config::DeviceConfig;
+use crate::protocol::events::Event;
 
 /// The state the daemon's tasks share.
 pub struct Shared {
@@ -27,12 +26,21 @@ struct ActiveRun {
 }
 
 /// Where a run request came from, for events.
-#[derive(Debug, Clone, Copy, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Origin {
     Command,
     NewLabels,
     Schedule,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Command => "command",
+            Origin::NewLabels => "new_labels",
+            Origin::Schedule => "schedule",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,21 +113,14 @@ impl Shared {
             let plan = agent.prepare_run(method, force);
             match plan {
                 Ok(plan) => {
-                    agent.store().push_event(&event(
-                        "adaptation.started",
-                        serde_json::json!({
-                            "method": plan.method_name, "origin": origin, "seen_classes": plan.seen,
-                            "samples": plan.sample_set,
-                        }),
-                    ))?;
+                    agent.store().push_event(&plan.started_event(origin.as_str()))?;
                     plan
                 }
                 // Nothing was tried: no failed run to record.
                 Err(error @ AgentError::NothingNew(_)) => return Err(error.into()),
                 Err(error) => {
                     // A policy-started run that cannot start must not retry at once.
-                    let origin = serde_json::to_value(origin).ok().and_then(|v| v.as_str().map(String::from));
-                    agent.record_refused_run(origin.as_deref().unwrap_or("command"), &error)?;
+                    agent.record_refused_run(origin.as_str(), &error)?;
                     return Err(error.into());
                 }
             }
@@ -142,8 +143,8 @@ impl Shared {
                     let tenth = (step * 10) / steps.max(1);
                     if tenth > reported {
                         reported = tenth;
-                        let payload = serde_json::json!({ "method": plan.method_name, "step": step, "steps": steps });
-                        if let Err(error) = shared.lock().store().push_event(&event("adaptation.progress", payload)) {
+                        let event = Event::AdaptationProgress { method: plan.method_name.clone(), step, steps };
+                        if let Err(error) = shared.lock().store().push_event(&event) {
                             tracing::warn!(%error, "cannot record progress");
                         }
                     }

@@ -13,7 +13,8 @@ use crate::protocol::counters::CountersReport;
 use crate::store::{Store, VersionRecord, VersionStatus};
 
 use super::counters::Counters;
-use super::{Agent, AgentError, RunProgress, event, store_path};
+use super::{Agent, AgentError, RunProgress, store_path};
+use crate::protocol::events::Event;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionSummary {
@@ -113,7 +114,7 @@ impl Agent {
         }
         let (network, calibration) = self.load_version(id)?;
         let from = self.serving;
-        self.store.promote(id, &event("version.rollback", serde_json::json!({ "from": from, "to": id })))?;
+        self.store.promote(id, &Event::VersionRollback { from, to: id })?;
         self.classifier.set_model(network, calibration);
         self.serving = id;
         Ok(id)
@@ -163,7 +164,7 @@ impl Agent {
         }
         let text = serde_json::to_string(&policy).expect("policy serialises");
         self.store.set_state("policy", &text)?;
-        self.store.push_event(&event("policy.changed", serde_json::to_value(&policy).expect("policy serialises")))?;
+        self.store.push_event(&Event::PolicyChanged(serde_json::to_value(&policy).expect("policy serialises")))?;
         Ok(policy)
     }
 

@@ -9,6 +9,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfig
 
 use crate::protocol::broker_address::BrokerAddress;
 use crate::protocol::commands;
+use crate::protocol::events::EventKind;
 use crate::protocol::messages::{
     AdaptationResult, EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest,
 };
@@ -365,15 +366,18 @@ impl FleetView {
                 }
                 entry.last_event_id = event.id;
                 entry.events += 1;
-                match event.kind.as_str() {
-                    "version.promoted" | "version.rejected" => {
+                let kind = EventKind::parse(&event.kind);
+                match kind {
+                    Some(EventKind::VersionPromoted | EventKind::VersionRejected) => {
                         entry.note_adaptation(AdaptationResult::from_event(&event))
                     }
-                    "adaptation.failed"
-                    | "adaptation.source_kept"
-                    | "version.load_failed"
-                    | "outbox.dropped"
-                    | "adaptation.interrupted" => {
+                    Some(
+                        EventKind::AdaptationFailed
+                        | EventKind::AdaptationSourceKept
+                        | EventKind::VersionLoadFailed
+                        | EventKind::OutboxDropped
+                        | EventKind::AdaptationInterrupted,
+                    ) => {
                         entry.alerts.push(format!("{}: {}", event.kind, event.payload["error"].as_str().unwrap_or("")));
                         if entry.alerts.len() > 3 {
                             entry.alerts.remove(0);
@@ -381,7 +385,7 @@ impl FleetView {
                     }
                     _ => {}
                 }
-                if event.kind == "version.rejected" {
+                if kind == Some(EventKind::VersionRejected) {
                     entry.alerts.push(format!("version {} rejected", event.payload["version"]));
                 }
             }

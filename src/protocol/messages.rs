@@ -1,6 +1,7 @@
 //! Payloads of every MQTT message, as JSON. Each carries a `schema` name with a version so a
 //! receiver can refuse what it does not understand. docs/mqtt.md shows an example of each.
 
+use crate::protocol::events::EventKind;
 use serde::{Deserialize, Serialize};
 
 pub const STATUS_SCHEMA: &str = "edgeadapt.status/1";
@@ -67,9 +68,9 @@ pub struct AdaptationResult {
 impl AdaptationResult {
     /// From a `version.promoted` or `version.rejected` event; `None` for other events.
     pub fn from_event(event: &EventMessage) -> Option<AdaptationResult> {
-        let promoted = match event.kind.as_str() {
-            "version.promoted" => true,
-            "version.rejected" => false,
+        let promoted = match EventKind::parse(&event.kind)? {
+            EventKind::VersionPromoted => true,
+            EventKind::VersionRejected => false,
             _ => return None,
         };
         Some(AdaptationResult {

@@ -5,6 +5,7 @@
 pub mod broker_address;
 pub mod commands;
 pub mod counters;
+pub mod events;
 pub mod messages;
 pub mod topics;
 pub mod version_ref;

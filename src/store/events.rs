@@ -5,13 +5,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{Result, Store, now_ms, sqlite};
-
-/// An event to record with a change (and to deliver later through the outbox).
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRecord {
-    pub kind: String,
-    pub payload: serde_json::Value,
-}
+use crate::protocol::events::{Event, EventKind};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PendingEvent {
@@ -21,16 +15,17 @@ pub struct PendingEvent {
     pub payload: serde_json::Value,
 }
 
-pub(super) fn insert_event(conn: &Connection, event: &EventRecord) -> rusqlite::Result<i64> {
+/// Records `event` in the outbox; written with the change it describes, in the same transaction.
+pub(super) fn insert_event(conn: &Connection, event: &Event) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO events (at_ms, kind, payload) VALUES (?1, ?2, ?3)",
-        params![now_ms(), event.kind, event.payload.to_string()],
+        params![now_ms(), event.kind().as_str(), event.payload().to_string()],
     )?;
     Ok(conn.last_insert_rowid())
 }
 
 impl Store {
-    pub fn push_event(&mut self, event: &EventRecord) -> Result<i64> {
+    pub fn push_event(&mut self, event: &Event) -> Result<i64> {
         insert_event(&self.conn, event).map_err(self.err())
     }
 
@@ -51,10 +46,11 @@ impl Store {
     }
 
     /// The newest event of one of these kinds.
-    pub fn last_event_of(&self, kinds: &[&str]) -> Result<Option<PendingEvent>> {
+    pub fn last_event_of(&self, kinds: &[EventKind]) -> Result<Option<PendingEvent>> {
         let placeholders = vec!["?"; kinds.len()].join(", ");
         let clause = format!("WHERE kind IN ({placeholders}) ORDER BY id DESC LIMIT 1");
-        Ok(self.events_where(&clause, rusqlite::params_from_iter(kinds))?.pop())
+        let names = kinds.iter().map(|kind| kind.as_str());
+        Ok(self.events_where(&clause, rusqlite::params_from_iter(names))?.pop())
     }
 
     /// Events selected by `clause` (what follows `FROM events`); a payload that is not JSON is
@@ -107,9 +103,8 @@ impl Store {
                 [excess as i64 + 1],
             )
             .map_err(sqlite(&path))?;
-            let payload =
-                serde_json::json!({ "dropped": excess + 1, "first_id": first, "last_id": last, "limit": limit });
-            insert_event(&tx, &EventRecord { kind: "outbox.dropped".into(), payload }).map_err(sqlite(&path))?;
+            let dropped = Event::OutboxDropped { dropped: excess + 1, first_id: first, last_id: last, limit };
+            insert_event(&tx, &dropped).map_err(sqlite(&path))?;
         }
         tx.execute(
             "DELETE FROM events WHERE delivered != 0 AND id < (SELECT COALESCE(MAX(id), 0) FROM events) - ?1",

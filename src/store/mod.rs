@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 pub use commands::Claim;
-pub use events::{EventRecord, PendingEvent};
+pub use events::PendingEvent;
 pub use samples::{NewSample, Split, StoredSample};
 pub use schema::MIGRATIONS;
 pub use versions::{NewVersion, VersionRecord, VersionStatus};
@@ -225,13 +225,19 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::events::{Event, VersionMade};
 
     fn sample<'a>(sha: &'a str, class: &'a str) -> NewSample<'a> {
         NewSample { sha256: sha, class, origin: "test", site: None, image: None, features: &[1, 2, 3, 4] }
     }
 
-    fn event(kind: &str) -> EventRecord {
-        EventRecord { kind: kind.into(), payload: serde_json::json!({}) }
+    /// An event told apart from others by `step`.
+    fn event(step: usize) -> Event {
+        Event::AdaptationProgress { method: "m".into(), step, steps: 10 }
+    }
+
+    fn steps(events: &[PendingEvent]) -> Vec<serde_json::Value> {
+        events.iter().map(|e| e.payload["step"].clone()).collect()
     }
 
     #[test]
@@ -252,7 +258,7 @@ mod tests {
         let path = dir.path().join("store.db");
         {
             let mut store = Store::open(&path, "bundle-a").unwrap();
-            store.insert_samples(&[sample("s1", "A")], |_| Split::Train, |_, _, _| event("sample")).unwrap();
+            store.insert_samples(&[sample("s1", "A")], |_| Split::Train, |_, _, _| event(0)).unwrap();
         }
         // The store as schema 2 left it: the metrics table back, the version set back.
         let conn = Connection::open(&path).unwrap();
@@ -294,16 +300,13 @@ mod tests {
             seen_counts.borrow_mut().push(n);
             if n == 2 { Split::Validation } else { Split::Train }
         };
-        store.insert_samples(&[sample("h1", "cat")], split, |_, _, _| event("sample")).unwrap();
-        let results = store
-            .insert_samples(&[sample("h2", "cat"), sample("h3", "cat")], split, |_, _, _| event("sample"))
-            .unwrap();
+        store.insert_samples(&[sample("h1", "cat")], split, |_, _, _| event(0)).unwrap();
+        let results =
+            store.insert_samples(&[sample("h2", "cat"), sample("h3", "cat")], split, |_, _, _| event(0)).unwrap();
         assert!(results.iter().all(|r| r.is_ok()));
         assert_eq!(*seen_counts.borrow(), vec![0, 1, 2]);
         let results = store
-            .insert_samples(&[sample("h2", "dog"), sample("h4", "dog"), sample("h4", "dog")], split, |_, _, _| {
-                event("sample")
-            })
+            .insert_samples(&[sample("h2", "dog"), sample("h4", "dog"), sample("h4", "dog")], split, |_, _, _| event(0))
             .unwrap();
         assert!(matches!(&results[0], Err(StoreError::Duplicate { class, .. }) if class == "cat"), "{results:?}");
         assert!(results[1].is_ok());
@@ -331,12 +334,17 @@ mod tests {
             weights: b"w",
             last_sample_id: 0,
         };
-        let promoted = store.insert_version(&new(VersionStatus::Promoted), &[event("promoted")]).unwrap();
+        let made = |version| {
+            let made = VersionMade { version, method: "m".into(), parent: 0, reasons: vec![], metrics: json.clone() };
+            vec![Event::VersionPromoted(made)]
+        };
+        let promoted = store.insert_version(&new(VersionStatus::Promoted), made).unwrap();
         assert_eq!(store.promoted().unwrap(), promoted);
-        let rejected = store.insert_version(&new(VersionStatus::Rejected), &[event("rejected")]).unwrap();
+        let rejected = store.insert_version(&new(VersionStatus::Rejected), made).unwrap();
         assert_eq!(store.promoted().unwrap(), promoted);
-        assert!(matches!(store.promote(rejected, &event("rollback")), Err(StoreError::Rejected { .. })));
-        store.promote(0, &event("rollback")).unwrap();
+        let rollback = |to| Event::VersionRollback { from: promoted, to };
+        assert!(matches!(store.promote(rejected, &rollback(rejected)), Err(StoreError::Rejected { .. })));
+        store.promote(0, &rollback(0)).unwrap();
         assert_eq!(store.promoted().unwrap(), 0);
         assert_eq!(store.version(promoted).unwrap().weights.as_deref(), Some(&b"w"[..]));
         assert!(matches!(store.version(42), Err(StoreError::NoSuchVersion(42))));
@@ -380,14 +388,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
         for i in 0..10 {
-            store.push_event(&EventRecord { kind: format!("e{i}"), payload: serde_json::json!({}) }).unwrap();
+            store.push_event(&event(i)).unwrap();
         }
         assert_eq!(store.trim_outbox(20).unwrap(), 0);
         // Room for the report itself: 5 kept = 4 newest + the report.
         assert_eq!(store.trim_outbox(5).unwrap(), 6);
         let pending = store.pending_events(100).unwrap();
-        let kinds: Vec<&str> = pending.iter().map(|e| e.kind.as_str()).collect();
-        assert_eq!(kinds, vec!["e6", "e7", "e8", "e9", "outbox.dropped"]);
+        assert_eq!(steps(&pending[..4]), vec![6, 7, 8, 9]);
+        assert_eq!(pending[4].kind, "outbox.dropped");
         assert_eq!(pending[4].payload["dropped"], 6);
     }
 
@@ -398,10 +406,9 @@ mod tests {
         store.add_traffic(&[vec![1], vec![2], vec![3]], 2).unwrap();
         store.add_traffic(&[vec![4]], 2).unwrap();
         assert_eq!(store.traffic().unwrap(), vec![vec![3], vec![4]]);
-        let id = store.push_event(&event("a")).unwrap();
-        store.push_event(&event("b")).unwrap();
+        let id = store.push_event(&event(1)).unwrap();
+        store.push_event(&event(2)).unwrap();
         store.mark_delivered(&[id]).unwrap();
-        let pending = store.pending_events(10).unwrap();
-        assert_eq!(pending.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(steps(&store.pending_events(10).unwrap()), vec![2]);
     }
 }

@@ -6,7 +6,8 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use super::events::insert_event;
-use super::{EventRecord, Result, Store, StoreError, now_ms, sqlite};
+use super::{Result, Store, StoreError, now_ms, sqlite};
+use crate::protocol::events::Event;
 
 /// Samples go either to training or to the validation split the safety gate scores on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,7 +18,7 @@ pub enum Split {
 }
 
 impl Split {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Validation => "validation",
@@ -72,7 +73,7 @@ impl Store {
         &mut self,
         samples: &[NewSample<'_>],
         choose_split: impl Fn(usize) -> Split,
-        event: impl Fn(&NewSample<'_>, i64, Split) -> EventRecord,
+        event: impl Fn(&NewSample<'_>, i64, Split) -> Event,
     ) -> Result<Vec<Result<(i64, Split)>>> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;

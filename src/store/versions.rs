@@ -4,7 +4,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use super::events::insert_event;
-use super::{EventRecord, Result, Store, StoreError, now_ms, sqlite};
+use super::{Result, Store, StoreError, now_ms, sqlite};
+use crate::protocol::events::Event;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,8 +100,9 @@ pub(super) fn version_from_row(row: &rusqlite::Row<'_>, with_weights: bool) -> r
 }
 
 impl Store {
-    /// Stores a version, and promotes it when its status says so, in one transaction.
-    pub fn insert_version(&mut self, version: &NewVersion<'_>, events: &[EventRecord]) -> Result<i64> {
+    /// Stores a version, and promotes it when its status says so, in one transaction with the
+    /// events `events` makes from the new version's id.
+    pub fn insert_version(&mut self, version: &NewVersion<'_>, events: impl FnOnce(i64) -> Vec<Event>) -> Result<i64> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(version.weights));
@@ -128,11 +130,7 @@ impl Store {
             tx.execute("UPDATE state SET value = ?1 WHERE key = 'promoted'", [id.to_string()])
                 .map_err(sqlite(&path))?;
         }
-        for event in events {
-            let mut event = event.clone();
-            if let Some(object) = event.payload.as_object_mut() {
-                object.insert("version".into(), id.into());
-            }
+        for event in events(id) {
             insert_event(&tx, &event).map_err(sqlite(&path))?;
         }
         tx.commit().map_err(sqlite(&path))?;
@@ -141,7 +139,7 @@ impl Store {
 
     /// Records a run that made no version (failed or cancelled), so the policy does not start
     /// the same run again at once.
-    pub fn record_failed_run(&mut self, last_sample_id: i64, event: &EventRecord) -> Result<()> {
+    pub fn record_failed_run(&mut self, last_sample_id: i64, event: &Event) -> Result<()> {
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
         set_run_state(&tx, last_sample_id).map_err(sqlite(&path))?;
@@ -160,7 +158,7 @@ impl Store {
     }
 
     /// Serves `id` from now on (a rollback or a roll-forward); rejected versions are refused.
-    pub fn promote(&mut self, id: i64, event: &EventRecord) -> Result<()> {
+    pub fn promote(&mut self, id: i64, event: &Event) -> Result<()> {
         let record = self.version(id)?;
         if record.status == VersionStatus::Rejected {
             return Err(StoreError::Rejected { id });

@@ -23,9 +23,10 @@ pub mod rules;
 
 use self::opened::{Opened, named, open_results_log};
 use self::rules::{EntryKind, FOLDER_BATCH, FOLDER_BATCH_BYTES, Retry, Settling, Triage, batches, fit_name, triage};
-use super::{Agent, IngestError, Labelled, event};
+use super::{Agent, IngestError, Labelled};
 use crate::config::{AfterClassify, DeviceConfig};
 use crate::imaging::DecodeLimits;
+use crate::protocol::events::Event;
 
 /// The watched folder and the labelling inbox, with where their files go afterwards.
 #[derive(Debug, Clone)]
@@ -359,10 +360,12 @@ fn settle_inbox_file(
             let to = rejected.sub(class)?;
             let moved = from.move_into(name, &to)?;
             to.dir.write(fit_name("", &moved, ".reason.txt"), format!("{error}\n")).map_err(|e| named(&to.path, e))?;
-            agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).store().push_event(&event(
-                "sample.rejected",
-                serde_json::json!({ "file": from.display(name), "class": class, "error": error }),
-            ))?;
+            let event = Event::SampleRejected {
+                file: from.display(name).to_string(),
+                class: class.to_string(),
+                error: serde_json::to_value(&error).expect("refusals serialise"),
+            };
+            agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).store().push_event(&event)?;
         }
     }
     Ok(())
