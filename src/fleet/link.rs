@@ -7,7 +7,6 @@
 //! and republishes every undelivered event from the store, so an outage of any length loses
 //! nothing up to the outbox limit.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,13 +15,12 @@ use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use super::connect::{no_delay, options, status_message};
+use super::link_state::{LinkState, OnConnect, follow_up};
 use super::port::{AgentPort, Served};
 use crate::config::MqttConfig;
 use crate::protocol::messages::{EVENT_SCHEMA, EventMessage, ResponseMessage};
 use crate::protocol::topics::DeviceTopics;
 
-/// Events published but not yet acknowledged, at most.
-const EVENT_WINDOW: usize = 64;
 /// How often the outbox is checked for new events.
 const OUTBOX_POLL: Duration = Duration::from_millis(100);
 
@@ -32,38 +30,13 @@ pub enum LinkMessage {
     Weights { version: i64, manifest: Vec<u8>, chunks: Vec<Vec<u8>> },
 }
 
-/// Publishes in call order and maps packet ids back to outbox events when acknowledged.
-struct Tracker {
-    /// One entry per publish call not yet seen leaving: the outbox event it carries, if any.
-    queued: VecDeque<Option<i64>>,
-    awaiting_ack: HashMap<u16, i64>,
-    in_flight: BTreeSet<i64>,
-    /// Highest event id published on this connection.
-    published_up_to: i64,
-    /// Events the broker acknowledged but the store could not mark (a full disk, say): marked
-    /// again at the next outbox tick, since the outbox only looks past `published_up_to`.
-    unmarked: BTreeSet<i64>,
-}
-
-impl Tracker {
-    fn new() -> Tracker {
-        Tracker {
-            queued: VecDeque::new(),
-            awaiting_ack: HashMap::new(),
-            in_flight: BTreeSet::new(),
-            published_up_to: 0,
-            unmarked: BTreeSet::new(),
-        }
-    }
-}
-
+/// The client and what the link knows; the bookkeeping is [`LinkState`]'s.
 struct Link {
     client: AsyncClient,
     topics: DeviceTopics,
     config: MqttConfig,
     device: String,
-    tracker: Tracker,
-    connected: bool,
+    state: LinkState,
 }
 
 impl Link {
@@ -75,7 +48,7 @@ impl Link {
         }
         match self.client.try_publish(topic, qos, retain, payload) {
             Ok(()) => {
-                self.tracker.queued.push_back(event);
+                self.state.on_queued(event);
                 true
             }
             Err(error) => {
@@ -88,6 +61,19 @@ impl Link {
     fn publish_json(&mut self, topic: String, qos: QoS, retain: bool, message: &impl serde::Serialize) -> bool {
         let payload = serde_json::to_vec(message).expect("messages serialise");
         self.publish(topic, qos, retain, payload, None)
+    }
+
+    async fn publish_status(&mut self, agent: &Arc<dyn AgentPort>, online: bool, reason: &str) {
+        let served = served(agent).await;
+        let status = status_message(&self.config, &self.device, online, reason, served);
+        self.publish_json(self.topics.status(), QoS::AtLeastOnce, true, &status);
+    }
+
+    fn publish_weights(&mut self, version: i64, manifest: Vec<u8>, chunks: Vec<Vec<u8>>) {
+        self.publish(self.topics.weights_manifest(version), QoS::AtLeastOnce, false, manifest, None);
+        for (index, chunk) in chunks.into_iter().enumerate() {
+            self.publish(self.topics.weights_chunk(version, index), QoS::AtLeastOnce, false, chunk, None);
+        }
     }
 }
 
@@ -104,35 +90,29 @@ pub async fn run(
     let options = options(&config, &device, embedded_port, true)?;
     let (client, mut eventloop) = AsyncClient::new(options, 10_000);
     no_delay(&mut eventloop);
-    let mut link = Link {
-        client,
-        topics: DeviceTopics::new(&config.fleet, &device),
-        config: config.clone(),
-        device: device.clone(),
-        tracker: Tracker::new(),
-        connected: false,
-    };
-    let mut backoff = Duration::from_millis(config.reconnect_min_ms);
+    let state =
+        LinkState::new(Duration::from_millis(config.reconnect_min_ms), Duration::from_millis(config.reconnect_max_ms));
+    let mut link =
+        Link { client, topics: DeviceTopics::new(&config.fleet, &device), config: config.clone(), device, state };
     let mut outbox = tokio::time::interval(OUTBOX_POLL);
     outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut metrics = tokio::time::interval(Duration::from_secs(config.metrics_every_s));
-    let mut failures = 0u32;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     tracing::info!(broker = %config.broker, "connected to the fleet broker");
-                    failures = 0;
-                    backoff = Duration::from_millis(config.reconnect_min_ms);
-                    link.connected = true;
-                    link.tracker = Tracker::new();
-                    if let Err(error) = link.client.try_subscribe(link.topics.commands(), QoS::AtLeastOnce) {
-                        tracing::warn!(%error, "cannot subscribe to commands");
+                    for action in link.state.on_connected() {
+                        match action {
+                            OnConnect::SubscribeCommands => {
+                                if let Err(error) = link.client.try_subscribe(link.topics.commands(), QoS::AtLeastOnce) {
+                                    tracing::warn!(%error, "cannot subscribe to commands");
+                                }
+                            }
+                            OnConnect::PublishStatus(reason) => link.publish_status(&agent, true, reason).await,
+                        }
                     }
-                    let served = served(&agent).await;
-                    let status = status_message(&config, &device, true, "started", served);
-                    link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if publish.topic == link.topics.commands() && commands_in.try_send(publish.payload.to_vec()).is_err() {
@@ -140,51 +120,39 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(id) = link.tracker.awaiting_ack.remove(&ack.pkid) {
-                        link.tracker.in_flight.remove(&id);
-                        let agent = Arc::clone(&agent);
-                        let marked = tokio::task::spawn_blocking(move || agent.mark_delivered(&[id])).await;
+                    if let Some(id) = link.state.on_puback(ack.pkid) {
+                        let port = Arc::clone(&agent);
+                        let marked = tokio::task::spawn_blocking(move || port.mark_delivered(&[id])).await;
                         if !matches!(marked, Ok(Ok(()))) {
                             if let Ok(Err(error)) = marked {
                                 tracing::warn!(%error, "cannot mark an event delivered; trying again");
                             }
-                            link.tracker.unmarked.insert(id);
+                            link.state.on_mark_failed(&[id]);
                         }
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(Some(id)) = link.tracker.queued.pop_front()
-                        && pkid != 0
-                    {
-                        link.tracker.awaiting_ack.insert(pkid, id);
-                    }
-                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => link.state.on_outgoing_publish(pkid),
                 Ok(_) => {}
                 Err(error) => {
-                    if link.connected || failures == 0 {
+                    let retry = link.state.on_connection_error(rand::rng().random_range(0.5..1.0));
+                    if retry.log {
                         tracing::warn!(%error, broker = %config.broker, "fleet broker unreachable; retrying");
                     }
-                    link.connected = false;
-                    link.tracker = Tracker::new();
-                    failures += 1;
-                    let jitter = rand::rng().random_range(0.5..1.0);
-                    let delay = backoff.mul_f64(jitter);
-                    backoff = (backoff * 2).min(Duration::from_millis(config.reconnect_max_ms));
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(retry.delay) => {}
                         _ = shutdown.changed() => break,
                     }
                 }
             },
-            _ = outbox.tick(), if link.connected => publish_events(&agent, &mut link).await,
-            _ = metrics.tick(), if link.connected => {
-                if let Some(message) = metrics_message(&agent, &device).await {
+            _ = outbox.tick(), if link.state.connected() => publish_events(&agent, &mut link).await,
+            _ = metrics.tick(), if link.state.connected() => {
+                if let Some(message) = metrics_message(&agent, &link.device).await {
                     // Retained: a watcher that starts late sees the device's figures at once.
                     link.publish_json(link.topics.metrics(), QoS::AtMostOnce, true, &message);
                 }
             }
             Some(item) = commands_out.recv() => {
-                if !link.connected {
+                if !link.state.connected() {
                     // Responses are kept with their command id; a retried command gets it again.
                     continue;
                 }
@@ -196,25 +164,18 @@ pub async fn run(
                         } else {
                             let error = format!("the response ({} bytes) exceeds the broker's packet limit", payload.len());
                             let id: String = response.id.chars().take(128).collect();
-                            serde_json::to_vec(&crate::protocol::messages::response_error(&device, &id, error))
+                            serde_json::to_vec(&crate::protocol::messages::response_error(&link.device, &id, error))
                                 .expect("responses serialise")
                         };
                         link.publish(link.topics.responses(), QoS::AtLeastOnce, false, payload, None);
                     }
-                    LinkMessage::Weights { version, manifest, chunks } => {
-                        link.publish(link.topics.weights_manifest(version), QoS::AtLeastOnce, false, manifest, None);
-                        for (index, chunk) in chunks.into_iter().enumerate() {
-                            link.publish(link.topics.weights_chunk(version, index), QoS::AtLeastOnce, false, chunk, None);
-                        }
-                    }
+                    LinkMessage::Weights { version, manifest, chunks } => link.publish_weights(version, manifest, chunks),
                 }
             }
         }
     }
-    if link.connected {
-        let served = served(&agent).await;
-        let status = status_message(&config, &device, false, "shutdown", served);
-        link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
+    if link.state.connected() {
+        link.publish_status(&agent, false, "shutdown").await;
         let _ = link.client.try_disconnect();
         let drained = tokio::time::timeout(Duration::from_secs(3), async {
             loop {
@@ -258,23 +219,19 @@ const PUBLISH_HEADER: usize = 16;
 /// Publishes undelivered events beyond those already in flight; a promoted version's weights
 /// follow its event.
 async fn publish_events(agent: &Arc<dyn AgentPort>, link: &mut Link) {
-    let room = EVENT_WINDOW.saturating_sub(link.tracker.in_flight.len());
-    if room == 0 {
-        return;
-    }
-    let after = link.tracker.published_up_to;
+    let Some(request) = link.state.outbox_request() else { return };
     let limit = link.config.outbox_limit;
     let max_packet = link.config.max_packet_bytes;
-    let unmarked: Vec<i64> = std::mem::take(&mut link.tracker.unmarked).into_iter().collect();
     let port = Arc::clone(agent);
-    let retry = unmarked.clone();
+    let retry = request.remark.clone();
     let remarked = tokio::task::spawn_blocking(move || retry.is_empty() || port.mark_delivered(&retry).is_ok());
     if !matches!(remarked.await, Ok(true)) {
-        link.tracker.unmarked.extend(unmarked);
+        link.state.on_mark_failed(&request.remark);
         return;
     }
     let port = Arc::clone(agent);
-    let fetched = tokio::task::spawn_blocking(move || port.outbox(after, room, limit, max_packet)).await;
+    let fetched =
+        tokio::task::spawn_blocking(move || port.outbox(request.after, request.room, limit, max_packet)).await;
     let (events, weights) = match fetched {
         Ok(Ok(outbox)) => (outbox.events, outbox.weights),
         Ok(Err(error)) => {
@@ -285,12 +242,13 @@ async fn publish_events(agent: &Arc<dyn AgentPort>, link: &mut Link) {
     };
     let mut weights = weights.into_iter();
     for event in events {
+        let follow = follow_up(&event.kind);
         let message = EventMessage {
             schema: EVENT_SCHEMA.into(),
             device: link.device.clone(),
             id: event.id,
             at_ms: event.at_ms,
-            kind: event.kind.clone(),
+            kind: event.kind,
             payload: event.payload,
         };
         let mut payload = serde_json::to_vec(&message).expect("events serialise");
@@ -304,21 +262,13 @@ async fn publish_events(agent: &Arc<dyn AgentPort>, link: &mut Link) {
         if !link.publish(link.topics.events(), QoS::AtLeastOnce, false, payload, Some(event.id)) {
             return;
         }
-        link.tracker.in_flight.insert(event.id);
-        link.tracker.published_up_to = event.id;
-        if matches!(event.kind.as_str(), "version.promoted" | "version.rollback" | "version.load_failed") {
-            // The retained status always names the version served.
-            let served = served(agent).await;
-            let status = status_message(&link.config, &link.device, true, "version changed", served);
-            link.publish_json(link.topics.status(), QoS::AtLeastOnce, true, &status);
+        if follow.status {
+            link.publish_status(agent, true, "version changed").await;
         }
-        if event.kind == "version.promoted"
+        if follow.weights
             && let Some((version, (manifest, chunks))) = weights.next()
         {
-            link.publish(link.topics.weights_manifest(version), QoS::AtLeastOnce, false, manifest, None);
-            for (index, chunk) in chunks.into_iter().enumerate() {
-                link.publish(link.topics.weights_chunk(version, index), QoS::AtLeastOnce, false, chunk, None);
-            }
+            link.publish_weights(version, manifest, chunks);
         }
     }
 }

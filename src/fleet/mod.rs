@@ -5,5 +5,6 @@ pub mod broker;
 pub mod client;
 pub mod connect;
 pub mod link;
+pub mod link_state;
 pub mod port;
 pub mod rebuild;
