@@ -10,7 +10,7 @@ use super::data::SplitSet;
 use super::gate::GateConfig;
 use super::optim::{SgdConfig, cosine};
 use super::share;
-pub use super::spec::{Base, Method};
+pub use super::spec::{Calibration, Distill, Method, Part, PriorTarget, Recipe};
 use super::train::{AdaptError, Cancel, DistillConfig, TrainConfig, Trainable, train};
 use crate::network::{Batch, Network};
 
@@ -163,61 +163,78 @@ pub fn adapt(
     progress: &mut dyn FnMut(usize),
 ) -> Result<Adapted, AdaptError> {
     let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
-    if method.base == Base::Source {
-        return Ok(Adapted { network: input.source.clone(), gamma: 0.0, unseen, notes: vec![] });
-    }
-    if method.base == Base::Recommended {
-        return super::recommended::adapt_recommended(input, hyper, seed, progress);
-    }
+    let recipe = match method {
+        Method::Source => return Ok(Adapted { network: input.source.clone(), gamma: 0.0, unseen, notes: vec![] }),
+        Method::Recommended => return super::recommended::adapt_recommended(input, hyper, seed, progress),
+        Method::Trained(recipe) => recipe,
+    };
     let mut done = 0usize;
     let mut network =
-        train_network(method, input, input.data, input.teacher, &unseen, hyper, seed, &mut |n| progress(done + n))?;
-    done += planned_train_steps(method, hyper);
-    if method.wise {
+        train_network(recipe, input, input.data, input.teacher, &unseen, hyper, seed, &mut |n| progress(done + n))?;
+    done += planned_train_steps(recipe, hyper);
+    if recipe.wise {
         network = interpolate(input.source, &network, hyper.wise_alpha);
     }
     let mut notes = Vec::new();
-    let gamma = if method.prior && input.unlabelled.is_some_and(|u| !u.splits.is_empty()) {
-        let traffic = input.unlabelled.expect("checked");
-        let source_rate = share_predicted(&traffic.source_logits, &unseen);
-        let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
-            .logits_of(&traffic.splits);
-        let target = match hyper.unseen_share {
-            Some(given) => {
-                notes.push(format!("unseen share {given:.3} (given)"));
-                given
-            }
-            None if method.prior_source || method.prior_recall => {
-                notes.push(format!("unseen share {source_rate:.3}"));
-                source_rate
-            }
-            None => {
-                let choice = hyper.share_choice.unwrap_or_else(|| choose_share(input, traffic, &seen, &unseen, seed));
-                notes.push(choice.to_string());
-                choice.share
-            }
-        };
-        if method.prior_recall {
-            let source_seen_as_unseen = share_predicted(input.teacher, &unseen);
-            let labelled = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
-                .logits_of(input.data);
-            calibrate::recall_corrected_gamma(&logits, &labelled, &seen, &unseen, source_rate, source_seen_as_unseen)
-        } else {
-            calibrate::prior_matching_gamma(&logits, &seen, &unseen, target)
+    let traffic = input.unlabelled.filter(|u| !u.splits.is_empty());
+    let gamma = match (recipe.calibration, traffic) {
+        (None, _) => 0.0,
+        (Some(Calibration::Prior(target)), Some(traffic)) => {
+            prior_gamma(target, input, traffic, &network, &seen, &unseen, hyper, seed, &mut notes)
         }
-    } else if method.alg || method.prior {
-        let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
-            .logits_of(input.data);
-        calibrate::alg_gamma(&logits, &input.data.labels, &seen, &unseen)
-    } else if method.pcv {
-        pcv_gamma(method, input, &seen, hyper, seed, &mut |n| progress(done + n))?
-    } else {
-        0.0
+        // Prior matching without traffic falls back to ALG.
+        (Some(Calibration::Alg | Calibration::Prior(_)), _) => {
+            let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] }
+                .logits_of(input.data);
+            calibrate::alg_gamma(&logits, &input.data.labels, &seen, &unseen)
+        }
+        (Some(Calibration::Pcv), _) => pcv_gamma(recipe, input, &seen, hyper, seed, &mut |n| progress(done + n))?,
     };
-    if method.alg || method.pcv || method.prior {
+    if recipe.calibration.is_some() {
         notes.push(format!("γ {gamma:.2}"));
     }
     Ok(Adapted { network, gamma, unseen, notes })
+}
+
+/// γ by prior matching on the traffic, aiming at `target`'s unseen share.
+#[allow(clippy::too_many_arguments)]
+fn prior_gamma(
+    target: PriorTarget,
+    input: &AdaptInput<'_>,
+    traffic: &Traffic,
+    network: &Network,
+    seen: &[usize],
+    unseen: &[usize],
+    hyper: &Hyper,
+    seed: u64,
+    notes: &mut Vec<String>,
+) -> f32 {
+    let source_rate = share_predicted(&traffic.source_logits, unseen);
+    let logits = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.to_vec(), notes: vec![] }
+        .logits_of(&traffic.splits);
+    let share = match hyper.unseen_share {
+        Some(given) => {
+            notes.push(format!("unseen share {given:.3} (given)"));
+            given
+        }
+        None if target != PriorTarget::Estimated => {
+            notes.push(format!("unseen share {source_rate:.3}"));
+            source_rate
+        }
+        None => {
+            let choice = hyper.share_choice.unwrap_or_else(|| choose_share(input, traffic, seen, unseen, seed));
+            notes.push(choice.to_string());
+            choice.share
+        }
+    };
+    if target == PriorTarget::RecallCorrected {
+        let source_seen_as_unseen = share_predicted(input.teacher, unseen);
+        let labelled = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.to_vec(), notes: vec![] }
+            .logits_of(input.data);
+        calibrate::recall_corrected_gamma(&logits, &labelled, seen, unseen, source_rate, source_seen_as_unseen)
+    } else {
+        calibrate::prior_matching_gamma(&logits, seen, unseen, share)
+    }
 }
 
 /// The unseen share prior matching aims at (see `share::choose_share`), from source logits only.
@@ -253,36 +270,39 @@ fn estimate_share(
 
 /// Steps a method runs, for progress bars.
 pub fn planned_steps(method: &Method, hyper: &Hyper) -> usize {
-    match method.base {
-        Base::Source => 0,
-        Base::Recommended => {
+    match method {
+        Method::Source => 0,
+        Method::Recommended => {
             let rates = super::recommended::recommended_rates(hyper).len();
             hyper.steps + if rates > 1 { rates * hyper.selection_steps } else { 0 }
         }
-        _ => planned_train_steps(method, hyper) * if method.pcv { 1 + hyper.pcv_splits } else { 1 },
+        Method::Trained(recipe) => {
+            let pcv = recipe.calibration == Some(Calibration::Pcv);
+            planned_train_steps(recipe, hyper) * if pcv { 1 + hyper.pcv_splits } else { 1 }
+        }
     }
 }
 
-fn planned_train_steps(method: &Method, hyper: &Hyper) -> usize {
-    if method.lolsgd { hyper.lolsgd_rounds * hyper.lolsgd_copies * hyper.lolsgd_local_steps } else { hyper.steps }
+fn planned_train_steps(recipe: &Recipe, hyper: &Hyper) -> usize {
+    if recipe.leave_out { hyper.lolsgd_rounds * hyper.lolsgd_copies * hyper.lolsgd_local_steps } else { hyper.steps }
 }
 
-fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {
-    let trainable = match method.base {
-        Base::FtHead if method.seen_rows_only => vec![Trainable::HeadSeenRows],
-        Base::FtHead => vec![Trainable::Head],
-        Base::Adapter => vec![Trainable::Adapter],
-        _ => vec![Trainable::Tail],
+fn train_config(recipe: &Recipe, hyper: &Hyper, seed: u64) -> TrainConfig {
+    let trainable = match recipe.part {
+        Part::HeadSeenRows => vec![Trainable::HeadSeenRows],
+        Part::Head => vec![Trainable::Head],
+        Part::Adapter => vec![Trainable::Adapter],
+        Part::Tail => vec![Trainable::Tail],
     };
-    let distill = (method.distill_unseen || method.distill_all).then_some(DistillConfig {
-        unseen_only: method.distill_unseen,
+    let distill = recipe.distill.map(|distill| DistillConfig {
+        unseen_only: distill == Distill::UnseenOnly,
         temperature: hyper.distill_temperature,
         weight: hyper.distill_weight,
     });
-    let default_rate = match method.base {
-        Base::FtHead => hyper.head_rate,
-        Base::Adapter => hyper.adapter_rate,
-        _ => hyper.tail_rate,
+    let default_rate = match recipe.part {
+        Part::Head | Part::HeadSeenRows => hyper.head_rate,
+        Part::Adapter => hyper.adapter_rate,
+        Part::Tail => hyper.tail_rate,
     };
     TrainConfig {
         trainable,
@@ -300,7 +320,7 @@ fn train_config(method: &Method, hyper: &Hyper, seed: u64) -> TrainConfig {
 
 #[allow(clippy::too_many_arguments)]
 fn train_network(
-    method: &Method,
+    recipe: &Recipe,
     input: &AdaptInput<'_>,
     data: &SplitSet,
     teacher: &Array2<f32>,
@@ -309,13 +329,13 @@ fn train_network(
     seed: u64,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Network, AdaptError> {
-    let start = if method.base == Base::Adapter {
+    let start = if recipe.part == Part::Adapter {
         input.source.with_adapter(hyper.adapter_rank, seed)
     } else {
         input.source.clone()
     };
-    let config = train_config(method, hyper, seed);
-    if !method.lolsgd {
+    let config = train_config(recipe, hyper, seed);
+    if !recipe.leave_out {
         return train(&start, data, Some(teacher), unseen, &config, progress).map(|(network, _)| network);
     }
     leave_out_sgd(&start, data, teacher, unseen, &config, hyper, seed, progress)
@@ -392,7 +412,7 @@ pub fn interpolate(source: &Network, adapted: &Network, alpha: f32) -> Network {
 /// halves, adapt on the pseudo-seen half, and pick the γ that maximises accuracy on all seen
 /// samples while keeping pseudo-unseen accuracy at least the source model's; average over splits.
 fn pcv_gamma(
-    method: &Method,
+    recipe: &Recipe,
     input: &AdaptInput<'_>,
     seen: &[usize],
     hyper: &Hyper,
@@ -405,7 +425,7 @@ fn pcv_gamma(
     let source_logits = input.teacher;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9c5);
     let mut gammas = Vec::new();
-    let per_split = planned_train_steps(method, hyper);
+    let per_split = planned_train_steps(recipe, hyper);
     for split in 0..hyper.pcv_splits {
         let mut shuffled = seen.to_vec();
         shuffled.shuffle(&mut rng);
@@ -415,9 +435,8 @@ fn pcv_gamma(
         let part = input.data.select(&train_idx);
         let part_teacher = input.teacher.select(Axis(0), &train_idx);
         let (_, unseen_here) = seen_and_unseen(&part.labels, input.classes);
-        let base = Method { alg: false, pcv: false, ..method.clone() };
         let mut network = train_network(
-            &base,
+            recipe,
             input,
             &part,
             &part_teacher,
@@ -426,7 +445,7 @@ fn pcv_gamma(
             seed + 7919 * (split as u64 + 1),
             &mut |n| progress(per_split * (split + 1) + n),
         )?;
-        if method.wise {
+        if recipe.wise {
             network = interpolate(input.source, &network, hyper.wise_alpha);
         }
         let logits = Adapted { network, gamma: 0.0, unseen: vec![], notes: vec![] }.logits_of(input.data);
@@ -479,39 +498,4 @@ fn accuracy_where(logits: &Array2<f32>, labels: &[usize], mask: &[bool], unseen:
         correct += (predicted == label) as usize;
     }
     if total == 0 { 0.0 } else { correct as f32 / total as f32 }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn methods_parse_and_print_back() {
-        for text in [
-            "source",
-            "ft-head",
-            "ft-head+alg",
-            "ft-tail+alg",
-            "adapter+lolsgd+alg",
-            "ft-tail+distill-unseen",
-            "ft-tail+wise+pcv",
-            "ft-tail+prior-source",
-            "recommended",
-            "ft-head-seen",
-        ] {
-            let method: Method = text.parse().unwrap();
-            assert_eq!(method.to_string(), text);
-        }
-        let distill: Method = "distill-all".parse().unwrap();
-        assert_eq!(distill.to_string(), "ft-tail+distill-all", "a bare modifier trains the tail");
-    }
-
-    #[test]
-    fn bad_method_names_say_what_is_wrong() {
-        assert!("ft-tail+magic".parse::<Method>().unwrap_err().contains("magic"));
-        assert!("alg+ft-tail".parse::<Method>().unwrap_err().contains("first"));
-        assert!("ft-tail+alg+pcv".parse::<Method>().unwrap_err().contains("one calibration"));
-        assert!("source+alg".parse::<Method>().unwrap_err().contains("no modifiers"));
-        assert!("alg".parse::<Method>().unwrap_err().contains("base"));
-    }
 }

@@ -9,8 +9,9 @@ use super::calibrate;
 use super::data::SplitSet;
 use super::gate::{self, GateInput};
 use super::health;
-use super::method::{AdaptInput, Adapted, Base, Hyper, Method, adapt, seen_and_unseen};
+use super::method::{AdaptInput, Adapted, Hyper, Method, adapt, seen_and_unseen};
 use super::share::{self, ShareChoice, ShareReason};
+use super::spec::{Calibration, Part, PriorTarget, Recipe};
 use super::train::AdaptError;
 use crate::network::Network;
 
@@ -28,7 +29,8 @@ pub(super) fn adapt_recommended(
     seed: u64,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Adapted, AdaptError> {
-    let method = recommended_for(input.source);
+    let recipe = recommended_for(input.source);
+    let method = Method::Trained(recipe.clone());
     let rates = recommended_rates(hyper);
     let (train_part, validation) = validation_split(input.data, hyper.validation_share, seed);
     let choice = share_choice(input, seed);
@@ -92,7 +94,7 @@ pub(super) fn adapt_recommended(
         return Err(source_kept(&[(rate, final_reasons)]));
     }
     adapted.notes.insert(0, format!("lr {rate}"));
-    if method.base == Base::Adapter {
+    if recipe.part == Part::Adapter {
         adapted.notes.insert(0, "adapter (no trainable tail)".to_string());
     }
     if !scores.is_empty() || !refusals.is_empty() {
@@ -219,7 +221,7 @@ fn validation_split(data: &SplitSet, share: f32, seed: u64) -> (Vec<usize>, Vec<
 
 /// The method `recommended` trains with on `source` (its learning rate is chosen per device):
 /// the tail where the bundle has one with weights, else a feature adapter.
-pub fn recommended_for(source: &Network) -> Method {
-    let base = if source.has_trainable_tail() { "ft-tail" } else { "adapter" };
-    format!("{base}+prior").parse().expect("a valid method")
+pub fn recommended_for(source: &Network) -> Recipe {
+    let part = if source.has_trainable_tail() { Part::Tail } else { Part::Adapter };
+    Recipe { part, calibration: Some(Calibration::Prior(PriorTarget::Estimated)), ..Recipe::tail() }
 }
