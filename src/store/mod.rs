@@ -11,6 +11,7 @@ mod events;
 mod samples;
 mod schema;
 mod traffic;
+mod traffic_images;
 mod versions;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ pub use commands::Claim;
 pub use events::PendingEvent;
 pub use samples::{NewSample, Split, StoredSample};
 pub use schema::MIGRATIONS;
+pub use traffic_images::{KeepImages, NewTrafficImage, TrafficImage};
 pub use versions::{NewVersion, VersionRecord, VersionStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -260,10 +262,12 @@ mod tests {
             let mut store = Store::open(&path, "bundle-a").unwrap();
             store.insert_samples(&[sample("s1", "A")], |_| Split::Train, |_, _, _| event(0)).unwrap();
         }
-        // The store as schema 2 left it: the metrics table back, the version set back.
+        // The store as schema 2 left it: migrations 3 and 4 undone, the version set back.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "CREATE TABLE metrics (id INTEGER PRIMARY KEY, at_ms INTEGER, version INTEGER, payload TEXT);
+             DROP TABLE traffic_images;
+             ALTER TABLE samples DROP COLUMN labelled_by;
              PRAGMA user_version = 2;",
         )
         .unwrap();
@@ -275,6 +279,9 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'metrics'", [], |r| r.get(0))
             .unwrap();
         assert_eq!(tables, 0, "migration 3 drops the metrics table nothing wrote");
+        let labelled_by: Option<String> =
+            store.conn.query_row("SELECT labelled_by FROM samples", [], |r| r.get(0)).unwrap();
+        assert_eq!(labelled_by, None, "migration 4 adds who labelled a sample, unknown for older ones");
         assert_eq!(store.sample_counts().unwrap()["A"], (1, 0));
     }
 

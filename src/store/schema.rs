@@ -69,4 +69,24 @@ pub const MIGRATIONS: &[&str] = &[
     "
     DROP TABLE metrics;
     ",
+    // 4: recent classified images for labelling on the console, and who labelled each sample.
+    "
+    CREATE TABLE traffic_images (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        predicted TEXT NOT NULL,
+        confidence REAL NOT NULL,
+        top TEXT NOT NULL,
+        image BLOB NOT NULL,
+        bytes INTEGER NOT NULL,
+        thumbnail BLOB,
+        dhash INTEGER,
+        sample INTEGER,
+        skipped INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX traffic_images_unthumbed ON traffic_images (id) WHERE thumbnail IS NULL;
+    ALTER TABLE samples ADD COLUMN labelled_by TEXT;
+    ",
 ];
