@@ -85,7 +85,7 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     let shared_for_exit = Arc::clone(&shared);
     tokio::task::spawn_blocking(move || {
         let mut agent = shared_for_exit.lock();
-        if let Err(error) = agent.flush_traffic() {
+        if let Err(error) = agent.flush_traffic().and_then(|()| agent.flush_images()) {
             tracing::warn!(%error, "cannot store traffic");
         }
         let uptime = shared_for_exit.started.elapsed().as_secs();
@@ -281,6 +281,9 @@ async fn housekeeping(shared: Arc<Shared>) {
             flushed = Instant::now();
         }
         let result = tokio::task::spawn_blocking(move || -> Result<(), StartError> {
+            if let Err(error) = super::console::recent::keep_recent_images(&shared) {
+                tracing::warn!(%error, "cannot keep recent images");
+            }
             if flush {
                 let mut agent = shared.lock();
                 agent.flush_traffic()?;

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod console;
 pub mod counters;
 pub mod daemon;
 mod fleet_port;
@@ -68,6 +69,8 @@ pub struct Agent {
     serving: i64,
     counters: Counters,
     pending_traffic: Vec<Vec<u8>>,
+    /// Classified images not yet written to the store, for the console.
+    pending_images: Vec<crate::store::NewTrafficImage>,
     traffic_rows: usize,
     reference: Option<SplitSet>,
     limits: DecodeLimits,
@@ -113,6 +116,7 @@ impl Agent {
             serving: 0,
             counters: Counters::default(),
             pending_traffic: Vec::new(),
+            pending_images: Vec::new(),
             traffic_rows,
             reference,
             limits: DecodeLimits::default(),

@@ -1,15 +1,19 @@
-//! Classification, and the unlabelled traffic it leaves for prior matching.
+//! Classification, and what it leaves behind: unlabelled traffic for prior matching, and the
+//! recent images with their predictions for labelling on the console.
 
 use std::time::Instant;
 
 use crate::adapt::data::{SplitSet, encode_features};
 use crate::imaging;
 use crate::inference::{Prediction, predict, prepare_bytes};
+use crate::store::{KeepImages, NewTrafficImage};
 
 use super::{Agent, AgentError};
 
 /// Unlabelled traffic rows are written to the store in groups of this many.
 const TRAFFIC_FLUSH_ROWS: usize = 64;
+/// Classes kept with each recent image, for the labelling queue.
+const KEPT_TOP: usize = 5;
 
 impl Agent {
     /// Classifies encoded images with the served version. Counts each result and keeps the
@@ -33,11 +37,13 @@ impl Agent {
             });
             match outcome {
                 Ok((split, logits)) => {
-                    let predictions = predict(logits.view(), self.classes(), top_k);
+                    let predictions = predict(logits.view(), self.classes(), top_k.max(KEPT_TOP));
                     if let Ok(set) = SplitSet::from_onnx(split.view(), vec![0; ready.len()]) {
                         self.pending_traffic.extend((0..set.len()).map(|i| encode_features(&set, i)));
                     }
-                    for ((index, _), prediction) in ready.iter().zip(predictions) {
+                    for ((index, _), mut prediction) in ready.iter().zip(predictions) {
+                        self.keep_image(images[*index], &prediction);
+                        prediction.top.truncate(top_k);
                         results[*index] = Some(Ok(prediction));
                     }
                 }
@@ -62,6 +68,41 @@ impl Agent {
             tracing::warn!(%error, "cannot store unlabelled traffic");
         }
         results
+    }
+
+    /// Buffers a classified image for the console, while the byte budget of the buffer lasts.
+    fn keep_image(&mut self, (name, bytes): (&str, &[u8]), prediction: &Prediction) {
+        let keep = self.keep_images();
+        if keep.count == 0 || bytes.len() as u64 > keep.bytes {
+            return;
+        }
+        let buffered: usize = self.pending_images.iter().map(|image| image.image.len()).sum();
+        if (buffered + bytes.len()) as u64 > keep.bytes || self.pending_images.len() >= keep.count {
+            return;
+        }
+        self.pending_images.push(NewTrafficImage {
+            name: name.chars().take(200).collect(),
+            predicted: prediction.class.clone(),
+            confidence: prediction.confidence,
+            top: prediction.top.iter().take(KEPT_TOP).cloned().collect(),
+            image: bytes.to_vec(),
+        });
+    }
+
+    fn keep_images(&self) -> KeepImages {
+        let console = &self.config.console;
+        let count = if console.enabled { console.keep_images } else { 0 };
+        KeepImages { count, bytes: console.keep_image_bytes }
+    }
+
+    /// Writes buffered recent images to the store.
+    pub fn flush_images(&mut self) -> Result<(), AgentError> {
+        if self.pending_images.is_empty() {
+            return Ok(());
+        }
+        let images = std::mem::take(&mut self.pending_images);
+        self.store.add_traffic_images(&images, self.keep_images())?;
+        Ok(())
     }
 
     /// Writes buffered traffic rows to the store.

@@ -51,6 +51,24 @@ impl HttpConfig {
     }
 }
 
+/// The on-site console: a page on the device where staff label recent traffic, adapt, judge
+/// and roll back (docs/console.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub enabled: bool,
+    /// Recent classified images kept for labelling, at most (0: none).
+    pub keep_images: usize,
+    /// Bytes of recent classified images kept, at most.
+    pub keep_image_bytes: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig { enabled: true, keep_images: 500, keep_image_bytes: 64 << 20 }
+    }
+}
+
 /// What happens to an image in the watched folder once it is classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

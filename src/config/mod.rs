@@ -14,7 +14,7 @@ mod agent;
 pub mod search;
 
 pub use crate::adapt::gate::GateConfig;
-pub use agent::{AdaptationConfig, AfterClassify, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
+pub use agent::{AdaptationConfig, AfterClassify, ConsoleConfig, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +34,8 @@ pub struct DeviceConfig {
     pub watch: WatchConfig,
     #[serde(default)]
     pub labelling: LabellingConfig,
+    #[serde(default)]
+    pub console: ConsoleConfig,
     #[serde(default)]
     pub adaptation: AdaptationConfig,
     #[serde(default)]
@@ -172,6 +174,8 @@ impl DeviceConfig {
             ("http.max_body_bytes", self.http.max_body_bytes, 1024, 1 << 30),
             ("http.header_timeout_s", self.http.header_timeout_s, 1, 3600),
             ("http.request_timeout_s", self.http.request_timeout_s, 1, 86_400),
+            ("console.keep_images", self.console.keep_images as u64, 0, 100_000),
+            ("console.keep_image_bytes", self.console.keep_image_bytes, 0, 16 << 30),
         ];
         for (key, value, low, high) in limits {
             if !(low..=high).contains(&value) {
@@ -264,6 +268,7 @@ impl DeviceConfig {
         changed("runtime", self.runtime != new.runtime, false);
         changed("http", self.http != new.http, false);
         changed("watch", self.watch != new.watch, false);
+        changed("console", self.console != new.console, false);
         changed("mqtt", self.mqtt != new.mqtt, false);
         (applied, restart)
     }

@@ -11,6 +11,8 @@ use ndarray::{Array3, Array4, ArrayView3, Axis};
 
 use crate::model::manifest::{ColorMode, InputContract, Layout, ResizePolicy};
 
+pub mod thumbnail;
+
 /// Guards against decompression bombs and oversized inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLimits {
