@@ -273,7 +273,7 @@ fn a_promoted_version_with_broken_weights_is_reported_and_the_source_is_served()
                 weights: &weights,
                 last_sample_id: 0,
             },
-            &[],
+            |_| vec![],
         )
         .unwrap();
     drop(store);
