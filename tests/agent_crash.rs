@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, free_port, http, write_config};
-use common::repo;
+use common::{repo, wait_until_ok};
 use sha2::{Digest, Sha256};
 
 fn label_images() -> Vec<(String, Vec<u8>)> {
@@ -26,7 +26,8 @@ fn label_images() -> Vec<(String, Vec<u8>)> {
     images
 }
 
-/// Posts labels one by one until `stop`; records the hash of every acknowledged one.
+/// Posts labels one by one until `stop` or the last image; records the hash of every
+/// acknowledged one. Fails when the agent answers nothing for a minute.
 fn labeller(
     port: u16,
     images: Arc<Vec<(String, Vec<u8>)>>,
@@ -36,6 +37,7 @@ fn labeller(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let agent = http();
+        let mut answered = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             let index = *next.lock().unwrap();
             let Some((class, bytes)) = images.get(index) else { return };
@@ -47,12 +49,25 @@ fn labeller(
                         acknowledged.lock().unwrap().insert(hex::encode(Sha256::digest(bytes)));
                     }
                     *next.lock().unwrap() += 1;
+                    answered = Instant::now();
                 }
                 Ok(response) => panic!("label refused: HTTP {}", response.status()),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                Err(error) => {
+                    // Killed and not yet restarted: try again shortly.
+                    let silent = answered.elapsed();
+                    assert!(silent < Duration::from_secs(60), "the agent answered no label for {silent:?}: {error}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
     })
+}
+
+/// Joins a labeller, failing with its own panic message.
+fn join(worker: std::thread::JoinHandle<()>) {
+    if let Err(panic) = worker.join() {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 fn stored_hashes(db: &PathBuf) -> BTreeSet<String> {
@@ -91,10 +106,11 @@ fn acknowledged_labels_and_versions_survive_repeated_kills() {
         let daemon = Daemon::start(&config, port, &log);
         let stop = Arc::new(AtomicBool::new(false));
         let worker = labeller(port, images.clone(), next.clone(), acknowledged.clone(), stop.clone());
+        // The kill lands wherever ingest happens to be after this long.
         std::thread::sleep(Duration::from_millis(delay_ms));
         daemon.kill();
         stop.store(true, Ordering::SeqCst);
-        worker.join().unwrap();
+        join(worker);
         let stored = stored_hashes(&db);
         let missing: Vec<_> = acknowledged.lock().unwrap().difference(&stored).cloned().collect();
         assert!(missing.is_empty(), "cycle {cycle}: {} acknowledged labels lost", missing.len());
@@ -106,25 +122,21 @@ fn acknowledged_labels_and_versions_survive_repeated_kills() {
     // Label the rest, then kill during a run, twice, at different points.
     let daemon = Daemon::start(&config, port, &log);
     let stop = Arc::new(AtomicBool::new(false));
-    labeller(port, images.clone(), next.clone(), acknowledged.clone(), stop).join().unwrap();
+    join(labeller(port, images.clone(), next.clone(), acknowledged.clone(), stop));
     let mut daemon = daemon;
     for fraction in [0.1, 0.6] {
         let agent = http();
         let response = agent.post(daemon.url("/v1/adapt")).send_empty().unwrap();
         assert_eq!(response.status(), 202);
-        let started = Instant::now();
-        loop {
+        let what = format!("the run to pass {fraction} of its steps");
+        wait_until_ok(Duration::from_secs(120), &what, || {
             let state: serde_json::Value =
                 agent.get(daemon.url("/v1/adapt")).call().unwrap().body_mut().read_json().unwrap();
             let step = state["running"]["step"].as_f64().unwrap_or(0.0);
             let steps = state["running"]["steps"].as_f64().unwrap_or(1.0);
-            if step / steps >= fraction {
-                break;
-            }
             assert!(state["running"].is_object(), "the run ended before the kill: {state}");
-            assert!(started.elapsed() < Duration::from_secs(120));
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            if step / steps >= fraction { Ok(()) } else { Err(state.to_string()) }
+        });
         daemon.kill();
         check_store(&db);
         daemon = Daemon::start(&config, port, &log);

@@ -6,11 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{Daemon, free_port, http, write_config};
-use common::repo;
+use common::{log_lines, repo, wait_until, wait_until_ok};
 use edgeadapt::inference::{Classifier, Prediction, predict};
 use edgeadapt::model::Bundle;
 use edgeadapt::runtime::RuntimeOptions;
@@ -42,34 +43,30 @@ fn classify_through_folder(
     for name in &names {
         std::fs::rename(stage.join(name), data_dir.join("watch").join(name)).unwrap();
     }
-    let started = Instant::now();
     let log = data_dir.join("classifications.jsonl");
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
+    let what = format!("the {} '{prefix}' images to be classified", names.len());
+    let lines = wait_until_ok(Duration::from_secs(120), &what, || {
+        // Whole lines only: the agent may be writing the last one.
+        let lines: Vec<serde_json::Value> = log_lines(&log, "")
+            .iter()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|v| v["file"].as_str().unwrap().starts_with(&format!("{prefix}__")))
             .collect();
-        if lines.len() == names.len() {
-            let mut by_class: BTreeMap<String, Vec<(String, Prediction)>> = BTreeMap::new();
-            for line in lines {
-                let file = line["file"].as_str().unwrap().to_string();
-                let class = file.split("__").nth(1).unwrap().to_string();
-                let prediction: Prediction = serde_json::from_value(line["prediction"].clone()).unwrap();
-                by_class.entry(class).or_default().push((file, prediction));
-            }
-            // In the order of the images given, not the order the agent happened to take them in.
-            let index =
-                |file: &str| file.rsplit("__").next().and_then(|n| n.strip_suffix(".png")?.parse::<usize>().ok());
-            for predictions in by_class.values_mut() {
-                predictions.sort_by_key(|(file, _)| index(file));
-            }
-            return by_class;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "{} of {} classified", lines.len(), names.len());
-        std::thread::sleep(Duration::from_millis(100));
+        if lines.len() == names.len() { Ok(lines) } else { Err(format!("{} classified", lines.len())) }
+    });
+    let mut by_class: BTreeMap<String, Vec<(String, Prediction)>> = BTreeMap::new();
+    for line in lines {
+        let file = line["file"].as_str().unwrap().to_string();
+        let class = file.split("__").nth(1).unwrap().to_string();
+        let prediction: Prediction = serde_json::from_value(line["prediction"].clone()).unwrap();
+        by_class.entry(class).or_default().push((file, prediction));
     }
+    // In the order of the images given, not the order the agent happened to take them in.
+    let index = |file: &str| file.rsplit("__").next().and_then(|n| n.strip_suffix(".png")?.parse::<usize>().ok());
+    for predictions in by_class.values_mut() {
+        predictions.sort_by_key(|(file, _)| index(file));
+    }
+    by_class
 }
 
 /// Accuracy (points) on the seen and on the unseen classes.
@@ -119,14 +116,11 @@ fn label_adapt_check_rollback_and_restart() {
     let output = daemon.cli(&["adapt", "--cancel"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("run cancelled"));
     let agent = http();
-    let state = loop {
+    let state = wait_until(Duration::from_secs(60), "the cancelled run to end", || {
         let state: serde_json::Value =
             agent.get(daemon.url("/v1/adapt")).call().unwrap().body_mut().read_json().unwrap();
-        if state["running"].is_null() {
-            break state;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        state["running"].is_null().then_some(state)
+    });
     assert!(state["last"]["Err"].as_str().unwrap().contains("cancelled"), "{state}");
 
     let output = daemon.cli(&["adapt"]);
@@ -198,12 +192,29 @@ fn label_adapt_check_rollback_and_restart() {
     daemon.stop();
 }
 
+/// Unix only: the test listens to the daemon's systemd notifications.
+#[cfg(unix)]
 #[test]
 fn the_policy_adapts_after_enough_new_labels() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = write_config(dir.path(), port, "[adaptation]\nmethod = \"ft-tail+prior\"\nafter_new_labels = 40\n");
-    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    // Housekeeping feeds the systemd watchdog once a second, each time just before it asks the
+    // policy; the feeds show when the policy has been asked. Read at once, as systemd does: a
+    // full queue (10 by default) would block the daemon's next feed.
+    let notify = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let (notified, notifications) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 512];
+        while let Ok(n) = socket.recv(&mut buffer) {
+            if notified.send(buffer[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let env = [("NOTIFY_SOCKET", notify.as_os_str()), ("WATCHDOG_USEC", OsStr::new("60000000"))];
+    let daemon = Daemon::start_with_env(&config, port, &dir.path().join("daemon.log"), &env);
     let data = fonts36();
     let agent = http();
     for class in ["3", "K"] {
@@ -213,26 +224,38 @@ fn the_policy_adapts_after_enough_new_labels() {
             assert_eq!(response.status(), 200);
         }
     }
-    let started = Instant::now();
-    let status = loop {
+    let status = wait_until_ok(Duration::from_secs(120), "a policy run to finish", || {
         let status: serde_json::Value =
             agent.get(daemon.url("/v1/status")).call().unwrap().body_mut().read_json().unwrap();
-        if status["versions"].as_array().unwrap().len() == 2 && status["running"].is_null() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "no policy run: {status}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        let done = status["versions"].as_array().unwrap().len() == 2 && status["running"].is_null();
+        if done { Ok(status) } else { Err(status.to_string()) }
+    });
     assert_eq!(status["new_labels_since_last_run"], 0);
     let version = &status["versions"][1];
     assert_eq!(version["method"], "ft-tail+prior");
     // Without traffic the unseen-rate check is skipped, and says so.
     let skipped = version["metrics"]["gate_skipped"].as_array().unwrap();
     assert!(skipped.iter().any(|s| s.as_str().unwrap().contains("no unlabelled traffic")), "{version}");
-    // No second run starts without new labels.
-    std::thread::sleep(Duration::from_millis(1500));
+
+    // No second run starts without new labels. Feeds queued behind this mark come from checks
+    // that began after the run ended, and a feed follows the previous check's end: after two,
+    // the policy has been asked at least once with no new labels.
+    std::os::unix::net::UnixDatagram::unbound().unwrap().send_to(b"MARK", &notify).unwrap();
+    let (mut marked, mut feeds) = (false, 0);
+    wait_until(Duration::from_secs(30), "two watchdog feeds after the run", || {
+        while let Ok(message) = notifications.try_recv() {
+            marked |= message == b"MARK";
+            feeds += usize::from(marked && message == b"WATCHDOG=1\n");
+        }
+        (feeds >= 2).then_some(())
+    });
+    let conn = rusqlite::Connection::open(dir.path().join("data/store.db")).unwrap();
+    let runs: i64 =
+        conn.query_row("SELECT COUNT(*) FROM events WHERE kind = 'adaptation.started'", [], |r| r.get(0)).unwrap();
+    assert_eq!(runs, 1, "a run started without new labels");
     let status: serde_json::Value = agent.get(daemon.url("/v1/status")).call().unwrap().body_mut().read_json().unwrap();
     assert_eq!(status["versions"].as_array().unwrap().len(), 2);
+    assert!(status["running"].is_null(), "{status}");
     daemon.stop();
 }
 
@@ -256,26 +279,28 @@ fn sighup_reloads_what_can_change_and_names_the_rest() {
             .map(|p| serde_json::from_str(&p.unwrap()).unwrap())
             .collect()
     };
-    // A broken file changes nothing and the agent stays up.
+    // A broken file changes nothing and the agent stays up. The refusal is logged once the file
+    // has been read, so from then on no reload can still be under way.
     let original = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{original}[gate]\nmax_seen_drop = 7\n")).unwrap();
     hangup();
-    std::thread::sleep(Duration::from_millis(500));
+    let log = dir.path().join("daemon.log");
+    wait_until(Duration::from_secs(10), "the broken config to be refused in the log", || {
+        log_lines(&log, "config not reloaded").into_iter().next()
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("gate.max_seen_drop"), "the refusal names the key: {text}");
     assert!(reloads().is_empty());
     // A valid change: the gate applies at once, the watched folder's settings need a restart.
     std::fs::write(&config, original.replace("poll_ms = 50", "poll_ms = 60") + "[gate]\nmax_seen_drop = 0.1\n")
         .unwrap();
     hangup();
-    let started = Instant::now();
-    while reloads().is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(10), "no reload");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let reload = &reloads()[0];
-    assert_eq!(reload["applied"], serde_json::json!(["gate"]));
-    assert_eq!(reload["needs_restart"], serde_json::json!(["watch"]));
-    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
-    assert!(log.contains("config not reloaded") && log.contains("gate.max_seen_drop"), "{log}");
+    let reloaded = wait_until(Duration::from_secs(10), "the valid config to be reloaded", || {
+        Some(reloads()).filter(|r| !r.is_empty())
+    });
+    assert_eq!(reloaded.len(), 1, "{reloaded:?}");
+    assert_eq!(reloaded[0]["applied"], serde_json::json!(["gate"]));
+    assert_eq!(reloaded[0]["needs_restart"], serde_json::json!(["watch"]));
     let status = http().get(daemon.url("/v1/status")).call().unwrap();
     assert_eq!(status.status(), 200);
     daemon.stop();

@@ -35,11 +35,7 @@ fn edgeadapt(config: &Path, args: &[&str]) -> std::process::Output {
 
 /// Waits until `done` holds, or fails with `what` after `limit`.
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(limit, what, || done().then_some(()));
 }
 
 fn files_in(dir: &Path) -> Vec<String> {

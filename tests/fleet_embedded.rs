@@ -16,7 +16,7 @@ use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
 use edgeadapt::inference::{Classifier, Prediction, predict};
 use edgeadapt::model::Bundle;
 use edgeadapt::runtime::RuntimeOptions;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 
 type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
@@ -69,10 +69,15 @@ async fn retained(port: u16, topic: &str) -> serde_json::Value {
 }
 
 fn wait_for(messages: &Messages, what: &str, check: impl Fn(&[(String, Vec<u8>)]) -> bool) {
-    let started = std::time::Instant::now();
+    common::wait_until(Duration::from_secs(60), what, || check(&messages.lock().unwrap()).then_some(()));
+}
+
+/// [`wait_for`] inside the test's runtime: it sleeps without blocking the tasks it waits on.
+async fn wait_for_async(messages: &Messages, what: &str, check: impl Fn(&[(String, Vec<u8>)]) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !check(&messages.lock().unwrap()) {
-        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(std::time::Instant::now() < deadline, "timed out after 30 s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -170,6 +175,7 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "no retained metrics with the last adaptation: {metrics}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // The same id for a different command is refused, not answered with the adapt result.
         let reused = fleet
@@ -268,9 +274,14 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     runtime.block_on(async {
         let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("raw", "127.0.0.1", mqtt_port), 10);
         client.publish("edgeadapt/v1/test-fleet/test-device/cmd", QoS::AtLeastOnce, false, "not json").await.unwrap();
-        for _ in 0..20 {
-            let _ = tokio::time::timeout(Duration::from_millis(100), eventloop.poll()).await;
-        }
+        // Driven until the broker has taken the command; the device's answer is awaited below.
+        let taken = tokio::time::timeout(Duration::from_secs(10), async {
+            while !matches!(
+                eventloop.poll().await.expect("the raw client's connection"),
+                Event::Incoming(Packet::PubAck(_))
+            ) {}
+        });
+        taken.await.expect("the broker did not acknowledge the malformed command within 10 s");
     });
     wait_for(&messages, "the refusal", |m| {
         m.iter().any(|(t, p)| t.ends_with("/response") && json(p)["id"] == "" && json(p)["ok"] == false)
@@ -359,18 +370,23 @@ fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
             let (progress, watcher) = tokio::sync::watch::channel(StartProgress::WarmingUp(0));
             let announcer = tokio::spawn(announce_start(config.clone(), device.into(), None, watcher));
             let topic = format!("edgeadapt/v1/warm/{device}/status");
-            let started = std::time::Instant::now();
-            while !messages.lock().unwrap().iter().any(|(t, _)| *t == topic) {
-                assert!(started.elapsed() < Duration::from_secs(30), "no starting status from {device}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // Refreshed at most every five seconds of warm-up.
-            for seconds in [1, 3, 6] {
+            let first = format!("the starting status from {device}");
+            wait_for_async(&messages, &first, |m| m.iter().any(|(t, _)| *t == topic)).await;
+            // Refreshed at most every five seconds of warm-up: 1 and 3 publish nothing. A watch
+            // channel keeps only its newest value, so each one is left a moment to be seen.
+            for seconds in [1, 3] {
                 progress.send(StartProgress::WarmingUp(seconds)).unwrap();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            progress.send(StartProgress::WarmingUp(6)).unwrap();
+            let refreshed = format!("the 6 s status from {device}");
+            wait_for_async(&messages, &refreshed, |m| {
+                m.iter().any(|(t, p)| *t == topic && json(p)["reason"] == "starting: warming up the model (6 s)")
+            })
+            .await;
             progress.send(outcome).unwrap();
-            tokio::time::timeout(Duration::from_secs(10), announcer).await.unwrap().unwrap();
+            let finished = tokio::time::timeout(Duration::from_secs(10), announcer).await;
+            finished.unwrap_or_else(|_| panic!("the announcer for {device} did not return within 10 s")).unwrap();
         }
     });
     let reasons = |all: &[(String, Vec<u8>)], device: &str| -> Vec<String> {
@@ -384,8 +400,27 @@ fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
         statuses.iter().map(|s| s["reason"].as_str().unwrap().to_string()).collect()
     };
     wait_for(&messages, "the failed start", |all| reasons(all, "fails").len() == 3);
-    // Anything published after a clean disconnect (a Last Will) would show up here.
-    std::thread::sleep(Duration::from_secs(1));
+    // The broker publishes a Last Will a moment after it sees a connection close (rumqttd waits on
+    // a timer), so Wills of connections closed within that moment may come out in either order.
+    // Canaries that close without a DISCONNECT, one after the other's Will arrived: once the
+    // second one's Will is here, a Will of either announcer would have come before it.
+    for canary in ["canary-1", "canary-2"] {
+        let will_topic = format!("edgeadapt/v1/warm/{canary}/will");
+        runtime.block_on(async {
+            let mut options = MqttOptions::new(canary, "127.0.0.1", port);
+            options.set_last_will(LastWill::new(&will_topic, "gone", QoS::AtLeastOnce, false));
+            let (_client, mut eventloop) = AsyncClient::new(options, 10);
+            let connected = tokio::time::timeout(Duration::from_secs(10), async {
+                while !matches!(
+                    eventloop.poll().await.expect("the canary's connection"),
+                    Event::Incoming(Packet::ConnAck(_))
+                ) {}
+            });
+            connected.await.expect("the canary was not accepted within 10 s");
+            // Dropping the event loop closes the connection without a DISCONNECT.
+        });
+        wait_for(&messages, &format!("the Last Will of {canary}"), |all| all.iter().any(|(t, _)| *t == will_topic));
+    }
     let all = messages.lock().unwrap();
     assert_eq!(
         reasons(&all, "starts"),

@@ -9,13 +9,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{Daemon, free_port, http, write_config};
 use common::repo;
 use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 
 const FLEET: &str = "test-fleet";
 const DEVICE: &str = "test-device";
@@ -100,14 +102,13 @@ impl Mosquitto {
     }
 
     fn wait_ready(&mut self) {
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let what = format!("mosquitto to listen on port {}", self.port);
+        common::wait_until(Duration::from_secs(20), &what, || {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("mosquitto exited ({status}): {}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
-            assert!(started.elapsed() < Duration::from_secs(20), "mosquitto did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(drop)
+        });
     }
 
     /// SIGTERM (mosquitto saves its persistent sessions), then start again on the same port.
@@ -182,11 +183,7 @@ fn collect(dir: &Path, port: u16) -> Messages {
 }
 
 fn wait_for(messages: &Messages, what: &str, check: impl Fn(&[(String, serde_json::Value)]) -> bool) {
-    let started = Instant::now();
-    while !check(&messages.lock().unwrap()) {
-        assert!(started.elapsed() < Duration::from_secs(90), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(Duration::from_secs(90), what, || check(&messages.lock().unwrap()).then_some(()));
 }
 
 #[test]
@@ -261,16 +258,25 @@ fn mutual_tls_acl_outage_and_last_will_with_mosquitto() {
     for n in 0..10 {
         label("4", n);
     }
+    let db = dir.path().join("data/store.db");
+    let daemon_log = dir.path().join("daemon.log");
+    let lost = |log: &Path| common::log_lines(log, "fleet broker unreachable").len();
+    let lost_before = lost(&daemon_log);
+    let mut last_before_outage = 0;
     broker.restart_after(&binary, || {
+        // The broker is down: no event stored from here on can have reached it.
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        last_before_outage = conn.query_row("SELECT MAX(id) FROM events", [], |row| row.get(0)).unwrap();
+        common::wait_until(Duration::from_secs(30), "the agent to notice the outage", || {
+            (lost(&daemon_log) > lost_before).then_some(())
+        });
         for n in 0..20 {
             label("7", n);
         }
-        std::thread::sleep(Duration::from_secs(2));
     });
     for n in 10..20 {
         label("4", n);
     }
-    let db = dir.path().join("data/store.db");
     let stored: Vec<i64> = {
         let conn = rusqlite::Connection::open(&db).unwrap();
         let mut statement = conn.prepare("SELECT id FROM events WHERE kind = 'sample.ingested' ORDER BY id").unwrap();
@@ -287,8 +293,20 @@ fn mutual_tls_acl_outage_and_last_will_with_mosquitto() {
     for (_, v) in messages.lock().unwrap().iter().filter(|(t, _)| *t == events_topic) {
         *counts.entry(v["id"].as_i64().unwrap()).or_default() += 1;
     }
-    let repeated = counts.values().filter(|&&n| n > 1).count();
-    eprintln!("outage: {} label events, all received; {repeated} received more than once", stored.len());
+    let repeated: Vec<i64> = counts.iter().filter(|&(_, &n)| n > 1).map(|(&id, _)| id).collect();
+    eprintln!("outage: {} label events, all received; {} received more than once", stored.len(), repeated.len());
+    // A repeat is an event in flight when a connection dropped: published by the agent but not
+    // yet acknowledged (the agent publishes it again after reconnecting), or on its way from the
+    // broker to the recorder (the broker sends it again to the persistent session). Per reconnect
+    // that is at most the link's window (EVENT_WINDOW = 64 in src/fleet/link_state.rs); with one
+    // outage, the tighter bound is that only events stored before it can repeat.
+    let late: Vec<&i64> = repeated.iter().filter(|&&id| id > last_before_outage).collect();
+    assert!(
+        late.is_empty(),
+        "events stored after the outage began (last before: {last_before_outage}) were received more than once: \
+         {late:?}; the agent connected {} times",
+        common::log_lines(&daemon_log, "connected to the fleet broker").len()
+    );
 
     // The agent dies without a word: the broker publishes its Last Will.
     daemon.kill();
@@ -322,7 +340,10 @@ fn username_and_password_with_mosquitto() {
     let mut broker = Mosquitto { child: spawn(&binary, &conf, &log), conf, port, log };
     broker.wait_ready();
 
-    let run = |password: &str, name: &str| -> bool {
+    // The agent with `password` in its password file: the broker's first answer to the agent's
+    // own client options, then the daemon itself, which must say what it got.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let run = |password: &str, name: &str| -> (Result<Event, ConnectionError>, Daemon, PathBuf) {
         let run_dir = dir.path().join(name);
         std::fs::create_dir_all(&run_dir).unwrap();
         std::fs::write(run_dir.join("password"), format!("{password}\n")).unwrap();
@@ -333,17 +354,40 @@ fn username_and_password_with_mosquitto() {
             run_dir.join("password").display()
         );
         let config = write_config(&run_dir, http_port, &extra);
-        let daemon = Daemon::start(&config, http_port, &run_dir.join("daemon.log"));
-        let started = Instant::now();
-        let mut online = false;
-        while started.elapsed() < Duration::from_secs(5) && !online {
-            online =
-                std::fs::read_to_string(run_dir.join("daemon.log")).unwrap().contains("connected to the fleet broker");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        daemon.stop();
-        online
+        let device = edgeadapt::config::DeviceConfig::load(&config).unwrap();
+        let options = edgeadapt::fleet::connect::options(&device.mqtt, &device.device_id, None, false).unwrap();
+        let answer = {
+            let (_client, mut eventloop) = AsyncClient::new(options, 10);
+            let answer =
+                runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await });
+            answer.expect("mosquitto did not answer the connect within 10 s")
+        };
+        let log = run_dir.join("daemon.log");
+        (answer, Daemon::start(&config, http_port, &log), log)
     };
-    assert!(run("s3cret", "right"), "the right password must connect");
-    assert!(!run("guess", "wrong"), "a wrong password must not connect");
+
+    let (answer, daemon, log) = run("s3cret", "right");
+    assert!(matches!(answer, Ok(Event::Incoming(Packet::ConnAck(_)))), "the right password must connect: {answer:?}");
+    common::wait_until(Duration::from_secs(30), "the agent to connect with the right password", || {
+        common::log_lines(&log, "connected to the fleet broker").into_iter().next()
+    });
+    daemon.stop();
+
+    let (answer, daemon, log) = run("guess", "wrong");
+    assert!(
+        matches!(
+            answer,
+            Err(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+            ))
+        ),
+        "a wrong password must be refused in the CONNACK: {answer:?}"
+    );
+    // The agent reports that refusal, not just a failure to connect.
+    let refusal = common::wait_until(Duration::from_secs(30), "the agent to report the refusal", || {
+        common::log_lines(&log, "fleet broker unreachable").into_iter().next()
+    });
+    assert!(refusal.contains("NotAuthorized") || refusal.contains("BadUserNamePassword"), "{refusal}");
+    daemon.stop();
+    assert!(common::log_lines(&log, "connected to the fleet broker").is_empty(), "a wrong password connected");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::{Daemon, free_port, write_config};
 use common::fixture;
@@ -86,11 +86,9 @@ fn a_wrong_class_through_the_running_agent_is_said_once_and_refused_files_are_na
     std::fs::copy(&truncated, data.join("watch/broken-watched.png")).unwrap();
     std::fs::copy(&truncated, data.join("inbox/B/broken-label.png")).unwrap();
     let settled = [data.join("classified/failed/broken-watched.png"), data.join("rejected/B/broken-label.png")];
-    let started = Instant::now();
-    while !settled.iter().all(|p| p.exists()) {
-        assert!(started.elapsed() < Duration::from_secs(60), "the broken images were not moved aside");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(Duration::from_secs(60), "the broken images to be moved aside", || {
+        settled.iter().all(|p| p.exists()).then_some(())
+    });
     daemon.stop();
     let log = std::fs::read_to_string(&log).unwrap();
     for name in ["broken-watched.png", "broken-label.png"] {

@@ -1,8 +1,9 @@
 //! Starting and stopping the agent daemon (`edgeadapt run`) for integration tests.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Daemon {
     pub child: Child,
@@ -30,12 +31,18 @@ pub fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
 impl Daemon {
     /// Starts `edgeadapt run` and waits until its endpoint answers.
     pub fn start(config: &Path, port: u16, log: &Path) -> Daemon {
+        Daemon::start_with_env(config, port, log, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(config: &Path, port: u16, log: &Path, env: &[(&str, &OsStr)]) -> Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
             .arg("--config")
             .arg(config)
             .arg("run")
             .env("EDGEADAPT_LOG", "warn,edgeadapt=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -46,17 +53,13 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(60) {
+        let what = format!("the daemon to listen on port {}", self.port);
+        super::wait_until(Duration::from_secs(60), &what, || {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("the daemon exited during start-up: {status}");
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the daemon did not listen on port {} within 60 s", self.port);
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(drop)
+        });
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -68,11 +71,13 @@ impl Daemon {
         Command::new(env!("CARGO_BIN_EXE_edgeadapt")).arg("--config").arg(&self.config).args(args).output().unwrap()
     }
 
-    /// SIGTERM, then wait for a clean exit.
+    /// SIGTERM, then wait for a clean exit (a daemon that hangs is killed when `self` drops).
     pub fn stop(mut self) {
         let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
-        let exit = self.child.wait().unwrap();
+        let exit = super::wait_until(Duration::from_secs(60), "the daemon to exit on SIGTERM", || {
+            self.child.try_wait().unwrap()
+        });
         assert!(exit.success(), "the daemon exited with {exit} on SIGTERM");
     }
 

@@ -61,10 +61,43 @@ pub mod gpu {
 }
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use edgeadapt::runtime::{self, RuntimeOptions};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
+
+/// Polls `probe` until it gives a value and returns that value; panics naming `what` once `limit`
+/// has passed. Every test that waits for another thread or process waits through here (or
+/// [`wait_until_ok`]), so no wait can hang a test or end it with a bare assertion.
+pub fn wait_until<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    wait_until_ok(limit, what, || probe().ok_or_else(String::new))
+}
+
+/// [`wait_until`] for a probe that says what it saw instead (`Err`), for the panic message.
+pub fn wait_until_ok<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe() {
+            Ok(value) => return value,
+            Err(seen) if Instant::now() >= deadline => {
+                let seen = if seen.is_empty() { String::new() } else { format!("; last seen: {seen}") };
+                panic!("timed out after {limit:?} waiting for {what}{seen}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The complete lines of the log at `path` that contain `needle`. A line still being written
+/// does not count, so a match is never a line cut short.
+pub fn log_lines(path: &Path, needle: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && l.contains(needle))
+        .map(|l| l.trim_end().into())
+        .collect()
+}
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

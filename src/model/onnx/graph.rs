@@ -473,3 +473,461 @@ fn is_batch_flatten(index: &GraphIndex<'_>, node: &NodeProto) -> bool {
     let Some(shape) = node.input.get(1).and_then(|n| index.constant(n)) else { return false };
     matches!(tensor::to_i64(shape).as_deref(), Ok([0, -1]))
 }
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{ArrayD, array};
+
+    use super::*;
+    use crate::model::onnx::proto::{AttributeProto, ValueInfoProto};
+    use crate::model::onnx::tensor::{from_f32, from_i64};
+
+    fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            name: Some(name.into()),
+            input: inputs.iter().map(|i| i.to_string()).collect(),
+            output: outputs.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn with(mut node: NodeProto, attribute: Vec<AttributeProto>) -> NodeProto {
+        node.attribute = attribute;
+        node
+    }
+
+    fn attribute(name: &str, kind: AttributeType) -> AttributeProto {
+        AttributeProto { name: Some(name.into()), r#type: Some(kind as i32), ..Default::default() }
+    }
+
+    fn int(name: &str, value: i64) -> AttributeProto {
+        AttributeProto { i: Some(value), ..attribute(name, AttributeType::Int) }
+    }
+
+    fn ints(name: &str, values: &[i64]) -> AttributeProto {
+        AttributeProto { ints: values.to_vec(), ..attribute(name, AttributeType::Ints) }
+    }
+
+    fn float(name: &str, value: f32) -> AttributeProto {
+        AttributeProto { f: Some(value), ..attribute(name, AttributeType::Float) }
+    }
+
+    fn constant(name: &str, values: ArrayD<f32>) -> TensorProto {
+        from_f32(name, &values)
+    }
+
+    /// A graph that reads `inputs` and produces `outputs`.
+    fn graph(inputs: &[&str], nodes: Vec<NodeProto>, initializer: Vec<TensorProto>, outputs: &[&str]) -> GraphProto {
+        GraphProto {
+            node: nodes,
+            initializer,
+            input: inputs.iter().map(|i| float_value_info(i, None)).collect(),
+            output: outputs.iter().map(|o| float_value_info(o, None)).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// `[out = 2, in = 3]`, as Gemm holds it with `transB = 1`.
+    fn weight() -> ArrayD<f32> {
+        array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]].into_dyn()
+    }
+
+    /// `fc = Gemm(f, w, b)` with `transB = 1` and `logits` as the model output.
+    fn gemm_head(extra: Vec<AttributeProto>) -> GraphProto {
+        let mut attributes = vec![int("transB", 1)];
+        attributes.extend(extra);
+        let fc = with(node("Gemm", "fc", &["f", "w", "b"], &["logits"]), attributes);
+        let initializers = vec![constant("w", weight()), constant("b", array![10.0f32, 20.0].into_dyn())];
+        graph(&["f"], vec![fc], initializers, &["logits"])
+    }
+
+    fn names(values: &[ValueInfoProto]) -> Vec<&str> {
+        values.iter().map(|v| v.name.as_deref().unwrap()).collect()
+    }
+
+    fn layer(layer: TailLayer, name: &str) -> MatchedLayer {
+        MatchedLayer { layer, name: name.into() }
+    }
+
+    /// Runs `walk` on a thread of its own: a walk that loops forever fails the test instead of
+    /// hanging it.
+    fn ends<T: Send + 'static>(walk: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(walk()));
+        result.recv_timeout(std::time::Duration::from_secs(10)).expect("the walk did not end within 10 s")
+    }
+
+    fn node_error(node: &str, problem: &str) -> GraphError {
+        GraphError::Node { node: node.into(), problem: problem.into() }
+    }
+
+    #[test]
+    fn the_index_knows_node_outputs_and_graph_inputs_but_not_initializers_listed_as_inputs() {
+        // Older exporters list initializers among the graph inputs; they are still constants.
+        let mut graph = graph(&["x", "w"], vec![node("Relu", "relu", &["x"], &["y"])], vec![], &["y"]);
+        graph.initializer.push(constant("w", array![1.0f32].into_dyn()));
+        let index = GraphIndex::new(&graph);
+        assert!(index.exists("x") && index.exists("y"));
+        assert!(!index.exists("w") && !index.exists("nowhere"));
+        assert_eq!(index.node(0).name.as_deref(), Some("relu"));
+    }
+
+    #[test]
+    fn a_node_is_described_by_name_and_op_with_placeholders_for_what_is_missing() {
+        assert_eq!(describe_node(&node("Gemm", "fc", &[], &[])), "fc (Gemm)");
+        assert_eq!(describe_node(&node("Relu", "", &[], &[])), "<unnamed> (Relu)");
+        assert_eq!(describe_node(&NodeProto::default()), "<unnamed> (?)");
+    }
+
+    #[test]
+    fn a_gemm_head_has_its_weight_scaled_by_alpha_and_its_bias_by_beta() {
+        let graph = gemm_head(vec![float("alpha", 2.0), float("beta", 0.5)]);
+        let head = find_head(&GraphIndex::new(&graph), "f", None).unwrap();
+        assert_eq!(head.name, "fc");
+        assert_eq!(head.output, "logits");
+        assert_eq!(head.weight, array![[2.0f32, 4.0, 6.0], [8.0, 10.0, 12.0]]);
+        assert_eq!(head.bias, array![5.0f32, 10.0]);
+    }
+
+    #[test]
+    fn a_gemm_weight_stored_in_by_out_is_transposed() {
+        let mut graph = gemm_head(vec![]);
+        graph.node[0].attribute.clear();
+        graph.initializer[0] = constant("w", weight().reversed_axes());
+        let head = find_head(&GraphIndex::new(&graph), "f", None).unwrap();
+        assert_eq!(head.weight.into_dyn(), weight());
+    }
+
+    #[test]
+    fn a_single_bias_value_is_given_to_every_output() {
+        let mut graph = gemm_head(vec![]);
+        graph.initializer[1] = constant("b", array![7.0f32].into_dyn());
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None).unwrap().bias, array![7.0f32, 7.0]);
+    }
+
+    #[test]
+    fn a_constant_node_serves_as_a_weight_like_an_initializer() {
+        let mut graph = gemm_head(vec![]);
+        let w = graph.initializer.remove(0);
+        let value = AttributeProto { t: Some(w), ..attribute("value", AttributeType::Tensor) };
+        graph.node.insert(0, with(node("Constant", "const_w", &[], &["w"]), vec![value]));
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None).unwrap().weight.into_dyn(), weight());
+    }
+
+    #[test]
+    fn a_matmul_and_its_add_are_one_head_that_ends_at_the_add() {
+        let nodes =
+            vec![node("MatMul", "mm", &["f", "w"], &["product"]), node("Add", "add", &["product", "b"], &["logits"])];
+        let initializers = vec![constant("w", weight().reversed_axes()), constant("b", array![1.0f32, 2.0].into_dyn())];
+        let graph = graph(&["f"], nodes, initializers, &["logits"]);
+        let head = find_head(&GraphIndex::new(&graph), "f", None).unwrap();
+        assert_eq!((head.name.as_str(), head.output.as_str()), ("mm", "logits"));
+        assert_eq!(head.weight.into_dyn(), weight());
+        assert_eq!(head.bias, array![1.0f32, 2.0]);
+    }
+
+    #[test]
+    fn a_matmul_without_an_add_is_a_head_with_zero_bias() {
+        let nodes = vec![node("MatMul", "mm", &["f", "w"], &["logits"])];
+        let graph = graph(&["f"], nodes, vec![constant("w", weight().reversed_axes())], &["logits"]);
+        let head = find_head(&GraphIndex::new(&graph), "f", None).unwrap();
+        assert_eq!(head.output, "logits");
+        assert_eq!(head.bias, array![0.0f32, 0.0]);
+    }
+
+    #[test]
+    fn an_unknown_feature_tensor_is_not_found() {
+        let graph = gemm_head(vec![]);
+        assert_eq!(find_head(&GraphIndex::new(&graph), "nope", None), Err(GraphError::TensorNotFound("nope".into())));
+    }
+
+    #[test]
+    fn features_without_a_linear_reader_have_no_head_and_the_readers_are_named() {
+        let relu = graph(&["f"], vec![node("Relu", "act", &["f"], &["r"])], vec![], &["r"]);
+        let expected = GraphError::NoHead { features: "f".into(), readers: "act (Relu)".into() };
+        assert_eq!(find_head(&GraphIndex::new(&relu), "f", None), Err(expected));
+        let unread = graph(&["f"], vec![], vec![], &["f"]);
+        let expected = GraphError::NoHead { features: "f".into(), readers: "none".into() };
+        assert_eq!(find_head(&GraphIndex::new(&unread), "f", None), Err(expected));
+    }
+
+    #[test]
+    fn two_linear_readers_are_ambiguous_until_one_is_named() {
+        let mut graph = gemm_head(vec![]);
+        graph.node.push(with(node("Gemm", "fc2", &["f", "w"], &["other"]), vec![int("transB", 1)]));
+        graph.output.push(float_value_info("other", None));
+        let index = GraphIndex::new(&graph);
+        let expected = GraphError::AmbiguousHead { features: "f".into(), candidates: "fc (Gemm), fc2 (Gemm)".into() };
+        assert_eq!(find_head(&index, "f", None), Err(expected));
+        let head = find_head(&index, "f", Some("fc2")).unwrap();
+        assert_eq!((head.name.as_str(), head.output.as_str()), ("fc2", "other"));
+    }
+
+    #[test]
+    fn a_named_head_must_exist_and_map_the_features_linearly() {
+        let mut graph = gemm_head(vec![]);
+        graph.node.push(node("Relu", "act", &["f"], &["r"]));
+        let index = GraphIndex::new(&graph);
+        let missing = GraphError::BadHead("nope".into(), "no node has this name".into());
+        assert_eq!(find_head(&index, "f", Some("nope")), Err(missing));
+        match find_head(&index, "f", Some("act")) {
+            Err(GraphError::BadHead(name, problem)) => {
+                assert_eq!(name, "act");
+                assert!(problem.starts_with("act (Relu) does not map 'f' linearly"), "{problem}");
+            }
+            other => panic!("expected BadHead, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_head_whose_output_feeds_another_node_is_not_the_last_layer() {
+        let mut graph = gemm_head(vec![]);
+        graph.node.push(node("Softmax", "softmax", &["logits"], &["probabilities"]));
+        graph.output = vec![float_value_info("probabilities", None)];
+        let expected = GraphError::HeadNotLast { output: "logits".into(), readers: "softmax (Softmax)".into() };
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None), Err(expected));
+    }
+
+    #[test]
+    fn a_gemm_over_the_transposed_activation_is_refused() {
+        let graph = gemm_head(vec![int("transA", 1)]);
+        let expected = node_error("fc (Gemm)", "transA = 1 is not supported");
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None), Err(expected));
+    }
+
+    #[test]
+    fn a_weight_that_is_not_a_constant_is_refused() {
+        let mut graph = gemm_head(vec![]);
+        graph.initializer.remove(0);
+        graph.input.push(float_value_info("w", None));
+        let expected = node_error("fc (Gemm)", "input 'w' must be a constant (initializer)");
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None), Err(expected));
+    }
+
+    #[test]
+    fn a_weight_that_is_not_a_matrix_is_refused() {
+        let mut graph = gemm_head(vec![]);
+        graph.initializer[0] = constant("w", array![1.0f32, 2.0].into_dyn());
+        let expected = node_error("fc (Gemm)", "weight must be a matrix");
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None), Err(expected));
+    }
+
+    #[test]
+    fn a_bias_of_the_wrong_length_is_refused() {
+        let mut graph = gemm_head(vec![]);
+        graph.initializer[1] = constant("b", array![1.0f32, 2.0, 3.0].into_dyn());
+        let expected = node_error("fc (Gemm)", "bias has 3 values for 2 outputs");
+        assert_eq!(find_head(&GraphIndex::new(&graph), "f", None), Err(expected));
+    }
+
+    #[test]
+    fn a_tail_is_matched_layer_by_layer_in_order() {
+        let nodes = vec![
+            node("Conv", "conv", &["s", "cw", "cb"], &["c"]),
+            node("Clip", "clip", &["c", "min", "max"], &["r"]),
+            node("GlobalAveragePool", "pool", &["r"], &["p"]),
+            with(node("Flatten", "flat", &["p"], &["f"]), vec![int("axis", 1)]),
+        ];
+        let initializers = vec![
+            constant("cw", weight().into_shape_with_order(vec![2, 3, 1, 1]).unwrap()),
+            constant("cb", array![0.5f32, -0.5].into_dyn()),
+            constant("min", array![0.0f32].into_dyn()),
+            constant("max", array![6.0f32].into_dyn()),
+        ];
+        let graph = graph(&["s"], nodes, initializers, &["f"]);
+        let conv = TailLayer::Conv1x1 { weight: weight().into_dimensionality().unwrap(), bias: array![0.5, -0.5] };
+        let expected = vec![
+            layer(conv, "conv"),
+            layer(TailLayer::Relu6, "clip"),
+            layer(TailLayer::GlobalAvgPool, "pool"),
+            layer(TailLayer::Flatten, "flat"),
+        ];
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Ok(expected));
+    }
+
+    #[test]
+    fn sigmoid_times_its_input_is_one_silu_layer() {
+        let nodes = vec![node("Sigmoid", "gate", &["s"], &["g"]), node("Mul", "mul", &["g", "s"], &["f"])];
+        let graph = graph(&["s"], nodes, vec![], &["f"]);
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Ok(vec![layer(TailLayer::Silu, "gate")]));
+    }
+
+    #[test]
+    fn a_mean_over_height_and_width_is_a_pool_that_flattens_without_keepdims() {
+        let mean = with(node("ReduceMean", "mean", &["s"], &["f"]), vec![ints("axes", &[-1, -2]), int("keepdims", 0)]);
+        let graph = graph(&["s"], vec![mean], vec![], &["f"]);
+        let expected = vec![layer(TailLayer::GlobalAvgPool, "mean"), layer(TailLayer::Flatten, "mean")];
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Ok(expected));
+    }
+
+    #[test]
+    fn reduce_mean_axes_may_be_given_as_a_constant_input() {
+        let mean = node("ReduceMean", "mean", &["s", "axes"], &["f"]);
+        let graph = graph(&["s"], vec![mean], vec![from_i64("axes", &[2, 3])], &["f"]);
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Ok(vec![layer(TailLayer::GlobalAvgPool, "mean")]));
+    }
+
+    #[test]
+    fn a_batch_reshape_a_clip_from_zero_and_a_linear_layer_match_and_pass_throughs_vanish() {
+        let nodes = vec![
+            node("Reshape", "reshape", &["s", "shape"], &["a"]),
+            node("Dropout", "drop", &["a"], &["b"]),
+            node("Identity", "same", &["b"], &["c"]),
+            with(node("Clip", "relu", &["c"], &["d"]), vec![float("min", 0.0)]),
+            node("MatMul", "mm", &["d", "w"], &["e"]),
+            node("Add", "add", &["e", "bias"], &["f"]),
+        ];
+        let initializers = vec![
+            from_i64("shape", &[0, -1]),
+            constant("w", weight().reversed_axes()),
+            constant("bias", array![1.0f32, 2.0].into_dyn()),
+        ];
+        let graph = graph(&["s"], nodes, initializers, &["f"]);
+        let linear = TailLayer::Linear { weight: weight().into_dimensionality().unwrap(), bias: array![1.0, 2.0] };
+        let expected = vec![layer(TailLayer::Flatten, "reshape"), layer(TailLayer::Relu, "relu"), layer(linear, "mm")];
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Ok(expected));
+    }
+
+    #[test]
+    fn splitting_at_the_features_leaves_an_empty_tail() {
+        let graph = gemm_head(vec![]);
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "f", "f"), Ok(vec![]));
+    }
+
+    #[test]
+    fn an_unknown_split_is_not_found() {
+        let graph = gemm_head(vec![]);
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "nope", "f"), Err(GraphError::TensorNotFound("nope".into())));
+    }
+
+    #[test]
+    fn a_dead_end_before_the_features_is_unreachable() {
+        let graph = graph(&["s"], vec![node("Relu", "relu", &["s"], &["x"])], vec![], &["x"]);
+        let expected = GraphError::Unreachable {
+            split: "s".into(),
+            features: "f".into(),
+            problem: "'x' is not read by any node".into(),
+        };
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Err(expected));
+    }
+
+    #[test]
+    fn a_cycle_ends_the_walk_with_unreachable_instead_of_looping() {
+        let nodes = vec![node("Relu", "there", &["s"], &["x"]), node("Relu", "back", &["x"], &["s"])];
+        let graph = graph(&["s"], nodes, vec![], &["x"]);
+        let expected = GraphError::Unreachable {
+            split: "s".into(),
+            features: "f".into(),
+            problem: "the walk does not terminate".into(),
+        };
+        assert_eq!(ends(move || match_tail(&GraphIndex::new(&graph), "s", "f")), Err(expected));
+    }
+
+    #[test]
+    fn a_fork_in_the_tail_is_refused_as_a_branch() {
+        let nodes = vec![node("Relu", "a", &["s"], &["x"]), node("Sigmoid", "b", &["s"], &["y"])];
+        let graph = graph(&["s"], nodes, vec![], &["x", "y"]);
+        let expected = GraphError::Branch { tensor: "s".into(), readers: "a (Relu), b (Sigmoid)".into() };
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Err(expected));
+    }
+
+    #[test]
+    fn every_unsupported_node_of_the_tail_is_named_at_once() {
+        let nodes = vec![
+            node("Softmax", "soft", &["s"], &["a"]),
+            node("Conv", "wide", &["a", "kernel"], &["b"]),
+            node("Clip", "clip", &["b", "low", "high"], &["c"]),
+            node("Add", "mix", &["c", "other"], &["f"]),
+        ];
+        let initializers = vec![
+            constant("kernel", ArrayD::zeros(vec![2, 2, 3, 3])),
+            constant("low", array![-1.0f32].into_dyn()),
+            constant("high", array![1.0f32].into_dyn()),
+        ];
+        let graph = graph(&["s", "other"], nodes, initializers, &["f"]);
+        let Err(GraphError::Unsupported { split, features, nodes }) = match_tail(&GraphIndex::new(&graph), "s", "f")
+        else {
+            panic!("expected Unsupported");
+        };
+        assert_eq!((split.as_str(), features.as_str()), ("s", "f"));
+        let named = [
+            "soft (Softmax)",
+            "wide (Conv) (kernel [2, 2, 3, 3] is not 1x1)",
+            "clip (Clip) (bounds",
+            "mix (Add) reads 'other'",
+        ];
+        for part in named {
+            assert!(nodes.contains(part), "{part} in: {nodes}");
+        }
+    }
+
+    #[test]
+    fn a_matmul_that_takes_the_activation_second_is_refused() {
+        let nodes = vec![node("MatMul", "mm", &["w", "s"], &["f"])];
+        let graph = graph(&["s"], nodes, vec![constant("w", weight())], &["f"]);
+        let expected = node_error("mm (MatMul)", "the activation must be the first MatMul input");
+        assert_eq!(match_tail(&GraphIndex::new(&graph), "s", "f"), Err(expected));
+    }
+
+    /// `x -> conv -> c -> relu -> s -> fc -> logits`, with a second, unused input.
+    fn classifier() -> GraphProto {
+        let nodes = vec![
+            node("Conv", "conv", &["x", "cw"], &["c"]),
+            node("Relu", "relu", &["c"], &["s"]),
+            with(node("Gemm", "fc", &["s", "fw"], &["logits"]), vec![int("transB", 1)]),
+        ];
+        let initializers = vec![constant("cw", ArrayD::zeros(vec![2, 3, 1, 1])), constant("fw", weight())];
+        graph(&["x", "unused"], nodes, initializers, &["logits"])
+    }
+
+    #[test]
+    fn the_trunk_keeps_only_the_nodes_constants_and_inputs_the_split_needs() {
+        let trunk = trunk_graph(&classifier(), "s").unwrap();
+        let nodes: Vec<&str> = trunk.node.iter().map(|n| n.name.as_deref().unwrap()).collect();
+        assert_eq!(nodes, ["conv", "relu"]);
+        let initializers: Vec<&str> = trunk.initializer.iter().map(|t| t.name.as_deref().unwrap()).collect();
+        assert_eq!(initializers, ["cw"]);
+        assert_eq!(names(&trunk.input), ["x"]);
+        assert_eq!(names(&trunk.output), ["s"]);
+    }
+
+    #[test]
+    fn the_trunk_output_takes_its_shape_from_the_value_info() {
+        let mut graph = classifier();
+        let split = float_value_info("s", Some(&[None, Some(2), Some(7), Some(7)]));
+        graph.value_info = vec![float_value_info("c", None), split.clone()];
+        let trunk = trunk_graph(&graph, "s").unwrap();
+        assert_eq!(trunk.output, [split]);
+        assert_eq!(names(&trunk.value_info), ["c"]);
+    }
+
+    #[test]
+    fn a_trunk_split_at_the_model_input_passes_it_through() {
+        let trunk = trunk_graph(&classifier(), "x").unwrap();
+        assert_eq!(trunk.node, [node("Identity", "trunk_identity", &["x"], &["x__trunk"])]);
+        assert_eq!(names(&trunk.input), ["x"]);
+        assert_eq!(names(&trunk.output), ["x__trunk"]);
+    }
+
+    #[test]
+    fn a_trunk_at_an_unknown_tensor_is_not_found() {
+        assert_eq!(trunk_graph(&classifier(), "nope"), Err(GraphError::TensorNotFound("nope".into())));
+    }
+
+    #[test]
+    fn a_cycle_does_not_hang_the_trunk_walk() {
+        let nodes = vec![node("Relu", "a", &["b"], &["a"]), node("Relu", "b", &["a"], &["b"])];
+        let graph = graph(&["x"], nodes, vec![], &["a"]);
+        let trunk = ends(move || trunk_graph(&graph, "a")).unwrap();
+        assert_eq!(trunk.node.len(), 2);
+    }
+
+    #[test]
+    fn value_info_dims_keeps_static_sizes_and_leaves_the_rest_unknown() {
+        let info = float_value_info("t", Some(&[None, Some(3), Some(0)]));
+        assert_eq!(value_info_dims(&info), Some(vec![None, Some(3), None]));
+        // Without a shape there are no dims to tell.
+        assert_eq!(value_info_dims(&float_value_info("t", None)), None);
+    }
+}
