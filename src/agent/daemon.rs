@@ -51,6 +51,11 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
         "agent running"
     );
     let mut tasks = tokio::task::JoinSet::new();
+    // Registered before the port opens, so that a SIGHUP from a client that saw the port
+    // reloads the config instead of ending the process.
+    if let Some(path) = config_path.clone() {
+        tasks.spawn(reload_on_hangup(Arc::clone(&shared), path));
+    }
     if config.http.enabled {
         let address = config.http.address().map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
@@ -62,9 +67,6 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     }
     tasks.spawn(poll_folders(Arc::clone(&shared), folders));
     tasks.spawn(housekeeping(Arc::clone(&shared)));
-    if let Some(path) = config_path {
-        tasks.spawn(reload_on_hangup(Arc::clone(&shared), path));
-    }
     let (stop_link, link_stopped) = tokio::sync::watch::channel(false);
     let link = if config.mqtt.enabled {
         Some(start_link(&shared, &config, embedded_port, link_stopped, &mut tasks)?)
@@ -228,29 +230,34 @@ fn raise_open_files_limit() {
 }
 
 /// SIGHUP: read the config file again and take what can change while running; name the rest.
-async fn reload_on_hangup(shared: Arc<Shared>, path: PathBuf) {
+/// The handler is installed when this is called, before the returned future first runs.
+fn reload_on_hangup(shared: Arc<Shared>, path: PathBuf) -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    {
-        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-        while hangup.recv().await.is_some() {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-            let shared = Arc::clone(&shared);
-            let path = path.clone();
-            let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let new = DeviceConfig::load(&path)?;
-                Ok(shared.lock().reload(&new)?)
-            })
-            .await;
-            match outcome {
-                Ok(Ok((applied, restart))) => tracing::info!(?applied, needs_restart = ?restart, "config reloaded"),
-                Ok(Err(error)) => tracing::error!(%error, "config not reloaded; the running one stays"),
-                Err(error) => tracing::error!(%error, "config reload failed"),
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hangup) = hangup else { return };
+            while hangup.recv().await.is_some() {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                let shared = Arc::clone(&shared);
+                let path = path.clone();
+                let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let new = DeviceConfig::load(&path)?;
+                    Ok(shared.lock().reload(&new)?)
+                })
+                .await;
+                match outcome {
+                    Ok(Ok((applied, restart))) => tracing::info!(?applied, needs_restart = ?restart, "config reloaded"),
+                    Ok(Err(error)) => tracing::error!(%error, "config not reloaded; the running one stays"),
+                    Err(error) => tracing::error!(%error, "config reload failed"),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         }
+        #[cfg(not(unix))]
+        let _ = (shared, path);
     }
-    #[cfg(not(unix))]
-    let _ = (shared, path);
 }
 
 async fn shutdown_signal() {
