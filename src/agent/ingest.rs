@@ -66,6 +66,16 @@ impl Agent {
     /// Ingests labelled images: decodes them, extracts their split tensors in one trunk batch
     /// and stores them in one transaction. Each image gets its own result; an `Ok` is durable.
     pub fn ingest(&mut self, items: &[Labelled<'_>], origin: &str) -> Vec<Result<Ingested, IngestError>> {
+        self.ingest_by(items, origin, None)
+    }
+
+    /// [`Agent::ingest`], recording who labelled the images (a console user).
+    pub fn ingest_by(
+        &mut self,
+        items: &[Labelled<'_>],
+        origin: &str,
+        user: Option<&str>,
+    ) -> Vec<Result<Ingested, IngestError>> {
         let classes = self.classes().to_vec();
         let mut results: Vec<Option<Result<Ingested, IngestError>>> = vec![None; items.len()];
         let mut candidates = Vec::new();
@@ -111,7 +121,7 @@ impl Agent {
                         }));
                     }
                 }
-                Ok(rows) => self.store_samples(items, &ready, rows, origin, &mut results),
+                Ok(rows) => self.store_samples(items, &ready, rows, (origin, user), &mut results),
             }
         }
         results.into_iter().map(|r| r.expect("every item has a result")).collect()
@@ -122,7 +132,7 @@ impl Agent {
         items: &[Labelled<'_>],
         ready: &[(usize, String, ndarray::Array3<f32>)],
         rows: Vec<Vec<u8>>,
-        origin: &str,
+        (origin, user): (&str, Option<&str>),
         results: &mut [Option<Result<Ingested, IngestError>>],
     ) {
         let keep_images = self.config.labelling.keep_images;
@@ -133,6 +143,7 @@ impl Agent {
             .map(|((index, sha, _), features)| NewSample {
                 sha256: sha,
                 class: items[*index].class,
+                labelled_by: user,
                 origin,
                 site: site.as_deref(),
                 image: keep_images.then_some(items[*index].bytes),
@@ -148,6 +159,7 @@ impl Agent {
                 class: sample.class.to_string(),
                 split: split.as_str().to_string(),
                 origin: sample.origin.to_string(),
+                user: sample.labelled_by.map(str::to_string),
             },
         );
         match stored {

@@ -133,8 +133,16 @@ pub enum Event {
     /// The warm-up report: provider, seconds, what happened to the TensorRT engine cache.
     #[serde(rename = "runtime.warmed_up")]
     RuntimeWarmedUp(Value),
+    /// `user` is the console user who labelled it, where there is one.
     #[serde(rename = "sample.ingested")]
-    SampleIngested { id: i64, class: String, split: String, origin: String },
+    SampleIngested {
+        id: i64,
+        class: String,
+        split: String,
+        origin: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// An inbox file refused; `error` is the refusal as the HTTP API reports it.
     #[serde(rename = "sample.rejected")]
     SampleRejected { file: String, class: String, error: Value },
@@ -221,7 +229,13 @@ mod tests {
             Event::AgentStarted { device_id: "d".into(), serving: 0, pid: 1 },
             Event::AgentStopped { uptime_s: 5, cancelled_run: false },
             Event::RuntimeWarmedUp(json!({ "provider": "cpu" })),
-            Event::SampleIngested { id: 1, class: "A".into(), split: "train".into(), origin: "cli".into() },
+            Event::SampleIngested {
+                id: 1,
+                class: "A".into(),
+                split: "train".into(),
+                origin: "cli".into(),
+                user: Some("ana".into()),
+            },
             Event::SampleRejected { file: "inbox/A/x.png".into(), class: "A".into(), error: json!({}) },
             Event::AdaptationStarted {
                 method: "m".into(),

@@ -230,7 +230,15 @@ mod tests {
     use crate::protocol::events::{Event, VersionMade};
 
     fn sample<'a>(sha: &'a str, class: &'a str) -> NewSample<'a> {
-        NewSample { sha256: sha, class, origin: "test", site: None, image: None, features: &[1, 2, 3, 4] }
+        NewSample {
+            sha256: sha,
+            class,
+            origin: "test",
+            site: None,
+            labelled_by: None,
+            image: None,
+            features: &[1, 2, 3, 4],
+        }
     }
 
     /// An event told apart from others by `step`.

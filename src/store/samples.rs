@@ -40,6 +40,8 @@ pub struct NewSample<'a> {
     /// Where it came from: `cli`, `http`, `inbox`, `mqtt`.
     pub origin: &'a str,
     pub site: Option<&'a str>,
+    /// Who labelled it, where known (a console user).
+    pub labelled_by: Option<&'a str>,
     /// The encoded image as received, kept so features can be extracted again for a new trunk.
     pub image: Option<&'a [u8]>,
     /// The sample's split tensor, f16 little-endian, channels last.
@@ -94,8 +96,8 @@ impl Store {
                 .map_err(sqlite(&path))?;
             let split = choose_split(in_class as usize);
             tx.execute(
-                "INSERT INTO samples (sha256, class, split, origin, site, added_ms, image, features)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO samples (sha256, class, split, origin, site, added_ms, image, features, labelled_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     sample.sha256,
                     sample.class,
@@ -104,7 +106,8 @@ impl Store {
                     sample.site,
                     now_ms(),
                     sample.image,
-                    sample.features
+                    sample.features,
+                    sample.labelled_by,
                 ],
             )
             .map_err(sqlite(&path))?;
