@@ -9,6 +9,7 @@ pub mod health;
 pub mod loss;
 pub mod method;
 pub mod optim;
+pub mod prior;
 pub mod recommended;
 pub mod share;
 pub mod spec;

@@ -156,7 +156,7 @@ fn balanced_share(
 fn share_choice(input: &AdaptInput<'_>, seed: u64) -> Option<ShareChoice> {
     let traffic = input.unlabelled.filter(|t| !t.splits.is_empty())?;
     let (seen, unseen) = seen_and_unseen(&input.data.labels, input.classes);
-    Some(super::method::choose_share(input, traffic, &seen, &unseen, seed))
+    Some(super::prior::choose_share(input, traffic, &seen, &unseen, seed))
 }
 
 /// A candidate's validation result: accuracy first; between equal accuracies (frequent with a
