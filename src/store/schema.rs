@@ -75,7 +75,6 @@ pub const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         at_ms INTEGER NOT NULL,
         name TEXT NOT NULL,
-        sha256 TEXT NOT NULL,
         predicted TEXT NOT NULL,
         confidence REAL NOT NULL,
         top TEXT NOT NULL,

@@ -12,7 +12,6 @@ use super::{Result, Store, now_ms, sqlite};
 pub struct NewTrafficImage {
     /// File name or other description, for the page.
     pub name: String,
-    pub sha256: String,
     pub predicted: String,
     pub confidence: f32,
     /// The top classes with their probabilities, best first.
@@ -26,7 +25,6 @@ pub struct TrafficImage {
     pub id: i64,
     pub at_ms: i64,
     pub name: String,
-    pub sha256: String,
     pub predicted: String,
     pub confidence: f32,
     pub top: Vec<(String, f32)>,
@@ -47,23 +45,23 @@ pub struct KeepImages {
     pub bytes: u64,
 }
 
-const COLUMNS: &str = "id, at_ms, name, sha256, predicted, confidence, top, bytes, thumbnail IS NOT NULL, dhash, sample, skipped";
+const COLUMNS: &str =
+    "id, at_ms, name, predicted, confidence, top, bytes, thumbnail IS NOT NULL, dhash, sample, skipped";
 
 fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<TrafficImage> {
-    let top: String = row.get(6)?;
+    let top: String = row.get(5)?;
     Ok(TrafficImage {
         id: row.get(0)?,
         at_ms: row.get(1)?,
         name: row.get(2)?,
-        sha256: row.get(3)?,
-        predicted: row.get(4)?,
-        confidence: row.get(5)?,
+        predicted: row.get(3)?,
+        confidence: row.get(4)?,
         top: serde_json::from_str(&top).unwrap_or_default(),
-        bytes: row.get(7)?,
-        has_thumbnail: row.get(8)?,
-        dhash: row.get::<_, Option<i64>>(9)?.map(|h| h as u64),
-        sample: row.get(10)?,
-        skipped: row.get::<_, i64>(11)? != 0,
+        bytes: row.get(6)?,
+        has_thumbnail: row.get(7)?,
+        dhash: row.get::<_, Option<i64>>(8)?.map(|h| h as u64),
+        sample: row.get(9)?,
+        skipped: row.get::<_, i64>(10)? != 0,
     })
 }
 
@@ -76,12 +74,11 @@ impl Store {
         let at = now_ms();
         for image in images.iter().filter(|image| image.image.len() as u64 <= keep.bytes) {
             tx.execute(
-                "INSERT INTO traffic_images (at_ms, name, sha256, predicted, confidence, top, image, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO traffic_images (at_ms, name, predicted, confidence, top, image, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     at,
                     image.name,
-                    image.sha256,
                     image.predicted,
                     image.confidence,
                     serde_json::to_string(&image.top).expect("pairs serialise"),
@@ -121,7 +118,7 @@ impl Store {
     pub fn traffic_image(&self, id: i64) -> Result<Option<(TrafficImage, Vec<u8>)>> {
         self.conn
             .query_row(&format!("SELECT {COLUMNS}, image FROM traffic_images WHERE id = ?1"), [id], |row| {
-                Ok((row_to_image(row)?, row.get(12)?))
+                Ok((row_to_image(row)?, row.get(11)?))
             })
             .optional()
             .map_err(self.err())
@@ -187,7 +184,6 @@ mod tests {
     fn image(name: &str, bytes: usize) -> NewTrafficImage {
         NewTrafficImage {
             name: name.into(),
-            sha256: format!("sha-{name}"),
             predicted: "A".into(),
             confidence: 0.5,
             top: vec![("A".into(), 0.5), ("B".into(), 0.3)],
