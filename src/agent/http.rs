@@ -56,7 +56,7 @@ pub fn router(shared: Arc<Shared>, limits: &HttpConfig) -> Router {
         .route("/v1/classify", post(http_classify))
         .route("/v1/label", post(http_label))
         .layer(middleware::from_fn(move |request: Request, next: Next| queue.clone().admit(request, next)));
-    Router::new()
+    let api = Router::new()
         .route("/v1/status", get(http_status))
         .route("/v1/adapt", post(http_adapt).get(http_adapt_state))
         .route("/v1/adapt/cancel", post(http_cancel))
@@ -71,7 +71,8 @@ pub fn router(shared: Arc<Shared>, limits: &HttpConfig) -> Router {
             }
         }))
         .layer(middleware::from_fn(json_errors))
-        .with_state(shared)
+        .with_state(Arc::clone(&shared));
+    if shared.config.console.enabled { api.merge(super::console::router(shared)) } else { api }
 }
 
 /// The classification queue: places for requests that carry an image.

@@ -50,13 +50,14 @@ impl RunPlan {
         method::planned_steps(&self.method, &self.hyper)
     }
 
-    /// The event that opens this run; `origin` says who asked for it.
-    pub fn started_event(&self, origin: &str) -> Event {
+    /// The event that opens this run; `origin` and `user` say who asked for it.
+    pub fn started_event(&self, origin: &str, user: Option<&str>) -> Event {
         Event::AdaptationStarted {
             method: self.method_name.clone(),
             origin: origin.to_string(),
             seen_classes: self.seen.clone(),
             samples: self.sample_set.clone(),
+            user: user.map(str::to_string),
         }
     }
 }
@@ -71,6 +72,8 @@ pub struct RunOutcome {
     /// The source model's accuracy on the seen classes' validation samples: the gate compares
     /// with the served version, reports compare every figure with the source model.
     pub source_seen_validation: Option<f32>,
+    /// Accuracy on each seen class's validation samples: `(class, adapted, source)`.
+    pub per_class: Vec<(usize, f32, f32)>,
     pub seconds: f64,
 }
 
@@ -121,6 +124,7 @@ pub fn execute(
     });
     let source_seen_validation =
         (!plan.validation.is_empty()).then(|| accuracy(&source.logits_of(&plan.validation), &plan.validation.labels));
+    let per_class = per_class(&adapted, &source, &plan.validation, plan.classes);
     let gate_input = GateInput {
         seen_validation,
         unseen_rate: health.predicted_unseen_rate,
@@ -136,8 +140,22 @@ pub fn execute(
         decision,
         health,
         source_seen_validation,
+        per_class,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Accuracy per class with validation samples, adapted against source, for the console's chart.
+fn per_class(adapted: &Adapted, source: &Adapted, validation: &SplitSet, classes: usize) -> Vec<(usize, f32, f32)> {
+    if validation.is_empty() {
+        return Vec::new();
+    }
+    let of = |model: &Adapted| {
+        let predicted = crate::metrics::argmax_rows(model.logits_of(validation).view());
+        crate::metrics::per_class_accuracy(&validation.labels, &predicted, classes)
+    };
+    let (after, before) = (of(adapted), of(source));
+    (0..classes).filter_map(|class| Some((class, after[class]? as f32, before[class]? as f32))).collect()
 }
 
 fn accuracy(logits: &Array2<f32>, labels: &[usize]) -> f32 {
@@ -281,6 +299,9 @@ impl Agent {
             "seconds": outcome.seconds,
             "skipped_classes": plan.skipped,
             "gate_skipped": outcome.decision.skipped,
+            "per_class": outcome.per_class.iter()
+                .map(|&(class, after, before)| (classes[class].clone(), [after, before]))
+                .collect::<std::collections::BTreeMap<_, _>>(),
         });
         let status = if outcome.decision.promote { VersionStatus::Promoted } else { VersionStatus::Rejected };
         let id = self.store.insert_version(
@@ -344,7 +365,7 @@ impl Agent {
                 return Err(error);
             }
         };
-        self.store.push_event(&plan.started_event("command"))?;
+        self.store.push_event(&plan.started_event("command", None))?;
         let outcome = execute(&plan, &Cancel::default(), progress);
         self.commit_run(&plan, outcome)
     }

@@ -29,6 +29,7 @@ struct ActiveRun {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Origin {
     Command,
+    Console,
     NewLabels,
     Schedule,
 }
@@ -37,6 +38,7 @@ impl Origin {
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Command => "command",
+            Origin::Console => "console",
             Origin::NewLabels => "new_labels",
             Origin::Schedule => "schedule",
         }
@@ -104,6 +106,17 @@ impl Shared {
         force: bool,
         origin: Origin,
     ) -> Result<(u64, RunProgress), StartError> {
+        self.start_run_by(method, force, origin, None)
+    }
+
+    /// [`Shared::start_run`], recording who started it (a console user).
+    pub fn start_run_by(
+        self: &Arc<Self>,
+        method: Option<&str>,
+        force: bool,
+        origin: Origin,
+        user: Option<&str>,
+    ) -> Result<(u64, RunProgress), StartError> {
         let mut slot = self.run.lock().expect("run lock");
         if let Some(active) = slot.as_ref() {
             return Err(StartError::Busy(active.progress.method.clone()));
@@ -113,7 +126,7 @@ impl Shared {
             let plan = agent.prepare_run(method, force);
             match plan {
                 Ok(plan) => {
-                    agent.store().push_event(&plan.started_event(origin.as_str()))?;
+                    agent.store().push_event(&plan.started_event(origin.as_str(), user))?;
                     plan
                 }
                 // Nothing was tried: no failed run to record.

@@ -146,8 +146,16 @@ pub enum Event {
     /// An inbox file refused; `error` is the refusal as the HTTP API reports it.
     #[serde(rename = "sample.rejected")]
     SampleRejected { file: String, class: String, error: Value },
+    /// `user` is the console user who started it, where there is one.
     #[serde(rename = "adaptation.started")]
-    AdaptationStarted { method: String, origin: String, seen_classes: Vec<String>, samples: Value },
+    AdaptationStarted {
+        method: String,
+        origin: String,
+        seen_classes: Vec<String>,
+        samples: Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     #[serde(rename = "adaptation.progress")]
     AdaptationProgress { method: String, step: usize, steps: usize },
     #[serde(rename = "adaptation.failed")]
@@ -239,9 +247,10 @@ mod tests {
             Event::SampleRejected { file: "inbox/A/x.png".into(), class: "A".into(), error: json!({}) },
             Event::AdaptationStarted {
                 method: "m".into(),
-                origin: "command".into(),
+                origin: "console".into(),
                 seen_classes: vec![],
                 samples: json!({}),
+                user: Some("ana".into()),
             },
             Event::AdaptationProgress { method: "m".into(), step: 1, steps: 10 },
             Event::AdaptationFailed(ended()),

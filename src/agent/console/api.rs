@@ -1,0 +1,480 @@
+//! The console's JSON API under `/console/api` (docs/console.md lists it). Labels go through
+//! the same ingest as every other origin; runs and rollbacks through the same calls as the
+//! HTTP API and MQTT commands, with the user recorded.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::queue::{self, Candidate, Labelled as Known, Reason};
+use super::{COOKIE, Console, User, error, session_token};
+use crate::agent::shared::{Origin, Shared, StartError};
+use crate::agent::{AgentError, IngestError, Labelled};
+use crate::protocol::VersionRef;
+use crate::store::{StoreError, TrafficImage};
+
+/// The user of a console without sign-in (loopback only).
+const LOCAL_USER: &str = "local";
+/// Images a traffic listing returns at most.
+const MAX_LISTED: usize = 1000;
+
+const QUEUE_RULE: &str = "classes short of the labels they need to take part in a run first, then the \
+                          images the model is least sure about; near-duplicates left out";
+
+pub(super) fn routes() -> Router<Console> {
+    Router::new()
+        .route("/console/api/session", get(session))
+        .route("/console/api/logout", post(logout))
+        .route("/console/api/traffic", get(traffic))
+        .route("/console/api/queue", get(label_queue))
+        .route("/console/api/traffic/{id}/thumbnail", get(thumbnail))
+        .route("/console/api/traffic/{id}/image", get(image))
+        .route("/console/api/traffic/{id}/label", post(label))
+        .route("/console/api/traffic/{id}/skip", post(skip))
+        .route("/console/api/classes", get(classes))
+        .route("/console/api/adapt", post(adapt).get(adapt_state))
+        .route("/console/api/adapt/events", get(adapt_events))
+        .route("/console/api/versions", get(versions))
+        .route("/console/api/rollback", post(rollback))
+        .route("/console/api/device", get(device))
+}
+
+/// Runs blocking agent work off the async threads; a panic becomes a 500.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
+}
+
+fn agent_error(e: AgentError) -> Response {
+    match e {
+        e @ AgentError::Store(StoreError::NoSuchVersion(_)) => error(StatusCode::NOT_FOUND, e),
+        e @ AgentError::Store(StoreError::Rejected { .. }) => error(StatusCode::CONFLICT, e),
+        e @ (AgentError::Input(_) | AgentError::NothingNew(_)) => error(StatusCode::BAD_REQUEST, e),
+        e => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+fn random_token() -> String {
+    hex::encode(rand::rng().random::<[u8; 32]>())
+}
+
+/// The session, started here for the local user when there is none.
+async fn session(State(console): State<Console>, headers: axum::http::HeaderMap) -> Response {
+    let now = crate::store::now_ms();
+    let token = session_token(&headers);
+    let (token, session, new) = {
+        let mut sessions = console.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match sessions.find(token.as_deref(), now) {
+            Ok(found) => (token.unwrap_or_default(), found.clone(), false),
+            Err(_) => {
+                let token = random_token();
+                let started = sessions.start(token.clone(), LOCAL_USER, random_token(), now).clone();
+                (token, started, true)
+            }
+        }
+    };
+    let (classes, device_id) = {
+        let shared = Arc::clone(&console.shared);
+        match blocking(move || {
+            let agent = shared.lock();
+            (agent.classes().to_vec(), agent.config().device_id.clone())
+        })
+        .await
+        {
+            Ok(found) => found,
+            Err(response) => return response,
+        }
+    };
+    let body = json!({ "user": session.user, "csrf": session.csrf, "classes": classes, "device_id": device_id });
+    let mut response = Json(body).into_response();
+    if new {
+        let cookie = format!("{COOKIE}={token}; Path=/console; HttpOnly; SameSite=Strict");
+        response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("a plain cookie"));
+    }
+    response
+}
+
+async fn logout(State(console): State<Console>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(token) = session_token(&headers) {
+        console.sessions.lock().unwrap_or_else(|p| p.into_inner()).end(&token);
+    }
+    let mut response = Json(json!({ "signed_out": true })).into_response();
+    let expired = format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0");
+    response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&expired).expect("a plain cookie"));
+    response
+}
+
+#[derive(Deserialize)]
+struct TrafficQuery {
+    limit: Option<usize>,
+    class: Option<String>,
+    max_confidence: Option<f32>,
+    #[serde(default)]
+    unlabelled: bool,
+}
+
+async fn traffic(State(console): State<Console>, Query(query): Query<TrafficQuery>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let limit = query.limit.unwrap_or(200).min(MAX_LISTED);
+    let found = blocking(move || {
+        let mut agent = shared.lock();
+        let kept_limit = agent.config().console.keep_images;
+        agent.flush_images()?;
+        let all = agent.store().traffic_images(MAX_LISTED)?;
+        Ok::<_, AgentError>((all, kept_limit))
+    })
+    .await;
+    let (all, kept_limit) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return agent_error(e),
+        Err(response) => return response,
+    };
+    let count = all.len();
+    let images: Vec<TrafficImage> = all
+        .into_iter()
+        .filter(|i| query.class.as_ref().is_none_or(|c| &i.predicted == c))
+        .filter(|i| query.max_confidence.is_none_or(|m| i.confidence <= m))
+        .filter(|i| !query.unlabelled || (i.sample.is_none() && !i.skipped))
+        .take(limit)
+        .collect();
+    Json(json!({ "images": images, "kept": { "count": count, "limit": kept_limit } })).into_response()
+}
+
+#[derive(Deserialize)]
+struct QueueQuery {
+    limit: Option<usize>,
+}
+
+async fn label_queue(State(console): State<Console>, Query(query): Query<QueueQuery>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let limit = query.limit.unwrap_or(50).min(MAX_LISTED);
+    let found = blocking(move || {
+        let mut agent = shared.lock();
+        let min_samples = agent.policy()?.min_samples_per_class;
+        agent.flush_images()?;
+        let counts = agent.store().sample_counts()?;
+        let images = agent.store().traffic_images(MAX_LISTED)?;
+        Ok::<_, AgentError>((images, counts, min_samples))
+    })
+    .await;
+    let (images, counts, min_samples) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return agent_error(e),
+        Err(response) => return response,
+    };
+    let known = Known {
+        per_class: counts.iter().map(|(class, (train, _))| (class.clone(), *train)).collect(),
+        hashes: images.iter().filter(|i| i.sample.is_some()).filter_map(|i| i.dhash).collect(),
+        min_samples,
+    };
+    let open: Vec<&TrafficImage> = images.iter().filter(|i| i.sample.is_none() && !i.skipped).collect();
+    let candidates: Vec<Candidate> = open
+        .iter()
+        .map(|i| Candidate { id: i.id, predicted: i.predicted.clone(), top: i.top.clone(), dhash: i.dhash })
+        .collect();
+    let by_id: HashMap<i64, &TrafficImage> = open.iter().map(|i| (i.id, *i)).collect();
+    let queue: Vec<serde_json::Value> = queue::next_to_label(&candidates, &known, limit)
+        .into_iter()
+        .map(|(id, reason): (i64, Reason)| json!({ "image": by_id[&id], "reason": reason }))
+        .collect();
+    Json(json!({ "rule": QUEUE_RULE, "queue": queue })).into_response()
+}
+
+fn gone(id: i64) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("image {id} is no longer kept (the console keeps only the newest images; see console.keep_images)"),
+    )
+}
+
+/// An image's bytes with the type its first bytes say.
+fn image_response(bytes: Vec<u8>) -> Response {
+    let content_type = match image::guess_format(&bytes) {
+        Ok(image::ImageFormat::Png) => "image/png",
+        Ok(image::ImageFormat::Jpeg) => "image/jpeg",
+        _ => "application/octet-stream",
+    };
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "private, max-age=3600")], bytes).into_response()
+}
+
+async fn thumbnail(State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let found = blocking(move || {
+        let mut agent = shared.lock();
+        match agent.store().traffic_thumbnail(id)? {
+            Some(preview) if !preview.is_empty() => Ok(Some(preview)),
+            // No preview yet (or none could be made): the image itself.
+            _ => Ok(agent.store().traffic_image(id)?.map(|(_, bytes)| bytes)),
+        }
+    })
+    .await;
+    match found {
+        Ok(Ok(Some(bytes))) => image_response(bytes),
+        Ok(Ok(None)) => gone(id),
+        Ok(Err(e)) => agent_error(e),
+        Err(response) => response,
+    }
+}
+
+async fn image(State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    match blocking(move || shared.lock().store().traffic_image(id).map_err(AgentError::from)).await {
+        Ok(Ok(Some((_, bytes)))) => image_response(bytes),
+        Ok(Ok(None)) => gone(id),
+        Ok(Err(e)) => agent_error(e),
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize)]
+struct LabelBody {
+    class: String,
+}
+
+/// Labels a kept image: the same checks, store and events as a label from any other origin,
+/// with the user recorded.
+async fn label(
+    State(console): State<Console>,
+    Extension(User(user)): Extension<User>,
+    Path(id): Path<i64>,
+    body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(LabelBody { class }) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be {{\"class\": NAME}}: {e}")),
+    };
+    let shared = Arc::clone(&console.shared);
+    let outcome = blocking(move || {
+        let mut agent = shared.lock();
+        let Some((kept, bytes)) = agent.store().traffic_image(id)? else { return Ok(None) };
+        let what = format!("recent image {id} ({})", kept.name);
+        let item = Labelled { what: &what, bytes: &bytes, class: &class };
+        let result = agent.ingest_by(&[item], "console", Some(&user)).remove(0);
+        match &result {
+            Ok(ingested) => agent.store().mark_traffic_labelled(id, ingested.id)?,
+            // Already a sample: this image is done either way.
+            Err(IngestError::Duplicate { id: sample, .. }) => agent.store().mark_traffic_labelled(id, *sample)?,
+            Err(_) => {}
+        }
+        Ok::<_, AgentError>(Some(result))
+    })
+    .await;
+    match outcome {
+        Ok(Ok(Some(Ok(ingested)))) => Json(json!({ "sample": ingested })).into_response(),
+        Ok(Ok(Some(Err(e)))) => {
+            let status = match e {
+                IngestError::Duplicate { .. } => StatusCode::CONFLICT,
+                IngestError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            error(status, e)
+        }
+        Ok(Ok(None)) => gone(id),
+        Ok(Err(e)) => agent_error(e),
+        Err(response) => response,
+    }
+}
+
+async fn skip(State(console): State<Console>, Path(id): Path<i64>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    match blocking(move || shared.lock().store().skip_traffic_image(id).map_err(AgentError::from)).await {
+        Ok(Ok(true)) => Json(json!({ "skipped": id })).into_response(),
+        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("image {id} is no longer kept, or is labelled already")),
+        Ok(Err(e)) => agent_error(e),
+        Err(response) => response,
+    }
+}
+
+async fn classes(State(console): State<Console>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let found = blocking(move || {
+        let mut agent = shared.lock();
+        let min = agent.policy()?.min_samples_per_class;
+        let classes = agent.classes().to_vec();
+        let counts = agent.store().sample_counts()?;
+        Ok::<_, AgentError>((min, classes, counts))
+    })
+    .await;
+    let (min, classes, counts) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return agent_error(e),
+        Err(response) => return response,
+    };
+    let rows: Vec<serde_json::Value> = classes
+        .iter()
+        .map(|class| {
+            let (train, validation) = counts.get(class).copied().unwrap_or((0, 0));
+            json!({
+                "class": class, "train": train, "validation": validation,
+                "takes_part": train >= min, "missing": min.saturating_sub(train),
+            })
+        })
+        .collect();
+    Json(json!({ "min_samples": min, "classes": rows })).into_response()
+}
+
+async fn adapt(State(console): State<Console>, Extension(User(user)): Extension<User>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    match blocking(move || shared.start_run_by(None, false, Origin::Console, Some(&user))).await {
+        Ok(Ok((_, progress))) => (StatusCode::ACCEPTED, Json(json!({ "started": progress }))).into_response(),
+        Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e),
+        Ok(Err(StartError::Agent(e))) => agent_error(e),
+        Err(response) => response,
+    }
+}
+
+fn run_state(shared: &Shared) -> serde_json::Value {
+    let last = match shared.last_result() {
+        Some(Ok(summary)) => json!(summary),
+        Some(Err(error)) => json!({ "error": error }),
+        None => serde_json::Value::Null,
+    };
+    json!({ "running": shared.run_progress(), "last": last })
+}
+
+async fn adapt_state(State(console): State<Console>) -> Response {
+    Json(run_state(&console.shared)).into_response()
+}
+
+/// How often the progress stream looks at the run.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Server-sent events: `progress` while a run goes, then `done` with its result; `idle` when
+/// none was going.
+async fn adapt_events(State(console): State<Console>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let stream = futures_util::stream::unfold((shared, None, false), |(shared, last, ended)| async move {
+        if ended {
+            return None;
+        }
+        loop {
+            let running = shared.run_progress();
+            match (&running, &last) {
+                (Some(progress), _) if Some(progress) != last.as_ref() => {
+                    let event = SseEvent::default().event("progress").json_data(progress).expect("serialises");
+                    return Some((Ok::<_, Infallible>(event), (shared, running, false)));
+                }
+                (None, None) => {
+                    let event = SseEvent::default().event("idle").data("{}");
+                    return Some((Ok(event), (shared, None, true)));
+                }
+                (None, Some(_)) => {
+                    let state = run_state(&shared);
+                    let event = SseEvent::default().event("done").json_data(&state["last"]).expect("serialises");
+                    return Some((Ok(event), (shared, None, true)));
+                }
+                _ => tokio::time::sleep(PROGRESS_EVERY).await,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn versions(State(console): State<Console>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let found = blocking(move || {
+        let mut agent = shared.lock();
+        let serving = agent.serving();
+        let records = agent.store().versions()?;
+        Ok::<_, AgentError>((serving, records))
+    })
+    .await;
+    let (serving, records) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return agent_error(e),
+        Err(response) => return response,
+    };
+    let versions: Vec<serde_json::Value> = records
+        .iter()
+        .map(|v| {
+            let counts = &v.sample_set["counts"];
+            json!({
+                "id": v.id, "parent": v.parent, "status": v.status, "method": v.method,
+                "created_ms": v.created_ms, "reasons": v.reasons, "metrics": v.metrics,
+                "samples": if counts.is_null() { serde_json::Value::Null } else { counts.clone() },
+            })
+        })
+        .collect();
+    Json(json!({ "serving": serving, "versions": versions })).into_response()
+}
+
+#[derive(Deserialize)]
+struct RollbackBody {
+    to: String,
+}
+
+async fn rollback(
+    State(console): State<Console>,
+    Extension(User(user)): Extension<User>,
+    body: Result<Json<RollbackBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(RollbackBody { to })) = body else {
+        return error(StatusCode::BAD_REQUEST, "the body must be {\"to\": \"source\" | \"previous\" | N}");
+    };
+    let to = match to.parse::<VersionRef>() {
+        Ok(to) => to,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let shared = Arc::clone(&console.shared);
+    match blocking(move || shared.lock().rollback(to)).await {
+        Ok(Ok(serving)) => {
+            tracing::info!(%user, serving, "rolled back from the console");
+            Json(json!({ "serving": serving })).into_response()
+        }
+        Ok(Err(e)) => agent_error(e),
+        Err(response) => response,
+    }
+}
+
+async fn device(State(console): State<Console>) -> Response {
+    let shared = Arc::clone(&console.shared);
+    let found = blocking(move || {
+        let status = shared.status()?;
+        let mut agent = shared.lock();
+        let events = agent.store().recent_events(20)?;
+        let data_dir = agent.config().data_dir.clone();
+        let mqtt = agent.config().mqtt.clone();
+        Ok::<_, AgentError>((status, events, data_dir, mqtt))
+    })
+    .await;
+    let (status, events, data_dir, mqtt) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return agent_error(e),
+        Err(response) => return response,
+    };
+    let data_bytes = data_dir.as_deref().map(folder_bytes);
+    Json(json!({
+        "device_id": status.device_id, "bundle": status.bundle, "provider": status.provider,
+        "serving": status.serving, "data_bytes": data_bytes,
+        "undelivered_events": status.undelivered_events,
+        "fleet": { "enabled": mqtt.enabled, "broker": if mqtt.enabled { Some(mqtt.broker) } else { None } },
+        "classification": status.classification, "events": events,
+    }))
+    .into_response()
+}
+
+/// Bytes of the regular files directly in `folder` and one level down (the store and its
+/// journal, the logs), without following links.
+fn folder_bytes(folder: &std::path::Path) -> u64 {
+    walkdir::WalkDir::new(folder)
+        .max_depth(2)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_file())
+        .filter_map(|entry| entry.metadata().ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}

@@ -1,0 +1,167 @@
+//! The console's API against a running agent: recent traffic with predictions and thumbnails,
+//! the label-next queue, labelling by id with the user recorded, and the refusals (wrong host,
+//! no session, forged CSRF token, unknown class, duplicate, an image no longer kept) that
+//! change nothing.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::daemon::{Daemon, free_port, http, write_config};
+use common::{repo, wait_until};
+use serde_json::Value;
+
+fn image(class: &str, n: usize) -> PathBuf {
+    let path = repo().join("target/data/fonts36/target/test").join(class).join(format!("{n}.png"));
+    assert!(path.is_file(), "run tools/setup.sh first: {} is missing", path.display());
+    path
+}
+
+/// A signed-in console client: the session cookie and its CSRF token.
+struct Console {
+    agent: ureq::Agent,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+impl Console {
+    fn sign_in(daemon: &Daemon) -> Console {
+        let agent = http();
+        let mut response = agent.get(daemon.url("/console/api/session")).call().unwrap();
+        assert_eq!(response.status(), 200);
+        let set_cookie = response.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+        assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+        let cookie = set_cookie.split(';').next().unwrap().to_string();
+        let body: Value = response.body_mut().read_json().unwrap();
+        assert_eq!(body["user"], "local");
+        assert_eq!(body["classes"].as_array().unwrap().len(), 36);
+        let csrf = body["csrf"].as_str().unwrap().to_string();
+        Console { agent, base: daemon.url(""), cookie, csrf }
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let mut response =
+            self.agent.get(format!("{}{path}", self.base)).header("cookie", &self.cookie).call().unwrap();
+        (response.status().as_u16(), response.body_mut().read_json().unwrap_or(Value::Null))
+    }
+
+    fn post_with(&self, path: &str, body: Value, csrf: &str) -> (u16, Value) {
+        let mut response = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("x-csrf-token", csrf)
+            .send_json(body)
+            .unwrap();
+        (response.status().as_u16(), response.body_mut().read_json().unwrap_or(Value::Null))
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.post_with(path, body, &self.csrf.clone())
+    }
+}
+
+fn samples_in_store(data: &std::path::Path) -> Vec<(String, Option<String>)> {
+    let conn = rusqlite::Connection::open(data.join("store.db")).unwrap();
+    let mut statement = conn.prepare("SELECT class, labelled_by FROM samples ORDER BY id").unwrap();
+    statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+#[test]
+fn site_staff_label_recent_traffic_by_id_and_every_refusal_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    let client = http();
+    // Traffic: twelve images classified through the HTTP API.
+    let classes = ["A", "B", "C", "D"];
+    for class in classes {
+        for n in 0..3 {
+            let bytes = std::fs::read(image(class, n)).unwrap();
+            let url = daemon.url(&format!("/v1/classify?name={class}-{n}.png"));
+            assert_eq!(client.post(url).send(&bytes[..]).unwrap().status(), 200);
+        }
+    }
+    let console = Console::sign_in(&daemon);
+    let images = wait_until(Duration::from_secs(30), "twelve recent images with thumbnails", || {
+        let (status, body) = console.get("/console/api/traffic?limit=200");
+        assert_eq!(status, 200, "{body}");
+        let images = body["images"].as_array().cloned().unwrap_or_default();
+        (images.len() == 12 && images.iter().all(|i| i["has_thumbnail"] == true)).then_some(images)
+    });
+    assert_eq!(images[0]["name"], "D-2.png", "newest first");
+    assert!(images.iter().all(|i| i["top"].as_array().unwrap().len() == 5 && i["predicted"].is_string()));
+    let id = |name: &str| images.iter().find(|i| i["name"] == name).unwrap()["id"].as_i64().unwrap();
+
+    // The page and its pictures: no inline script, a policy on every answer, images by id.
+    let mut page = client.get(daemon.url("/console/")).call().unwrap();
+    let policy = page.headers().get("content-security-policy").unwrap().to_str().unwrap().to_string();
+    assert!(policy.contains("script-src 'self'") && !policy.contains("unsafe-inline"), "{policy}");
+    let html = page.body_mut().read_to_string().unwrap();
+    assert!(!html.contains("<script>") && html.contains("app.js"), "scripts come from files only");
+    let thumbnail = client
+        .get(daemon.url(&format!("/console/api/traffic/{}/thumbnail", id("A-0.png"))))
+        .header("cookie", &console.cookie)
+        .call()
+        .unwrap();
+    assert_eq!(thumbnail.headers().get("content-type").unwrap(), "image/jpeg");
+
+    // Nobody has labelled anything: every class is short of labels.
+    let (status, queue) = console.get("/console/api/queue?limit=50");
+    assert_eq!(status, 200);
+    let queued = queue["queue"].as_array().unwrap();
+    assert!(!queued.is_empty() && queued.iter().all(|q| q["reason"] == "class_short"), "{queue}");
+
+    // Refusals, each leaving the store as it was.
+    let target = format!("/console/api/traffic/{}/label", id("A-0.png"));
+    let wrong_host = client
+        .get(daemon.url("/console/api/traffic"))
+        .header("host", "attacker.example")
+        .header("cookie", &console.cookie)
+        .call()
+        .unwrap();
+    assert_eq!(wrong_host.status(), 421, "DNS rebinding: a foreign host name is refused");
+    let no_session = client.get(daemon.url("/console/api/traffic")).call().unwrap();
+    assert_eq!(no_session.status(), 401);
+    let (status, body) = console.post_with(&target, serde_json::json!({ "class": "A" }), "forged");
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = console.post(&target, serde_json::json!({ "class": "a-letter" }));
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("unknown class"), "{body}");
+    let (status, body) = console.post("/console/api/traffic/999999/label", serde_json::json!({ "class": "A" }));
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("no longer kept"), "{body}");
+    assert!(samples_in_store(&dir.path().join("data")).is_empty());
+
+    // A label, then the same image again.
+    let (status, body) = console.post(&target, serde_json::json!({ "class": "A" }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sample"]["class"], "A");
+    let (status, body) = console.post(&target, serde_json::json!({ "class": "A" }));
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = console.post(&format!("/console/api/traffic/{}/skip", id("B-0.png")), serde_json::json!({}));
+    assert_eq!(status, 200);
+    assert_eq!(samples_in_store(&dir.path().join("data")), vec![("A".to_string(), Some("local".to_string()))]);
+    let (_, body) = console.get("/console/api/traffic?unlabelled=true");
+    let open: Vec<&str> = body["images"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(open.len(), 10, "the labelled and the skipped image leave the open list: {open:?}");
+    let (_, classes) = console.get("/console/api/classes");
+    let a = classes["classes"].as_array().unwrap().iter().find(|c| c["class"] == "A").unwrap().clone();
+    assert_eq!((a["train"].as_u64(), a["missing"].as_u64()), (Some(1), Some(2)));
+
+    // The label is recorded like any other, with who made it.
+    let conn = rusqlite::Connection::open(dir.path().join("data/store.db")).unwrap();
+    let payload: String =
+        conn.query_row("SELECT payload FROM events WHERE kind = 'sample.ingested'", [], |row| row.get(0)).unwrap();
+    let payload: Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!((payload["origin"].as_str(), payload["user"].as_str()), (Some("console"), Some("local")));
+
+    // Signed out, the session no longer works.
+    let (status, _) = console.post("/console/api/logout", serde_json::json!({}));
+    assert_eq!(status, 200);
+    assert_eq!(console.get("/console/api/traffic").0, 401);
+    daemon.stop();
+}
