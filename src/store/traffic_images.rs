@@ -33,8 +33,9 @@ pub struct TrafficImage {
     /// A 64-bit difference hash of the thumbnail, for near-duplicates; `None` until made.
     #[serde(skip)]
     pub dhash: Option<u64>,
-    /// The sample it became, once labelled.
+    /// The sample it became, once labelled, and that sample's class.
     pub sample: Option<i64>,
+    pub label: Option<String>,
     pub skipped: bool,
 }
 
@@ -45,8 +46,8 @@ pub struct KeepImages {
     pub bytes: u64,
 }
 
-const COLUMNS: &str =
-    "id, at_ms, name, predicted, confidence, top, bytes, thumbnail IS NOT NULL, dhash, sample, skipped";
+const COLUMNS: &str = "id, at_ms, name, predicted, confidence, top, bytes, thumbnail IS NOT NULL, dhash, sample, \
+                       skipped, (SELECT class FROM samples WHERE samples.id = traffic_images.sample)";
 
 fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<TrafficImage> {
     let top: String = row.get(5)?;
@@ -62,6 +63,7 @@ fn row_to_image(row: &rusqlite::Row<'_>) -> rusqlite::Result<TrafficImage> {
         dhash: row.get::<_, Option<i64>>(8)?.map(|h| h as u64),
         sample: row.get(9)?,
         skipped: row.get::<_, i64>(10)? != 0,
+        label: row.get(11)?,
     })
 }
 
@@ -118,7 +120,7 @@ impl Store {
     pub fn traffic_image(&self, id: i64) -> Result<Option<(TrafficImage, Vec<u8>)>> {
         self.conn
             .query_row(&format!("SELECT {COLUMNS}, image FROM traffic_images WHERE id = ?1"), [id], |row| {
-                Ok((row_to_image(row)?, row.get(11)?))
+                Ok((row_to_image(row)?, row.get(12)?))
             })
             .optional()
             .map_err(self.err())

@@ -9,6 +9,7 @@ mod api;
 pub mod queue;
 pub mod recent;
 pub mod sessions;
+pub mod users;
 
 use std::sync::{Arc, Mutex};
 
