@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::daemon::{Daemon, free_port, http, write_config};
@@ -163,5 +164,93 @@ fn site_staff_label_recent_traffic_by_id_and_every_refusal_changes_nothing() {
     let (status, _) = console.post("/console/api/logout", serde_json::json!({}));
     assert_eq!(status, 200);
     assert_eq!(console.get("/console/api/traffic").0, 401);
+    daemon.stop();
+}
+
+/// An HTTPS client that trusts only `cert` (the console's self-signed certificate).
+fn https(cert: &std::path::Path) -> ureq::Agent {
+    let pem = std::fs::read(cert).unwrap();
+    let cert = ureq::tls::Certificate::from_pem(&pem).unwrap();
+    let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert]))).build();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .tls_config(tls)
+        .build()
+        .into()
+}
+
+#[test]
+fn the_site_network_gets_the_console_over_tls_with_sign_in_and_a_lockout() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let site = free_port();
+    let config = write_config(
+        dir.path(),
+        port,
+        &format!("[console]\nlisten = \"127.0.0.1:{site}\"\nlockout_failures = 3\nlockout_minutes = 1\n"),
+    );
+    let edgeadapt = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // Without a user the agent refuses to open the console to the site network.
+    let refused = edgeadapt(&["run"], "");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("console add-user"), "{refused:?}");
+    let added = edgeadapt(&["console", "add-user", "ana"], "correct horse battery\n");
+    assert!(added.status.success(), "{added:?}");
+
+    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    let cert = dir.path().join("data/console/tls-cert.pem");
+    wait_until(Duration::from_secs(30), "the console's certificate", || cert.is_file().then_some(()));
+    let shown = edgeadapt(&["console", "show"], "");
+    let fingerprint = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(fingerprint.contains("ana") && fingerprint.matches(':').count() >= 31, "{fingerprint}");
+    let client = https(&cert);
+    let url = |path: &str| format!("https://localhost:{site}{path}");
+    wait_until(Duration::from_secs(30), "the site listener", || client.get(url("/console/")).call().ok());
+
+    // Sign-in is needed, even for the page's session call.
+    let mut session = client.get(url("/console/api/session")).call().unwrap();
+    assert_eq!(session.status(), 401);
+    assert_eq!(session.body_mut().read_json::<Value>().unwrap()["login"], true);
+    let login = |password: &str| {
+        client
+            .post(url("/console/api/login"))
+            .send_json(serde_json::json!({ "user": "ana", "password": password }))
+            .unwrap()
+    };
+    assert_eq!(login("wrong password 1").status(), 401);
+    let mut signed_in = login("correct horse battery");
+    assert_eq!(signed_in.status(), 200);
+    let cookie = signed_in.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    assert!(cookie.contains("Secure") && cookie.contains("HttpOnly"), "{cookie}");
+    let body: Value = signed_in.body_mut().read_json().unwrap();
+    assert_eq!(body["user"], "ana");
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let mut classes = client.get(url("/console/api/classes")).header("cookie", &cookie).call().unwrap();
+    assert_eq!(classes.status(), 200, "{:?}", classes.body_mut().read_to_string());
+
+    // Three failures lock the name, and then even the right password is refused.
+    for n in 0..3 {
+        assert_eq!(login(&format!("guess {n} of many")).status(), 401);
+    }
+    let locked = login("correct horse battery");
+    assert_eq!(locked.status(), 429);
+    assert!(locked.headers().get("retry-after").is_some());
+    // The loopback endpoint now asks for sign-in too, since users exist.
+    let loopback = http().get(daemon.url("/console/api/session")).call().unwrap();
+    assert_eq!(loopback.status(), 401);
     daemon.stop();
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::folders::{Folders, Poller};
 use super::listen::{self, Listener};
 use super::shared::{Origin, Shared, StartError};
-use super::{Agent, policy};
+use super::{Agent, console, policy};
 use crate::config::DeviceConfig;
 use crate::protocol::events::Event;
 
@@ -56,14 +56,22 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
     if let Some(path) = config_path.clone() {
         tasks.spawn(reload_on_hangup(Arc::clone(&shared), path));
     }
+    let auth = console_auth(&config, &data_dir)?;
     if config.http.enabled {
         let address = config.http.address().map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
-            let free = listen::nearby_free(address);
-            anyhow::anyhow!(listen::listen_error(Listener::Http, address, config_path.as_deref(), &e, free))
-        })?;
+        let listener = bind(address, Listener::Http, config_path.as_deref()).await?;
         tracing::info!(%address, "HTTP endpoint listening");
-        tasks.spawn(super::http::serve(listener, Arc::clone(&shared), config.http.clone()));
+        let mut app = super::http::router(Arc::clone(&shared), &config.http);
+        if let Some(auth) = &auth {
+            app = app.merge(console::router(Arc::clone(&shared), auth.clone(), console::Listener::Loopback));
+        }
+        tasks.spawn(super::http::serve(listener, app, config.http.clone(), None));
+    }
+    if let (Some(auth), Some(address)) = (&auth, config.console.site_address().map_err(anyhow::Error::msg)?) {
+        let tls = console_tls(&config, &data_dir)?;
+        let listener = bind(address, Listener::Console, config_path.as_deref()).await?;
+        let app = console::router(Arc::clone(&shared), auth.clone(), console::Listener::Site);
+        tasks.spawn(super::http::serve(listener, app, config.http.clone(), Some(tls)));
     }
     tasks.spawn(poll_folders(Arc::clone(&shared), folders));
     tasks.spawn(housekeeping(Arc::clone(&shared)));
@@ -103,6 +111,49 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
         }
     }
     Ok(())
+}
+
+async fn bind(
+    address: std::net::SocketAddr,
+    which: Listener,
+    config_path: Option<&Path>,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        let free = listen::nearby_free(address);
+        anyhow::anyhow!(listen::listen_error(which, address, config_path, &e, free))
+    })
+}
+
+/// The console's users and lockout, when the console is on; a site-network listener needs at
+/// least one user.
+fn console_auth(config: &DeviceConfig, data_dir: &Path) -> anyhow::Result<Option<console::Auth>> {
+    let settings = &config.console;
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let file = settings.users_file(data_dir);
+    let users = console::users::Users::load(&file).map_err(anyhow::Error::msg)?;
+    if settings.listen.is_some() && users.is_empty() {
+        anyhow::bail!(
+            "`console.listen` serves the console to the site network, which needs sign-in, and {} has no users; \
+             add one with `edgeadapt console add-user NAME`, or remove `console.listen`",
+            file.display()
+        );
+    }
+    Ok(Some(console::Auth::new(users, settings.lockout_failures, settings.lockout_minutes)))
+}
+
+/// The console's TLS acceptor: the operator's certificate or a self-signed one, whose
+/// fingerprint is logged for staff to compare with the browser's.
+fn console_tls(config: &DeviceConfig, data_dir: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let settings = &config.console;
+    let configured = settings.tls_cert.as_deref().zip(settings.tls_key.as_deref());
+    let names = vec![config.device_id.clone()];
+    let (cert, key) = console::tls::ensure_identity(configured, data_dir, &names).map_err(anyhow::Error::msg)?;
+    let server = console::tls::server_config(&cert, &key).map_err(anyhow::Error::msg)?;
+    let fingerprint = console::tls::fingerprint(&cert).map_err(anyhow::Error::msg)?;
+    tracing::info!(listen = ?settings.listen, %fingerprint, "console listening on the site network (TLS)");
+    Ok(tokio_rustls::TlsAcceptor::from(server))
 }
 
 /// Starts the embedded broker if the config asks for one; its port. `config_path` is named

@@ -56,7 +56,7 @@ pub fn router(shared: Arc<Shared>, limits: &HttpConfig) -> Router {
         .route("/v1/classify", post(http_classify))
         .route("/v1/label", post(http_label))
         .layer(middleware::from_fn(move |request: Request, next: Next| queue.clone().admit(request, next)));
-    let api = Router::new()
+    Router::new()
         .route("/v1/status", get(http_status))
         .route("/v1/adapt", post(http_adapt).get(http_adapt_state))
         .route("/v1/adapt/cancel", post(http_cancel))
@@ -71,8 +71,7 @@ pub fn router(shared: Arc<Shared>, limits: &HttpConfig) -> Router {
             }
         }))
         .layer(middleware::from_fn(json_errors))
-        .with_state(Arc::clone(&shared));
-    if shared.config.console.enabled { api.merge(super::console::router(shared)) } else { api }
+        .with_state(shared)
 }
 
 /// The classification queue: places for requests that carry an image.
@@ -176,11 +175,11 @@ const REFUSING: usize = 1024;
 /// client sees the answer rather than a reset.
 const REFUSE_DRAIN: Duration = Duration::from_secs(2);
 
-/// Serves the endpoint: at most `max_connections` connections (more are answered 503 with
+/// Serves `app`: at most `max_connections` connections (more are answered 503 with
 /// Retry-After and closed), and a connection that does not send a request's headers within
-/// `header_timeout_s`, or sits idle that long between requests, is closed.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: HttpConfig) {
-    let app = router(shared, &limits);
+/// `header_timeout_s`, or sits idle that long between requests, is closed. With `tls`, each
+/// connection is TLS, and one whose handshake takes longer than `header_timeout_s` is closed.
+pub async fn serve(listener: TcpListener, app: Router, limits: HttpConfig, tls: Option<tokio_rustls::TlsAcceptor>) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING));
     let header_timeout = Duration::from_secs(limits.header_timeout_s);
@@ -205,11 +204,20 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: HttpConfi
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+            let served = match tls {
+                None => builder.serve_connection(TokioIo::new(stream), service).await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => builder.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(Err(error)) => return tracing::debug!(%error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!("TLS handshake timed out"),
+                },
+            };
+            if let Err(error) = served {
                 tracing::debug!(%error, "HTTP connection ended");
             }
         });

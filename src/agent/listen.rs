@@ -13,6 +13,8 @@ pub enum Listener {
     Http,
     /// `mqtt.embedded_listen`: the embedded MQTT broker.
     EmbeddedBroker,
+    /// `console.listen`: the console on the site network.
+    Console,
 }
 
 impl Listener {
@@ -20,6 +22,7 @@ impl Listener {
         match self {
             Listener::Http => "http.listen",
             Listener::EmbeddedBroker => "mqtt.embedded_listen",
+            Listener::Console => "console.listen",
         }
     }
 
@@ -27,6 +30,7 @@ impl Listener {
         match self {
             Listener::Http => "the HTTP endpoint",
             Listener::EmbeddedBroker => "the embedded MQTT broker",
+            Listener::Console => "the console",
         }
     }
 }
@@ -53,13 +57,13 @@ pub fn listen_error(
                     "another program holds the port, often a Mosquitto service"
                 }
                 Listener::EmbeddedBroker => "another program holds the port",
-                Listener::Http => "another program (or another agent) holds the port",
+                Listener::Http | Listener::Console => "another program (or another agent) holds the port",
             };
             let alternative = match listener {
                 Listener::EmbeddedBroker => {
                     format!("; or use that broker instead of the embedded one: broker = \"mqtt://{address}\" in [mqtt]")
                 }
-                Listener::Http => String::new(),
+                Listener::Http | Listener::Console => String::new(),
             };
             format!(
                 "{who} (`ss -ltnp 'sport = :{port}'` shows which). Set `{key}` to a free address{example}{alternative}"

@@ -3,6 +3,7 @@
 mod agent;
 mod bench;
 mod classify;
+mod console;
 mod demo;
 mod doctor;
 mod fleet;
@@ -80,6 +81,8 @@ pub enum Command {
     Fleet(fleet::FleetArgs),
     /// Check the runtime, providers, GPU, bundle, store, disk, clock, TLS files and broker.
     Doctor(doctor::DoctorArgs),
+    /// The on-site console's users and its TLS fingerprint.
+    Console(console::ConsoleArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -112,6 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Status(args) => agent::status(args, required()?.0),
         Command::Fleet(args) => fleet::run(args, config.as_ref()),
         Command::Doctor(args) => doctor::run(args, required()?.0),
+        Command::Console(args) => console::run(args, required()?.0),
     }
 }
 

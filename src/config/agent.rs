@@ -61,11 +61,50 @@ pub struct ConsoleConfig {
     pub keep_images: usize,
     /// Bytes of recent classified images kept, at most.
     pub keep_image_bytes: u64,
+    /// An address for the site network (e.g. "0.0.0.0:8443"), served over TLS with sign-in
+    /// only. Unset: the console is on the loopback endpoint (`http.listen`) alone.
+    pub listen: Option<String>,
+    /// The certificate chain and key (PEM) for `listen`. Unset: a self-signed pair is made at
+    /// first start in `<data_dir>/console/`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Console users and their password hashes (`edgeadapt console add-user`). Unset:
+    /// `<data_dir>/console/users.toml`.
+    pub users_file: Option<PathBuf>,
+    /// Failed sign-ins of one user name, within `lockout_minutes`, that lock it for that long.
+    pub lockout_failures: usize,
+    pub lockout_minutes: u64,
 }
 
 impl Default for ConsoleConfig {
     fn default() -> Self {
-        ConsoleConfig { enabled: true, keep_images: 500, keep_image_bytes: 64 << 20 }
+        ConsoleConfig {
+            enabled: true,
+            keep_images: 500,
+            keep_image_bytes: 64 << 20,
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            users_file: None,
+            lockout_failures: 5,
+            lockout_minutes: 15,
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// The users file: as configured, or in the data folder.
+    pub fn users_file(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.users_file.clone().unwrap_or_else(|| data_dir.join("console/users.toml"))
+    }
+
+    /// The site-network address, if one is set.
+    pub fn site_address(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let Some(text) = &self.listen else { return Ok(None) };
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("\"{text}\" is not an IP address with a port, e.g. \"0.0.0.0:8443\""))
     }
 }
 

@@ -86,6 +86,9 @@ impl DeviceConfig {
             &mut config.mqtt.client_cert,
             &mut config.mqtt.client_key,
             &mut config.mqtt.command_key_file,
+            &mut config.console.tls_cert,
+            &mut config.console.tls_key,
+            &mut config.console.users_file,
         ] {
             *path = path.as_deref().map(|p| resolve(base, p));
         }
@@ -100,7 +103,7 @@ impl DeviceConfig {
         let data_dir = lexical(data_dir);
         let watch = self.watch.folder.as_deref().map(lexical);
         let inbox = self.labelling.inbox.as_deref().map(lexical);
-        let owned = ["classified", "processed", "rejected", "tensorrt"].map(|name| data_dir.join(name));
+        let owned = ["classified", "processed", "rejected", "tensorrt", "console"].map(|name| data_dir.join(name));
         for (key, folder) in [("watch.folder", &watch), ("labelling.inbox", &inbox)] {
             let Some(folder) = folder else { continue };
             let problem = if data_dir.starts_with(folder) {
@@ -176,11 +179,22 @@ impl DeviceConfig {
             ("http.request_timeout_s", self.http.request_timeout_s, 1, 86_400),
             ("console.keep_images", self.console.keep_images as u64, 0, 100_000),
             ("console.keep_image_bytes", self.console.keep_image_bytes, 0, 16 << 30),
+            ("console.lockout_failures", self.console.lockout_failures as u64, 1, 1000),
+            ("console.lockout_minutes", self.console.lockout_minutes, 1, 7 * 24 * 60),
         ];
         for (key, value, low, high) in limits {
             if !(low..=high).contains(&value) {
                 return Err(invalid(key, &format!("must be between {low} and {high}")));
             }
+        }
+        if let Err(problem) = self.console.site_address() {
+            return Err(invalid("console.listen", &problem));
+        }
+        if self.console.tls_cert.is_some() != self.console.tls_key.is_some() {
+            return Err(invalid(
+                "console.tls_cert",
+                "set both `tls_cert` and `tls_key`, or neither (a self-signed pair)",
+            ));
         }
         if self.watch.poll_ms < 10 || self.watch.poll_ms > 60_000 {
             return Err(invalid("watch.poll_ms", "must be between 10 and 60000"));

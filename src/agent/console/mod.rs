@@ -9,6 +9,7 @@ mod api;
 pub mod queue;
 pub mod recent;
 pub mod sessions;
+pub mod tls;
 pub mod users;
 
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use axum::routing::get;
 use super::http::ErrorBody;
 use super::shared::Shared;
 use sessions::{Refusal, Sessions};
+use users::{Lockout, Users};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "edgeadapt_console";
@@ -38,21 +40,53 @@ const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const APP_CSS: &str = include_str!("assets/app.css");
 
+/// Who may sign in, and the failed sign-ins so far; shared by the console's listeners so that
+/// guesses on both count together.
+#[derive(Clone)]
+pub struct Auth {
+    users: Arc<Users>,
+    lockout: Arc<Mutex<Lockout>>,
+}
+
+impl Auth {
+    pub fn new(users: Users, lockout_failures: usize, lockout_minutes: u64) -> Auth {
+        let window_ms = lockout_minutes as i64 * 60_000;
+        Auth { users: Arc::new(users), lockout: Arc::new(Mutex::new(Lockout::new(lockout_failures, window_ms))) }
+    }
+}
+
+/// Where a console router serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The agent's loopback endpoint: sign-in only when users exist; requests must name a
+    /// loopback host.
+    Loopback,
+    /// The site network over TLS: always sign-in, Secure cookies.
+    Site,
+}
+
 #[derive(Clone)]
 pub(super) struct Console {
     shared: Arc<Shared>,
     sessions: Arc<Mutex<Sessions>>,
-    /// Host names a request may name (with any port): the loopback names.
-    hosts: Arc<Vec<String>>,
+    auth: Auth,
+    listener: Listener,
 }
 
-/// The console's routes under `/console`.
-pub fn router(shared: Arc<Shared>) -> Router {
-    let console = Console {
-        shared,
-        sessions: Arc::new(Mutex::new(Sessions::new(MAX_SESSIONS, IDLE_MS))),
-        hosts: Arc::new(["127.0.0.1", "localhost", "[::1]"].map(String::from).to_vec()),
-    };
+impl Console {
+    /// Whether a browser must sign in here.
+    fn needs_sign_in(&self) -> bool {
+        self.listener == Listener::Site || !self.auth.users.is_empty()
+    }
+}
+
+/// Host names a loopback request may name (with any port).
+const LOOPBACK_HOSTS: [&str; 3] = ["127.0.0.1", "localhost", "[::1]"];
+
+/// The console's routes under `/console` for one listener.
+pub fn router(shared: Arc<Shared>, auth: Auth, listener: Listener) -> Router {
+    let console =
+        Console { shared, sessions: Arc::new(Mutex::new(Sessions::new(MAX_SESSIONS, IDLE_MS))), auth, listener };
     let assets = Router::new()
         .route("/console", get(|| async { axum::response::Redirect::permanent("/console/") }))
         .route("/console/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
@@ -103,11 +137,12 @@ pub(super) struct User(pub String);
 /// the security headers to every answer.
 async fn guard(State(console): State<Console>, mut request: Request, next: Next) -> Response {
     let mut response = 'answer: {
-        if !host_name(request.headers()).is_some_and(|host| console.hosts.contains(&host)) {
+        let loopback_host = host_name(request.headers()).is_some_and(|host| LOOPBACK_HOSTS.contains(&host.as_str()));
+        if console.listener == Listener::Loopback && !loopback_host {
             break 'answer error(StatusCode::MISDIRECTED_REQUEST, "the console answers only to its own host names");
         }
         let path = request.uri().path();
-        if !path.starts_with("/console/api/") || path == "/console/api/session" {
+        if !path.starts_with("/console/api/") || ["/console/api/session", "/console/api/login"].contains(&path) {
             break 'answer next.run(request).await;
         }
         let token = session_token(request.headers());

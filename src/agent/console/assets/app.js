@@ -1,5 +1,6 @@
 "use strict";
 // edgeadapt on-site console: one page, five hash routes, plain DOM (no frameworks, works offline).
+// A sign-in view replaces the nav and the routes whenever the agent asks for a sign-in.
 // Server data is only ever put into the page with textContent / attributes, never innerHTML.
 
 const API = "/console/api";
@@ -14,7 +15,10 @@ const RELISTEN_MS = 5000;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 const state = {
-  session: null, expired: false, view: null, // session: {user, csrf, classes, device_id}
+  session: null, view: null, // session: {user, csrf, classes, device_id}
+  // signedOut: the sign-in form is up (or about to be); sessionSeq counts started sessions, so
+  // that a 401 answering a request of an earlier session does not end the current one.
+  signedOut: false, sessionSeq: 0,
   keys: { byKey: new Map(), hint: new Map(), rule: "" },
   // label: queue = [{image, reason}] best first; handled = ids labelled or skipped here (a stale
   // queue never shows them again); current = {image, reason, from: "queue" | "grid"}; busy = a
@@ -92,28 +96,41 @@ function parseJson(text) {
 // ---------------------------------------------------------------- API
 
 class ApiError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
+  // data: the JSON body, if any; retryAfter: seconds from a Retry-After header, else null.
+  constructor(status, message, data = null, retryAfter = null) {
+    super(message);
+    this.status = status;
+    this.data = data;
+    this.retryAfter = retryAfter;
+  }
 }
 
 // Every call goes through here so that CSRF, credentials and error reporting are uniform.
-async function api(path, { method = "GET", body } = {}) {
+// anonymous: a call that needs no session (GET session, sign-in): no CSRF token, and a 401 is
+// its answer (sign-in needed, wrong password) rather than the loss of the session.
+async function api(path, { method = "GET", body, anonymous = false } = {}) {
+  const seq = state.sessionSeq;
   const opts = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
   if (method !== "GET") {
     opts.headers["Content-Type"] = "application/json";
-    opts.headers["X-CSRF-Token"] = state.session ? state.session.csrf : "";
+    if (!anonymous) opts.headers["X-CSRF-Token"] = state.session ? state.session.csrf : "";
     opts.body = JSON.stringify(body || {});
   }
   const res = await fetch(API + path, opts).catch((err) => {
     throw new ApiError(0, `Cannot reach the agent (${err.message}).`);
   });
   const data = parseJson(await res.text());
-  if (res.status === 401) {
-    sessionExpired();
-    throw new ApiError(401, "Your session expired.");
+  if (res.status === 401 && !anonymous) {
+    if (seq === state.sessionSeq) signedOut("expired");
+    throw new ApiError(401, "Sign-in needed.", data);
   }
   if (!res.ok) {
-    const text = data && typeof data.error === "string" ? data.error : `${res.status} ${res.statusText}`;
-    throw new ApiError(res.status, text);
+    const retry = Number.parseInt(res.headers.get("Retry-After") || "", 10);
+    const retryAfter = Number.isFinite(retry) ? retry : null;
+    const text = data && typeof data.error === "string" ? data.error
+      : retryAfter !== null ? `${res.status} ${res.statusText}: try again in ${retryAfter} s`
+      : `${res.status} ${res.statusText}`;
+    throw new ApiError(res.status, text, data, retryAfter);
   }
   return data;
 }
@@ -124,7 +141,6 @@ const thumbUrl = (id) => `${API}/traffic/${encodeURIComponent(id)}/thumbnail`;
 // ---------------------------------------------------------------- message bar
 
 function showMessage(text, kind = "error", link = null) {
-  if (state.expired && !link) return; // the expiry notice stays until the page reloads
   const bar = $("message");
   clearTimeout(state.messageTimer);
   bar.className = kind === "ok" ? "ok" : "error";
@@ -137,24 +153,16 @@ function showMessage(text, kind = "error", link = null) {
 }
 
 function hideMessage() {
-  if (!state.expired) $("message").hidden = true;
+  clearTimeout(state.messageTimer);
+  $("message").hidden = true;
 }
 
-// Errors are always shown; a 401 has already put up the expiry notice.
+// Errors are shown while signed in; a 401 has already put up the sign-in form and its notice,
+// and a late error from an earlier session's request would only hide that notice.
 function report(err, context) {
-  if (err && err.status === 401) return;
+  if ((err && err.status === 401) || state.signedOut) return;
   const text = err && err.message ? err.message : String(err);
   showMessage(context ? `${context}: ${text}` : text, "error");
-}
-
-function sessionExpired(text = "Your session expired.") {
-  if (state.expired) return;
-  state.expired = true;
-  document.body.dataset.session = "expired";
-  closeEvents();
-  clearTimeout(state.emptyTimer);
-  // showMessage lets a message with a link through even when expired.
-  showMessage(text, "error", el("a", { id: "reload-link", href: "/console/" }, "Reload and log in"));
 }
 
 // ---------------------------------------------------------------- confirm dialog
@@ -181,6 +189,7 @@ function closeConfirm(answer) {
 const LOADERS = { label: loadLabel, classes: loadClasses, adapt: loadAdapt, versions: loadVersions, device: loadDevice };
 
 function route() {
+  if (state.signedOut || !state.session) return; // the sign-in view stays until a session starts
   const name = location.hash.replace(/^#/, "");
   const view = VIEWS.includes(name) ? name : "label";
   state.view = view;
@@ -198,7 +207,7 @@ function route() {
 
 // Loaders mark their section loading/ready/error so tests can wait on data-state.
 async function runLoader(view) {
-  if (state.expired || !state.session) return;
+  if (state.signedOut || !state.session) return;
   const section = $(`view-${view}`);
   section.dataset.state = "loading";
   try {
@@ -245,7 +254,7 @@ function focusKind(target) {
 
 function onKeyDown(e) {
   if (e.key === "Escape" && !$("confirm").hidden) { closeConfirm(false); return; }
-  if (state.view !== "label" || state.expired || !$("confirm").hidden) return;
+  if (state.view !== "label" || state.signedOut || !$("confirm").hidden) return;
   if (e.ctrlKey || e.metaKey || e.altKey || e.isComposing) return;
   const kind = focusKind(e.target);
   if (kind === "typing" || (kind === "control" && e.key === "Enter")) return;
@@ -286,7 +295,7 @@ function refreshQueueQuietly() {
 
 function scheduleEmptyPoll() {
   clearTimeout(state.emptyTimer);
-  if (state.queue.length || state.view !== "label" || state.expired) return;
+  if (state.queue.length || state.view !== "label" || state.signedOut) return;
   state.emptyTimer = setTimeout(refreshQueueQuietly, EMPTY_POLL_MS);
 }
 
@@ -577,9 +586,12 @@ function onGridClick(e) {
   if (panel.getBoundingClientRect().top < 0) panel.scrollIntoView({ behavior: "smooth", block: "start" });
 }
 
+// Rebuilt at each sign-in (the classes may have changed); keeps the choice if it still exists.
 function buildClassFilter(classes) {
   const select = $("filter-class");
-  for (const c of classes) select.append(el("option", { value: c }, c));
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "All classes"), ...classes.map((c) => el("option", { value: c }, c)));
+  select.value = classes.includes(chosen) ? chosen : "";
 }
 
 function onFilterChange(e) {
@@ -681,7 +693,7 @@ function renderRunning(run) {
 // EventSource's own retry look like a lost connection.
 function openEvents() {
   clearTimeout(state.reopenTimer);
-  if (state.events || state.expired || state.view !== "adapt") return;
+  if (state.events || state.signedOut || state.view !== "adapt") return;
   const source = new EventSource(`${API}/adapt/events`);
   state.events = source;
   const live = $("adapt-live");
@@ -715,7 +727,7 @@ function openEvents() {
 
 function endStream() {
   closeEvents();
-  if (state.view === "adapt" && !state.expired) state.reopenTimer = setTimeout(openEvents, RELISTEN_MS);
+  if (state.view === "adapt" && !state.signedOut) state.reopenTimer = setTimeout(openEvents, RELISTEN_MS);
 }
 
 function closeEvents() {
@@ -912,17 +924,154 @@ function kvNodes(pairs) {
   return pairs.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, v)]);
 }
 
-// ---------------------------------------------------------------- session and start-up
+// ---------------------------------------------------------------- session, sign-in and start-up
+
+// What the message bar says once the agent has answered GET session, by why it was asked:
+// `login` when it asks for a sign-in, `resumed` when it starts a session itself (a console that
+// needs no sign-in: loopback with no users). [text, kind], or null for nothing.
+const SESSION_NOTICES = {
+  start: { login: null, resumed: null },
+  expired: {
+    login: ["Your session expired: sign in again.", "error"],
+    resumed: ["Your session expired and a new one has started: repeat the last step if it did not take effect.", "error"],
+  },
+  logout: {
+    login: ["You are logged out.", "ok"],
+    resumed: ["You are logged out. This console needs no sign-in here, so a new session has started.", "ok"],
+  },
+};
+
+function notify(notice) {
+  if (notice) showMessage(notice[0], notice[1]);
+}
+
+// Asks the agent for the session. `why`: "start", "expired" (a call answered 401) or "logout".
+async function resume(why) {
+  const notices = SESSION_NOTICES[why];
+  let session;
+  try {
+    session = await api("/session", { anonymous: true });
+  } catch (err) {
+    if (err.status === 401) {
+      showLogin(why);
+      notify(notices.login);
+    } else if (why === "start") {
+      report(err, "Could not start the console");
+    } else {
+      showLogin(why);
+      showMessage(err.message, "error");
+    }
+    return;
+  }
+  startSession(session);
+  notify(notices.resumed);
+}
+
+// The session ended (a 401, or logging out): once per session, stop everything live and ask
+// the agent whether a sign-in is needed.
+function signedOut(why) {
+  if (state.signedOut) return;
+  state.signedOut = true;
+  document.body.dataset.session = "signed-out";
+  closeEvents();
+  clearTimeout(state.emptyTimer);
+  closeConfirm(false);
+  resume(why);
+}
+
+// The sign-in view replaces the nav, the user and every other view. After an expiry the user
+// name is filled in; after logging out it is cleared (the next person may be someone else).
+function showLogin(why) {
+  state.signedOut = true;
+  state.view = "login";
+  document.body.dataset.view = "login";
+  document.body.dataset.session = "login";
+  for (const v of VIEWS) $(`view-${v}`).hidden = true;
+  $("nav").hidden = true;
+  $("who").hidden = true;
+  const view = $("view-login");
+  view.hidden = false;
+  view.dataset.state = "ready";
+  const user = $("login-user");
+  if (why === "logout") user.value = "";
+  else if (!user.value && state.session && state.session.user) user.value = state.session.user;
+  $("login-password").value = "";
+  $("login-submit").disabled = false;
+  (user.value ? $("login-password") : user).focus();
+}
+
+async function signIn(e) {
+  e.preventDefault(); // the form never posts itself
+  const view = $("view-login");
+  if (view.dataset.state === "loading") return;
+  const userInput = $("login-user");
+  const passwordInput = $("login-password");
+  const user = userInput.value.trim();
+  const password = passwordInput.value;
+  if (!user || !password) {
+    showMessage("Enter your user name and password.", "error");
+    (user ? passwordInput : userInput).focus();
+    return;
+  }
+  view.dataset.state = "loading";
+  $("login-submit").disabled = true;
+  let session;
+  try {
+    session = await api("/login", { method: "POST", body: { user, password }, anonymous: true });
+  } catch (err) {
+    // 401: wrong user name or password; 429: too many failures, the agent says for how long.
+    view.dataset.state = "error";
+    $("login-submit").disabled = false;
+    showMessage(`${err.status === 429 ? "Sign-in refused" : "Sign-in failed"}: ${err.message}`, "error");
+    passwordInput.value = ""; // the user name stays
+    passwordInput.focus();
+    return;
+  }
+  passwordInput.value = "";
+  view.dataset.state = "ready";
+  startSession(session);
+}
+
+// After GET session or a sign-in answers: the header, the class keys and buttons, then the route.
+function startSession(session) {
+  const classes = (session.classes = session.classes || []);
+  if (state.session && state.session.user !== session.user) resetSessionCounts();
+  state.session = session;
+  state.signedOut = false;
+  state.sessionSeq++;
+  document.body.dataset.session = "signed-in";
+  hideMessage();
+  $("view-login").hidden = true;
+  $("nav").hidden = false;
+  $("who").hidden = false;
+  $("user").textContent = session.user || "?";
+  $("device-id").textContent = session.device_id || "?";
+  state.keys = buildKeyMap(classes);
+  buildClassButtons(classes);
+  buildClassFilter(classes);
+  updateLabelControls(); // an image shown before the session ended can be labelled again
+  route();
+}
+
+// The counters are per person: a different user starts them again.
+function resetSessionCounts() {
+  state.labelled = 0;
+  state.skipped = 0;
+  $("labelled-count").textContent = "0";
+  $("skipped-count").textContent = "0";
+  $("last-action").textContent = "";
+}
 
 function logout() {
   api("/logout", { method: "POST", body: {} })
-    .then(() => sessionExpired("You are logged out."), (err) => report(err, "Logging out failed"));
+    .then(() => signedOut("logout"), (err) => report(err, "Logging out failed"));
 }
 
 function wireEvents() {
   document.addEventListener("keydown", onKeyDown);
   window.addEventListener("hashchange", route);
   $("message").addEventListener("click", (e) => { if (e.target.id === "message-close") hideMessage(); });
+  $("login-form").addEventListener("submit", signIn);
   $("confirm-yes").addEventListener("click", () => closeConfirm(true));
   $("confirm-no").addEventListener("click", () => closeConfirm(false));
   $("confirm").addEventListener("click", (e) => { if (e.target.id === "confirm") closeConfirm(false); });
@@ -950,16 +1099,9 @@ function wireEvents() {
   $("logout").addEventListener("click", logout);
 }
 
-async function boot() {
+function boot() {
   wireEvents();
-  try { state.session = await api("/session"); } catch (err) { report(err, "Could not start the console"); return; }
-  const classes = (state.session.classes = state.session.classes || []);
-  $("user").textContent = state.session.user || "?";
-  $("device-id").textContent = state.session.device_id || "?";
-  state.keys = buildKeyMap(classes);
-  buildClassButtons(classes);
-  buildClassFilter(classes);
-  route();
+  resume("start");
 }
 
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", boot);
