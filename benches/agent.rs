@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use edgeadapt::agent::{Agent, Labelled};
 use edgeadapt::config::DeviceConfig;
+use edgeadapt::imaging::thumbnail::thumbnail;
 use edgeadapt::imaging::{self, DecodeLimits};
 use edgeadapt::inference::{Classifier, prepare_bytes};
 use edgeadapt::model::Bundle;
@@ -134,12 +135,109 @@ fn http() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
+/// What keeping recent images for the console costs classification: two agents on the same
+/// bundle, one keeping images (`console.keep_images` 500) and one not (0), classify the same
+/// encoded images one at a time (as the watched folder and `POST /v1/classify` do) in
+/// interleaved rounds, writing buffered images out once a second as the daemon does. Also the
+/// time to make one thumbnail, which the daemon does in the background.
+fn keeping_images(seconds: f64) {
+    let data = repo().join("target/data/fonts36/target/test");
+    let config = |dir: &Path, keep_images: usize| {
+        let text = format!(
+            "device_id = \"bench\"\nbundle = \"{}\"\ndata_dir = \"{}\"\n[console]\nkeep_images = {keep_images}\n",
+            repo().join("models/efficientnet-lite0-fonts36").display(),
+            dir.display()
+        );
+        DeviceConfig::parse(&text, dir).unwrap()
+    };
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(&data)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    let images: Vec<(String, Vec<u8>)> =
+        files.iter().take(2000).map(|f| (f.display().to_string(), std::fs::read(f).unwrap())).collect();
+    assert!(!images.is_empty(), "no images under {} (run tools/setup.sh)", data.display());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut keeping = Agent::open(&config(dirs[0].path(), 500)).unwrap();
+    let mut plain = Agent::open(&config(dirs[1].path(), 0)).unwrap();
+    let round = Duration::from_secs_f64(seconds / 10.0);
+    let (mut next_a, mut next_b) = (0, 0);
+    // Warm-up, then ten interleaved rounds.
+    run(&mut keeping, &images, Duration::from_secs(1), &mut next_a);
+    run(&mut plain, &images, Duration::from_secs(1), &mut next_b);
+    let (mut totals, mut ratios) = ([(0usize, 0.0f64); 2], Vec::new());
+    for _ in 0..10 {
+        let a = run(&mut keeping, &images, round, &mut next_a);
+        let b = run(&mut plain, &images, round, &mut next_b);
+        for (slot, (n, s)) in [a, b].into_iter().enumerate() {
+            totals[slot].0 += n;
+            totals[slot].1 += s;
+        }
+        ratios.push((a.0 as f64 / a.1) / (b.0 as f64 / b.1));
+    }
+    ratios.sort_by(f64::total_cmp);
+    let rate = |(n, s): (usize, f64)| n as f64 / s;
+    let limits = DecodeLimits::default();
+    let started = Instant::now();
+    let sample = &images[..images.len().min(200)];
+    for (name, bytes) in sample {
+        thumbnail(name, bytes, &limits).unwrap();
+    }
+    let thumb_ms = started.elapsed().as_secs_f64() * 1000.0 / sample.len() as f64;
+    println!("| agent | images/s (batch 1) | ratio to not keeping (median of 10 rounds, range) |");
+    println!("|---|---|---|");
+    println!(
+        "| keeping recent images (500) | {:.1} | {:.3} ({:.3}-{:.3}) |",
+        rate(totals[0]),
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+    println!("| not keeping (0) | {:.1} | 1 |", rate(totals[1]));
+    println!();
+    println!(
+        "one thumbnail (made in the background): {thumb_ms:.2} ms per image over {} images of {}",
+        sample.len(),
+        data.display()
+    );
+}
+
+/// Classifies for `budget`, one image per call, flushing buffered images once a second.
+fn run(agent: &mut Agent, images: &[(String, Vec<u8>)], budget: Duration, next: &mut usize) -> (usize, f64) {
+    let started = Instant::now();
+    let mut flushed = Instant::now();
+    let mut done = 0;
+    while started.elapsed() < budget {
+        let (name, bytes) = &images[*next % images.len()];
+        *next += 1;
+        let result = agent.classify(&[(name.as_str(), bytes.as_slice())], 3);
+        assert!(result[0].is_ok());
+        done += 1;
+        if flushed.elapsed() >= Duration::from_secs(1) {
+            agent.flush_images().unwrap();
+            agent.flush_traffic().unwrap();
+            flushed = Instant::now();
+        }
+    }
+    (done, started.elapsed().as_secs_f64())
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // `cargo bench --bench agent -- keep`: only what keeping recent images costs.
+    if std::env::args().any(|a| a == "keep") {
+        keeping_images(20.0);
+        return;
+    }
     let files = labelled_files();
     println!("Agent benchmark: default bundle, {} labelled fonts36 images in batches of {BATCH}", files.len());
+    println!("\nKeeping recent images for the console:\n");
+    keeping_images(20.0);
 
     let (bare, ingest, data_dir) = ingest_vs_extraction(&files, 3);
     println!("\n| round | bare extraction (img/s) | ingest (img/s) | ratio |");
