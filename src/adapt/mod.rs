@@ -10,6 +10,7 @@ pub mod loss;
 pub mod method;
 pub mod optim;
 pub mod prior;
+pub mod queue;
 pub mod recommended;
 pub mod share;
 pub mod spec;

@@ -2,6 +2,7 @@
 //! `target/test` with the argmax over all classes, and reports every method side by side.
 
 pub mod features;
+pub mod labelling;
 pub mod plot;
 pub mod seen;
 

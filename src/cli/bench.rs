@@ -58,6 +58,14 @@ pub struct BenchArgs {
     /// Where split tensors are cached (default: the edgeadapt cache).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Instead of comparing methods: label N images of the `--seen` classes' traffic in arrival
+    /// order and in the console's "label next" order, adapt with `recommended` on each, and
+    /// compare (docs/console.md).
+    #[arg(long, value_name = "N")]
+    pub label_budget: Option<usize>,
+    /// With `--label-budget`: labels a class needs to take part in a run.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub min_samples: usize,
 }
 
 pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
@@ -106,7 +114,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         indicatif::ProgressStyle::with_template("{msg:40} {bar:40} {pos}/{len} [{elapsed_precise}]")
             .expect("static template"),
     );
-    let report = bench::run(&mut classifier, &options, &mut |event| match event {
+    let mut show = |event: Progress<'_>| match event {
         Progress::Extracting { what, done, total } => {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
@@ -117,7 +125,18 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
             bar.set_position(step as u64);
             bar.set_message(format!("{method} (seed {seed})"));
         }
-    })?;
+    };
+    if let Some(budget) = args.label_budget {
+        let report = bench::labelling::run(&mut classifier, &options, budget, args.min_samples.max(1), &mut show)?;
+        bar.finish_and_clear();
+        println!("{}", bench::labelling::table(&report));
+        if let Some(path) = &args.json {
+            output::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes(), overwrite)?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(0);
+    }
+    let report = bench::run(&mut classifier, &options, &mut show)?;
     bar.finish_and_clear();
     println!(
         "seen classes ({}): {}\nunseen classes ({}): {}\nadaptation samples: {} (seen classes of target/adapt); test samples: {}; label-free indicators use {}\n",

@@ -17,9 +17,9 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::queue::{self, Candidate, Labelled as Known, Reason};
 use super::sessions::Session;
 use super::{COOKIE, Console, Listener, User, error, session_token};
+use crate::adapt::queue::{self, Candidate, Labelled as Known, Reason};
 use crate::agent::shared::{Origin, Shared, StartError};
 use crate::agent::{AgentError, IngestError, Labelled};
 use crate::protocol::VersionRef;

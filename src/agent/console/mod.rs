@@ -6,7 +6,6 @@
 //! change needs the session's CSRF token in `X-CSRF-Token`; images are reached by id only.
 
 mod api;
-pub mod queue;
 pub mod recent;
 pub mod sessions;
 pub mod tls;

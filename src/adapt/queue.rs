@@ -1,4 +1,5 @@
-//! The "label next" queue: which recent images to ask site staff about first.
+//! The "label next" queue: which unlabelled images to ask site staff about first (the
+//! console's queue, and `bench --label-budget`'s `queue` order).
 //!
 //! The rule, greedy over the unlabelled images:
 //! 1. **Classes that cannot take part yet come first.** A class joins a run only once it has
@@ -12,8 +13,6 @@
 //!    already labelled or queued adds almost nothing and is left out.
 
 use std::collections::HashMap;
-
-use crate::imaging::thumbnail::distance;
 
 /// Hashes this close (in bits of 64) are the same picture for the queue.
 pub const NEAR_DUPLICATE_BITS: u32 = 5;
@@ -80,7 +79,7 @@ pub fn next_to_label(candidates: &[Candidate], labelled: &Labelled, limit: usize
         let (index, _) = open.remove(at);
         let candidate = &candidates[index];
         if let Some(hash) = candidate.dhash {
-            if hashes.iter().any(|&h| distance(h, hash) <= NEAR_DUPLICATE_BITS) {
+            if hashes.iter().any(|&h| (h ^ hash).count_ones() <= NEAR_DUPLICATE_BITS) {
                 continue;
             }
             hashes.push(hash);
