@@ -22,7 +22,10 @@ pub enum ConsoleCommand {
         name: String,
     },
     /// Remove a console user.
-    RemoveUser { name: String },
+    RemoveUser {
+        /// The user to remove.
+        name: String,
+    },
     /// List the console's users, and the address and TLS fingerprint of the site listener.
     Show,
 }
