@@ -346,6 +346,27 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     }
 }
 
+/// Starts the embedded broker on a free port. A port found free can be taken before the broker
+/// binds it (a parallel test's client may get it as its local port), so a taken one is
+/// replaced by another.
+fn start_embedded_broker() -> u16 {
+    for _ in 0..20 {
+        let port = free_port();
+        match edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20) {
+            Ok(()) => return port,
+            Err(error)
+                if error.chain().any(|cause| {
+                    cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+                }) =>
+            {
+                continue;
+            }
+            Err(error) => panic!("the embedded broker did not start: {error:#}"),
+        }
+    }
+    panic!("no free port for the embedded broker in 20 tries");
+}
+
 /// While the model warms up, the device's retained status says it is starting and for how long;
 /// a failed start says why; neither is followed by a Last Will.
 #[test]
@@ -353,8 +374,7 @@ fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
     use edgeadapt::config::MqttConfig;
     use edgeadapt::fleet::connect::{StartProgress, announce_start};
 
-    let port = free_port();
-    edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20).unwrap();
+    let port = start_embedded_broker();
     let messages = collect(port);
     let config = MqttConfig {
         enabled: true,
