@@ -8,6 +8,7 @@
 mod api;
 pub mod recent;
 pub mod sessions;
+mod signin;
 pub mod tls;
 pub mod users;
 
