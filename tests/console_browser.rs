@@ -1,6 +1,7 @@
 //! The console in a real browser (Debian's Chromium through chromedriver): sign in over TLS,
-//! label 20 queued traffic images with one key press each, start a run and see its verdict
-//! and chart, roll back to the source, then check the store and the events. It also reports
+//! label 20 queued traffic images with one key press each, see a forged CSRF token and an
+//! expired session refused on the page, start a run and see its verdict and chart, roll back
+//! to the source, then check the store and the events. It also reports
 //! how long the grid of 200 thumbnails takes to load.
 //!
 //! Without Chromium the test skips and says why, except under CI (`CI=true`), where it fails.
@@ -233,6 +234,58 @@ fn site_staff_sign_in_label_by_keyboard_adapt_and_roll_back_in_a_browser() {
     daemon.stop();
 }
 
+async fn sign_in(browser: &Client) {
+    let user = browser.find(Locator::Css("#login-user")).await.unwrap();
+    user.clear().await.unwrap();
+    user.send_keys("ana").await.unwrap();
+    browser.find(Locator::Css("#login-password")).await.unwrap().send_keys(PASSWORD).await.unwrap();
+    click(browser, "#login-submit").await;
+    eventually("signing in", Duration::from_secs(30), || async {
+        (attribute(browser, "body", "data-session").await.as_deref() == Some("signed-in")).then_some(())
+    })
+    .await;
+}
+
+/// The queue's current image and the class its name says.
+async fn current(browser: &Client, names: &HashMap<i64, String>) -> (i64, String) {
+    let id: i64 = eventually("a queued image", Duration::from_secs(30), || async {
+        attribute(browser, "#current-image", "data-id").await?.parse().ok()
+    })
+    .await;
+    (id, names[&id].split('-').next().unwrap().to_string())
+}
+
+/// A forged CSRF token, then an expired session: each key press is refused with a message on
+/// the page and labels nothing (the store's count is checked after the run).
+async fn refusals_change_nothing(browser: &Client, names: &HashMap<i64, String>) {
+    let body = browser.find(Locator::Css("body")).await.unwrap();
+    let (id, class) = current(browser, names).await;
+    let token = browser.execute("const t = state.session.csrf; state.session.csrf = 'forged'; return t;", vec![]);
+    let token = token.await.unwrap();
+    body.send_keys(&class).await.unwrap();
+    let message = eventually("the CSRF refusal on the page", Duration::from_secs(30), || async {
+        let message = text(browser, "#message-text").await;
+        message.contains("CSRF").then_some(message)
+    })
+    .await;
+    assert!(message.contains(&format!("image {id}")) && message.contains("nothing was changed"), "{message}");
+    assert_eq!(text(browser, "#labelled-count").await, "20", "the refused press labelled nothing");
+    assert_eq!(current(browser, names).await.0, id, "the refused image is still the one to label");
+    browser.execute("state.session.csrf = arguments[0];", vec![token]).await.unwrap();
+
+    // The session cookie gone, as after the idle expiry: the sign-in form says so.
+    browser.delete_all_cookies().await.unwrap();
+    body.send_keys(&class).await.unwrap();
+    let notice = eventually("the expired-session notice", Duration::from_secs(30), || async {
+        let notice = text(browser, "#message-text").await;
+        (attribute(browser, "body", "data-session").await.as_deref() == Some("login") && notice.contains("expired"))
+            .then_some(notice)
+    })
+    .await;
+    assert!(notice.contains("sign in again"), "{notice}");
+    sign_in(browser).await;
+}
+
 /// Everything done in the browser; a line for the report.
 async fn drive(browser: &Client, site: u16, names: &HashMap<i64, String>) -> String {
     let base = format!("https://localhost:{site}/console/");
@@ -242,13 +295,7 @@ async fn drive(browser: &Client, site: u16, names: &HashMap<i64, String>) -> Str
     })
     .await;
     screenshot(browser, "sign-in").await;
-    browser.find(Locator::Css("#login-user")).await.unwrap().send_keys("ana").await.unwrap();
-    browser.find(Locator::Css("#login-password")).await.unwrap().send_keys(PASSWORD).await.unwrap();
-    click(browser, "#login-submit").await;
-    eventually("signing in", Duration::from_secs(30), || async {
-        (attribute(browser, "body", "data-session").await.as_deref() == Some("signed-in")).then_some(())
-    })
-    .await;
+    sign_in(browser).await;
 
     // The grid of 200 thumbnails, as the page measures it.
     let grid_ms: f64 = eventually("the traffic grid to load", Duration::from_secs(60), || async {
@@ -263,11 +310,7 @@ async fn drive(browser: &Client, site: u16, names: &HashMap<i64, String>) -> Str
     let body = browser.find(Locator::Css("body")).await.unwrap();
     let started = Instant::now();
     for press in 0..20 {
-        let id: i64 = eventually("a queued image", Duration::from_secs(30), || async {
-            attribute(browser, "#current-image", "data-id").await?.parse().ok()
-        })
-        .await;
-        let class = names[&id].split('-').next().unwrap().to_string();
+        let (id, class) = current(browser, names).await;
         body.send_keys(&class).await.unwrap();
         eventually(&format!("press {press}: the next image"), Duration::from_secs(30), || async {
             let now = attribute(browser, "#current-image", "data-id").await;
@@ -277,6 +320,7 @@ async fn drive(browser: &Client, site: u16, names: &HashMap<i64, String>) -> Str
         .await;
     }
     let labelling = started.elapsed();
+    refusals_change_nothing(browser, names).await;
 
     // A run, its verdict and the per-class chart.
     click(browser, "#nav-classes").await;

@@ -164,7 +164,10 @@ async fn guard(State(console): State<Console>, mut request: Request, next: Next)
                 next.run(request).await
             }
             Err(Refusal::NoSession) => error(StatusCode::UNAUTHORIZED, "not signed in, or the session expired"),
-            Err(Refusal::Csrf) => error(StatusCode::FORBIDDEN, "the request lacks this session's CSRF token"),
+            Err(Refusal::Csrf) => error(
+                StatusCode::FORBIDDEN,
+                "the request lacks this session's CSRF token; nothing was changed (reload the page)",
+            ),
         }
     };
     let headers = response.headers_mut();
