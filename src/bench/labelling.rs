@@ -1,12 +1,14 @@
 //! `bench --label-budget N`: does the console's "label next" queue beat labelling in arrival
 //! order? The site's traffic is the `target/adapt` images of the `--seen` classes (the classes
-//! that occur there), arriving in a random order per seed. Staff label `N` of them, either the
-//! first `N` to arrive or, one at a time, the head of the queue (`adapt::queue`, on the source
-//! model's predictions, counting the labels given so far). Classes with fewer than
-//! `min_samples` labels take no part, as on the device. `recommended` then adapts on the labels,
-//! with the whole site traffic as unlabelled traffic, and is scored on all of `target/test`.
+//! that occur there), as many per class as the data has or, with `--traffic-skew S`, fewer for
+//! each next class (a Zipf law: real sites are uneven), arriving in a random order per seed.
+//! Staff label `N` of them, either the first `N` to arrive or, one at a time, the head of the
+//! queue (`adapt::queue`, on the source model's predictions and the answers given so far).
+//! Classes with fewer than `min_samples` labels take no part, as on the device. `recommended`
+//! then adapts on the labels, with the whole site traffic as unlabelled traffic, and is scored
+//! on all of `target/test`.
 //!
-//! fonts36 has no near-duplicate images, so the queue's third rule is not exercised here.
+//! The bench's data have no near-duplicate images, so the queue's last rule is not exercised.
 
 use ndarray::Array2;
 use rand::SeedableRng;
@@ -38,6 +40,7 @@ pub struct OrderReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct LabellingReport {
     pub budget: usize,
+    pub skew: f64,
     pub min_samples: usize,
     pub site_classes: Vec<String>,
     pub traffic: usize,
@@ -58,7 +61,7 @@ fn choose(
     if order == "arrival" {
         return arrival.iter().copied().take(budget).collect();
     }
-    let mut known = Labelled { per_class: Default::default(), hashes: vec![], min_samples };
+    let mut known = Labelled { per_class: Default::default(), hashes: vec![], min_samples, answered: vec![] };
     let mut open: Vec<usize> = arrival.to_vec();
     let mut chosen = Vec::new();
     while chosen.len() < budget && !open.is_empty() {
@@ -73,9 +76,11 @@ fn choose(
                 dhash: None,
             })
             .collect();
-        let Some(&(id, _)) = next_to_label(&candidates, &known, 1).first() else { break };
-        let sample = open.remove(id as usize);
-        *known.per_class.entry(classes[labels[sample]].clone()).or_default() += 1;
+        let Some(pick) = next_to_label(&candidates, &known, 1).into_iter().next() else { break };
+        let sample = open.remove(pick.id as usize);
+        let class = &classes[labels[sample]];
+        *known.per_class.entry(class.clone()).or_default() += 1;
+        known.answered.push((top[sample][0].0.clone(), Some(class.clone())));
         chosen.push(sample);
     }
     chosen
@@ -106,13 +111,37 @@ fn score(predicted: &[usize], test: &SplitSet, site: &[usize]) -> (f64, f64, f64
     (part(&|_| true), part(&|l| site.contains(&l)), part(&|l| !site.contains(&l)))
 }
 
+/// What `--label-budget` compares under.
+#[derive(Debug, Clone, Copy)]
+pub struct LabellingSetup {
+    /// Labels staff give.
+    pub budget: usize,
+    /// Labels a class needs to take part in a run.
+    pub min_samples: usize,
+    /// How uneven the site's traffic is: its k-th class (k from 0, in `--seen` order) keeps
+    /// 1/(k+1)^skew of its images, as a Zipf law; 0 keeps them all.
+    pub skew: f64,
+}
+
+/// The traffic of the site's classes, made uneven by `skew`.
+fn site_traffic(adapt_all: &SplitSet, site: &[usize], skew: f64) -> SplitSet {
+    let mut kept = Vec::new();
+    for (rank, &class) in site.iter().enumerate() {
+        let images: Vec<usize> = (0..adapt_all.len()).filter(|&i| adapt_all.labels[i] == class).collect();
+        let keep = ((images.len() as f64) / ((rank + 1) as f64).powf(skew)).ceil() as usize;
+        kept.extend(images.into_iter().take(keep));
+    }
+    kept.sort_unstable();
+    adapt_all.select(&kept)
+}
+
 pub fn run(
     classifier: &mut Classifier,
     options: &BenchOptions,
-    budget: usize,
-    min_samples: usize,
+    setup: LabellingSetup,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> anyhow::Result<LabellingReport> {
+    let LabellingSetup { budget, min_samples, skew } = setup;
     let classes = classifier.bundle.head.classes.clone();
     let site = options.seen.resolve(&classes).map_err(anyhow::Error::msg)?;
     let mut extract = |what: &str, folder: &str| -> anyhow::Result<SplitSet> {
@@ -126,7 +155,7 @@ pub fn run(
         Some((split, labels)) => Some(SplitSet::from_onnx(split.view(), labels).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let traffic_set = adapt_all.filter(|label| site.contains(&label));
+    let traffic_set = site_traffic(&adapt_all, &site, skew);
     let source = Network::from_bundle(&classifier.bundle);
     let all_unseen: Vec<usize> = (0..classes.len()).collect();
     let source_model = Adapted { network: source.clone(), gamma: 0.0, unseen: all_unseen, notes: vec![] };
@@ -187,6 +216,7 @@ pub fn run(
     }
     Ok(LabellingReport {
         budget,
+        skew,
         min_samples,
         site_classes: site.iter().map(|&c| classes[c].clone()).collect(),
         traffic: traffic_set.len(),
@@ -202,10 +232,11 @@ pub fn table(report: &LabellingReport) -> String {
     let (o, s, u) = report.source;
     let _ = writeln!(
         out,
-        "site classes ({}): {}  \nsite traffic: {} images; {} labels; a class takes part with {} labels\n",
+        "site classes ({}): {}  \nsite traffic: {} images (skew {}); {} labels; a class takes part with {} labels\n",
         report.site_classes.len(),
         report.site_classes.join(","),
         report.traffic,
+        report.skew,
         report.budget,
         report.min_samples
     );

@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// With `--label-budget`: labels a class needs to take part in a run.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub min_samples: usize,
+    /// With `--label-budget`: how uneven the site's traffic is; its k-th class keeps
+    /// 1/(k+1)^S of its images (0: all).
+    #[arg(long, default_value_t = 0.0, value_name = "S")]
+    pub traffic_skew: f64,
 }
 
 pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
@@ -127,7 +131,14 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
         }
     };
     if let Some(budget) = args.label_budget {
-        let report = bench::labelling::run(&mut classifier, &options, budget, args.min_samples.max(1), &mut show)?;
+        anyhow::ensure!(
+            args.traffic_skew.is_finite() && args.traffic_skew >= 0.0,
+            "--traffic-skew must be a number ≥ 0, not {}",
+            args.traffic_skew
+        );
+        let setup =
+            bench::labelling::LabellingSetup { budget, min_samples: args.min_samples.max(1), skew: args.traffic_skew };
+        let report = bench::labelling::run(&mut classifier, &options, setup, &mut show)?;
         bar.finish_and_clear();
         println!("{}", bench::labelling::table(&report));
         if let Some(path) = &args.json {

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Console, User, error, signin};
-use crate::adapt::queue::{self, Candidate, Labelled as Known, Reason};
+use crate::adapt::queue::{self, Candidate, Labelled as Known, Pick};
 use crate::agent::shared::{Origin, Shared, StartError};
 use crate::agent::{AgentError, IngestError, Labelled};
 use crate::protocol::VersionRef;
@@ -26,8 +26,10 @@ use crate::store::{StoreError, TrafficImage};
 /// Images a traffic listing returns at most.
 const MAX_LISTED: usize = 1000;
 
-const QUEUE_RULE: &str = "classes short of the labels they need to take part in a run first, then the \
-                          images the model is least sure about; near-duplicates left out";
+const QUEUE_RULE: &str = "where a label most likely completes a class: images grouped by the model's guess, \
+                          each group judged by the model and the answers given for it, classes short of the \
+                          labels they need to take part in a run first, then the classes with the fewest; \
+                          the newest image of a group first; near-duplicates left out";
 
 pub(super) fn routes() -> Router<Console> {
     Router::new()
@@ -126,6 +128,11 @@ async fn label_queue(State(console): State<Console>, Query(query): Query<QueueQu
         per_class: counts.iter().map(|(class, (train, _))| (class.clone(), *train)).collect(),
         hashes: images.iter().filter(|i| i.sample.is_some()).filter_map(|i| i.dhash).collect(),
         min_samples,
+        answered: images
+            .iter()
+            .filter(|i| i.sample.is_some() || i.skipped)
+            .map(|i| (i.predicted.clone(), i.label.clone()))
+            .collect(),
     };
     let open: Vec<&TrafficImage> = images.iter().filter(|i| i.sample.is_none() && !i.skipped).collect();
     let candidates: Vec<Candidate> = open
@@ -135,7 +142,7 @@ async fn label_queue(State(console): State<Console>, Query(query): Query<QueueQu
     let by_id: HashMap<i64, &TrafficImage> = open.iter().map(|i| (i.id, *i)).collect();
     let queue: Vec<serde_json::Value> = queue::next_to_label(&candidates, &known, limit)
         .into_iter()
-        .map(|(id, reason): (i64, Reason)| json!({ "image": by_id[&id], "reason": reason }))
+        .map(|pick: Pick| json!({ "image": by_id[&pick.id], "reason": pick.reason, "likely": pick.likely }))
         .collect();
     Json(json!({ "rule": QUEUE_RULE, "queue": queue })).into_response()
 }

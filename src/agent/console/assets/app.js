@@ -20,8 +20,8 @@ const state = {
   // that a 401 answering a request of an earlier session does not end the current one.
   signedOut: false, sessionSeq: 0,
   keys: { byKey: new Map(), hint: new Map(), rule: "" },
-  // label: queue = [{image, reason}] best first; handled = ids labelled or skipped here (a stale
-  // queue never shows them again); current = {image, reason, from: "queue" | "grid"}; busy = a
+  // label: queue = [{image, reason, likely}] best first; handled = ids labelled or skipped here (a stale
+  // queue never shows them again); current = {image, reason, likely, from: "queue" | "grid"}; busy = a
   // label/skip request is in flight, so further keys are ignored.
   queue: [], handled: new Set(), current: null, busy: false, labelled: 0, skipped: 0,
   sessionLabels: new Map(), // image id -> class labelled from this page
@@ -306,7 +306,7 @@ function pendingQueue() {
 
 function showNext() {
   const next = state.queue.find((q) => !state.handled.has(q.image.id));
-  setCurrent(next ? { image: next.image, reason: next.reason, from: "queue" } : null);
+  setCurrent(next ? { image: next.image, reason: next.reason, likely: next.likely, from: "queue" } : null);
 }
 
 function setCurrent(current) {
@@ -366,12 +366,12 @@ function reasonText(cur, image) {
   const cls = labelledClass(image);
   if (cls !== undefined) return `Already labelled${cls ? ` as ${cls}` : ""}: pick another image or go back to the queue.`;
   if (cur.from === "grid") return `Picked from the traffic below${image.skipped ? " (skipped earlier)" : ""}.`;
-  if (cur.reason === "class_short") return `Why now: class ${image.predicted} needs more labels before it can take part in adaptation.`;
-  if (cur.reason === "uncertain") {
-    const [first, second] = image.top || [];
-    const detail = first && second ? ` (${first[0]} ${pct(first[1], 0)} vs ${second[0]} ${pct(second[1], 0)})` : "";
-    return `Why now: the model is unsure about it${detail}.`;
-  }
+  // likely: the class the image most likely is, by the model and the answers given for images
+  // the model guessed alike; it differs from the guess where those answers named another class.
+  const likely = cur.likely || image.predicted;
+  const which = likely === image.predicted ? `class ${likely}` : `probably ${likely} (answers for images the model takes for ${image.predicted} were mostly ${likely}), and ${likely}`;
+  if (cur.reason === "class_short") return `Why now: ${which} needs more labels before it can take part in adaptation.`;
+  if (cur.reason === "few_labels") return `Why now: ${which} has fewer labels than the other classes.`;
   return cur.reason ? `Why now: ${cur.reason}.` : "";
 }
 
