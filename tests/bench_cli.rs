@@ -1,5 +1,5 @@
 //! `edgeadapt bench` end to end on a small slice of fonts36: the JSON follows the documented
-//! schema and the plot is written.
+//! schema and the plot is written; `--label-budget` compares arrival order with the queue.
 
 mod common;
 
@@ -117,4 +117,41 @@ fn a_method_that_cannot_run_gets_a_row_with_the_reason_and_the_rest_are_measured
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(report["methods"]["ft-tail+alg"]["error"].as_str().unwrap().contains("nothing to train"));
     assert!(report["methods"]["recommended"]["error"].is_null());
+}
+
+#[test]
+fn a_label_budget_bench_compares_arrival_order_with_the_queue_on_uneven_traffic() {
+    let fonts36 = repo().join("target/data/fonts36");
+    assert!(fonts36.is_dir(), "run tools/setup.sh first: {} is missing", fonts36.display());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    for split in ["target/adapt", "target/test"] {
+        for class in ["0", "A", "B"] {
+            let to = root.join(split).join(class);
+            std::fs::create_dir_all(&to).unwrap();
+            for n in 0..4 {
+                std::fs::copy(fonts36.join(split).join(class).join(format!("{n}.png")), to.join(format!("{n}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let bench = |skew: &str| {
+        Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .args(["bench", "--data", root.to_str().unwrap(), "--seen", "0,A,B", "--label-budget", "6"])
+            .args(["--min-samples", "2", &format!("--traffic-skew={skew}"), "--seeds", "1", "--steps", "5"])
+            .args(["--cache", dir.path().join("cache").to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let output = bench("1");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    // Zipf with exponent 1 over 4 images a class: 4, then ceil(4/2) = 2, then ceil(4/3) = 2.
+    assert!(stdout.contains("site traffic: 8 images (skew 1); 6 labels; a class takes part with 2 labels"), "{stdout}");
+    assert!(stdout.contains("| arrival |") && stdout.contains("| queue |"), "{stdout}");
+
+    let refused = bench("-0.5");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--traffic-skew must be a number ≥ 0, not -0.5"), "{stderr}");
 }
