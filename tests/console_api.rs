@@ -257,3 +257,33 @@ fn the_site_network_gets_the_console_over_tls_with_sign_in_and_a_lockout() {
     assert_eq!(loopback.status(), 401);
     daemon.stop();
 }
+
+#[test]
+fn the_device_view_shows_whether_the_fleet_link_is_up() {
+    let link = |mqtt: &str| -> Value {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = write_config(dir.path(), port, mqtt);
+        let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+        let console = Console::sign_in(&daemon);
+        let (state, link) = wait_until(Duration::from_secs(30), "the link's first verdict", || {
+            let (status, body) = console.get("/console/api/device");
+            assert_eq!(status, 200, "{body}");
+            let link = body["fleet"]["link"].clone();
+            let state = link["state"].as_str().unwrap_or("none").to_string();
+            (state != "connecting").then_some((state, link))
+        });
+        daemon.stop();
+        assert!(link["since_ms"].as_i64().is_some_and(|t| t > 0) || state == "none", "{link}");
+        link
+    };
+    assert_eq!(link(""), Value::Null, "no fleet link, no state");
+    let up = link(&format!("[mqtt]\nenabled = true\nembedded_listen = \"127.0.0.1:{}\"\n", free_port()));
+    assert_eq!(up["state"], "connected", "{up}");
+    // Nothing listens on a port just found free.
+    let closed = free_port();
+    let down =
+        link(&format!("[mqtt]\nenabled = true\nbroker = \"mqtt://127.0.0.1:{closed}\"\nreconnect_min_ms = 100\n"));
+    assert_eq!(down["state"], "unreachable", "{down}");
+    assert!(down["error"].as_str().is_some_and(|e| !e.is_empty()), "the reason is shown: {down}");
+}

@@ -2,7 +2,7 @@
 //! event outbox with the weights sets of promoted versions.
 
 use super::shared::Shared;
-use crate::fleet::port::{AgentPort, Outbox, Served};
+use crate::fleet::port::{AgentPort, LinkHealth, Outbox, Served};
 use crate::protocol::events::EventKind;
 use crate::protocol::messages::{AdaptationResult, METRICS_SCHEMA, MetricsMessage};
 use crate::store::VersionStatus;
@@ -60,5 +60,9 @@ impl AgentPort for Shared {
             }
         }
         Ok(Outbox { events, weights })
+    }
+
+    fn link_changed(&self, health: LinkHealth) {
+        *self.link.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(health);
     }
 }

@@ -18,6 +18,8 @@ pub struct Shared {
     runs_started: std::sync::atomic::AtomicU64,
     pub(super) config: DeviceConfig,
     pub(super) started: Instant,
+    /// The fleet link's state, while there is a link.
+    pub(super) link: Mutex<Option<crate::fleet::port::LinkHealth>>,
 }
 
 struct ActiveRun {
@@ -73,7 +75,13 @@ impl Shared {
             runs_started: std::sync::atomic::AtomicU64::new(0),
             config,
             started: Instant::now(),
+            link: Mutex::new(None),
         }
+    }
+
+    /// The fleet link's state (`None` without a link).
+    pub fn link_health(&self) -> Option<crate::fleet::port::LinkHealth> {
+        self.link.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Agent> {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::connect::{no_delay, options, status_message};
 use super::link_state::{LinkState, OnConnect, follow_up};
-use super::port::{AgentPort, Served};
+use super::port::{AgentPort, LinkHealth, LinkPhase, Served};
 use crate::config::MqttConfig;
 use crate::protocol::messages::{EVENT_SCHEMA, EventMessage, ResponseMessage};
 use crate::protocol::topics::DeviceTopics;
@@ -97,12 +97,15 @@ pub async fn run(
     let mut outbox = tokio::time::interval(OUTBOX_POLL);
     outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut metrics = tokio::time::interval(Duration::from_secs(config.metrics_every_s));
+    let health = |state, error| LinkHealth { state, since_ms: crate::store::now_ms(), error };
+    agent.link_changed(health(LinkPhase::Connecting, None));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     tracing::info!(broker = %config.broker, "connected to the fleet broker");
+                    agent.link_changed(health(LinkPhase::Connected, None));
                     for action in link.state.on_connected() {
                         match action {
                             OnConnect::SubscribeCommands => {
@@ -137,6 +140,7 @@ pub async fn run(
                     let retry = link.state.on_connection_error(rand::rng().random_range(0.5..1.0));
                     if retry.log {
                         tracing::warn!(%error, broker = %config.broker, "fleet broker unreachable; retrying");
+                        agent.link_changed(health(LinkPhase::Unreachable, Some(error.to_string())));
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(retry.delay) => {}

@@ -24,6 +24,27 @@ pub struct Outbox {
     pub weights: Vec<(i64, WeightsSet)>,
 }
 
+/// Where the link stands, for the people looking at the device (the console's device view).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LinkHealth {
+    pub state: LinkPhase,
+    /// Since when (Unix ms).
+    pub since_ms: i64,
+    /// Why the broker is unreachable, while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkPhase {
+    /// Started, no answer from the broker yet.
+    Connecting,
+    Connected,
+    /// The connection failed or broke; the link retries with back-off.
+    Unreachable,
+}
+
 pub trait AgentPort: Send + Sync + 'static {
     /// The served version, or `None` when the agent cannot say.
     fn served(&self) -> Option<Served>;
@@ -34,4 +55,6 @@ pub trait AgentPort: Send + Sync + 'static {
     /// Drops the oldest undelivered events beyond `limit`, then returns up to `room` undelivered
     /// events after id `after`, with weights sets in packets of at most `max_packet` bytes.
     fn outbox(&self, after: i64, room: usize, limit: usize, max_packet: usize) -> Result<Outbox, String>;
+    /// The link connected, or lost or could not reach the broker. Does not block.
+    fn link_changed(&self, health: LinkHealth);
 }

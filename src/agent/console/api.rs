@@ -414,7 +414,11 @@ async fn device(State(console): State<Console>) -> Response {
         "device_id": status.device_id, "bundle": status.bundle, "provider": status.provider,
         "serving": status.serving, "data_bytes": data_bytes,
         "undelivered_events": status.undelivered_events,
-        "fleet": { "enabled": mqtt.enabled, "broker": if mqtt.enabled { Some(mqtt.broker) } else { None } },
+        "fleet": {
+            "enabled": mqtt.enabled,
+            "broker": if mqtt.enabled { Some(mqtt.broker) } else { None },
+            "link": console.shared.link_health(),
+        },
         "classification": status.classification, "events": events,
     }))
     .into_response()
