@@ -340,6 +340,8 @@ async fn drive(browser: &Client, site: u16, names: &HashMap<i64, String>) -> Str
     .await;
     let bars = browser.find_all(Locator::Css("#per-class-chart rect")).await.unwrap().len();
     assert!(bars >= 4, "the chart shows before and after for the seen classes ({bars} bars); verdict: {verdict}");
+    let health = browser.find_all(Locator::Css("#health-chart rect")).await.unwrap().len();
+    assert!(health >= 2, "the health indicators are charted ({health} bars)");
     screenshot(browser, "adapt").await;
 
     // Back to the source model, after a confirmation.

@@ -775,9 +775,25 @@ function renderMetrics(run) {
   const details = [];
   if (run && run.method) details.push(["method", run.method]);
   if (typeof metrics.seconds === "number") details.push(["took", `${metrics.seconds.toFixed(1)} s`]);
-  for (const [k, v] of flatten(metrics.health || {}, "health")) details.push([k, formatValue(k, v)]);
   $("run-details").replaceChildren(...kvNodes(details));
   renderChart(metrics, gate);
+  drawPairChart($("health-chart"), healthRows(metrics.health || {}));
+}
+
+// The health indicators: accuracy on the reference samples of unseen classes, the share of
+// traffic predicted as an unseen class, and agreement with the source model's predictions;
+// [adapted, source] pairs except the agreement (the source agrees with itself on every image).
+const HEALTH = [
+  ["reference_unseen", "Unseen, reference"],
+  ["predicted_unseen_rate", "Traffic as unseen"],
+  ["source_agreement", "Agrees with source"],
+];
+
+function healthRows(health) {
+  return HEALTH.filter(([key]) => health[key] !== null && health[key] !== undefined).map(([key, label]) => {
+    const v = health[key];
+    return Array.isArray(v) ? { label, before: v[1], after: v[0] } : { label, before: 1, after: v };
+  });
 }
 
 function renderChart(metrics, gate) {
