@@ -39,7 +39,7 @@ fn each_example_device_has_its_providers_and_a_secured_fleet_link() {
         assert_eq!(config.runtime.providers, providers, "{file}");
         assert_eq!(config.runtime.require_gpu, require_gpu, "{file}");
         assert!(config.mqtt.enabled && config.mqtt.broker.starts_with("mqtts://"), "{file}");
-        assert!(config.mqtt.client_cert.is_some() && config.mqtt.command_key_file.is_some(), "{file}");
+        assert!(config.mqtt.client_cert.is_some() && config.mqtt.operator_keys_file.is_some(), "{file}");
         assert!(config.data_dir.as_deref() == Some(std::path::Path::new("/var/lib/edgeadapt")), "{file}");
         // Engines must survive restarts and be writable under the service's ReadWritePaths.
         let cache = config.runtime.tensorrt.cache_dir.as_deref().expect("an engine cache folder");

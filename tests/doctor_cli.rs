@@ -77,4 +77,14 @@ fn a_healthy_device_passes_and_each_fault_fails_with_a_fix() {
     assert_eq!(level(&checks, "ONNX Runtime"), "fail");
     assert_eq!(level(&checks, "execution providers"), "fail");
     assert_eq!(level(&checks, "MQTT broker"), "fail");
+    assert_eq!(level(&checks, "Fleet command keys"), "warn", "commands need no signature: {checks:#}");
+
+    // An operator keys file that is not one.
+    let keys = dir.path().join("operator-keys");
+    std::fs::write(&keys, "ed25519 not-base64 ana\n").unwrap();
+    write(&format!("[mqtt]\nenabled = true\noperator_keys_file = \"{}\"\n", keys.display()));
+    let (_, checks) = doctor(&config);
+    assert_eq!(level(&checks, "Fleet command keys"), "fail");
+    let check = checks.as_array().unwrap().iter().find(|c| c["name"] == "Fleet command keys").unwrap();
+    assert!(check["detail"].as_str().unwrap().contains("line 1: the key is not base64"), "{check}");
 }

@@ -451,3 +451,96 @@ fn a_starting_agent_shows_its_warm_up_on_the_status_topic() {
         vec!["starting: warming up the model (0 s)", "starting: warming up the model (6 s)", "start failed: no bundle"]
     );
 }
+
+/// Operator keys end to end: `fleet keygen` makes the pair, the device trusts the public key,
+/// a command signed with the private key runs (and its label records the key's name), the
+/// `fleet` command line signs with `--signing-key`, and an unsigned command or one from a key
+/// the device does not trust is refused and changes nothing.
+#[test]
+fn commands_signed_with_an_operator_key_run_and_others_are_refused() {
+    use edgeadapt::protocol::signing::Signer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let keygen = |out: &std::path::Path, name: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .args(["fleet", "keygen", "--out", out.to_str().unwrap(), "--name", name])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    keygen(&keys, "ana");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(keys.join("operator.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the private key is readable by its owner only");
+    }
+    let stranger = dir.path().join("stranger");
+    keygen(&stranger, "mallory");
+
+    let (http_port, mqtt_port) = (free_port(), free_port());
+    let extra = format!(
+        "[mqtt]\nenabled = true\nembedded_listen = \"127.0.0.1:{mqtt_port}\"\nfleet = \"signed\"\n\
+         operator_keys_file = \"{}\"\n",
+        keys.join("operator.pub").display()
+    );
+    let config = write_config(dir.path(), http_port, &extra);
+    let daemon = Daemon::start(&config, http_port, &dir.path().join("daemon.log"));
+    let signer = |folder: &std::path::Path| {
+        Signer::operator_from_pem(&std::fs::read_to_string(folder.join("operator.key")).unwrap()).unwrap()
+    };
+    let url = format!("mqtt://127.0.0.1:{mqtt_port}");
+    let image = std::fs::read(repo().join("target/data/fonts36/target/adapt/A/0.png")).unwrap();
+    let label = serde_json::json!({
+        "class": "A",
+        "image_base64": base64::engine::general_purpose::STANDARD.encode(&image),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let connect = |signer: Option<Signer>| {
+            let options = BrokerOptions { signer, ..BrokerOptions::plain(url.clone(), "signed") };
+            FleetClient::connect(options, Duration::from_secs(30))
+        };
+        let wait = Duration::from_secs(60);
+        let mut unsigned = connect(None).await.unwrap();
+        let refused = unsigned.command("test-device", "label", label.clone(), wait).await.unwrap();
+        assert!(!refused.ok);
+        assert_eq!(refused.error.as_deref(), Some("unauthorised: the command is not signed"));
+        let mut mallory = connect(Some(signer(&stranger))).await.unwrap();
+        let refused = mallory.command("test-device", "label", label.clone(), wait).await.unwrap();
+        assert!(refused.error.unwrap().contains("no operator key this device trusts"));
+
+        let mut ana = connect(Some(signer(&keys))).await.unwrap();
+        let accepted = ana.command("test-device", "label", label.clone(), wait).await.unwrap();
+        assert!(accepted.ok, "{accepted:?}");
+    });
+    let db = rusqlite::Connection::open(dir.path().join("data/store.db")).unwrap();
+    let labelled_by: Vec<Option<String>> = db
+        .prepare("SELECT labelled_by FROM samples ORDER BY id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(labelled_by, vec![Some("ana".to_string())], "one sample, by the key that signed its command");
+
+    // The command line signs with --signing-key; without a key it is refused.
+    let fleet_status = |key: Option<&std::path::Path>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"));
+        command.args(["fleet", "--broker", &url, "--fleet", "signed", "status", "--device", "test-device"]);
+        command.args(["--timeout", "60", "--json"]);
+        if let Some(key) = key {
+            command.arg("--signing-key").arg(key);
+        }
+        command.output().unwrap()
+    };
+    let signed = fleet_status(Some(&keys.join("operator.key")));
+    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&signed.stdout).unwrap();
+    assert_eq!(status["device_id"], "test-device");
+    let refused = fleet_status(None);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorised: the command is not signed"));
+    daemon.stop();
+}

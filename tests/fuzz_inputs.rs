@@ -29,6 +29,7 @@ use edgeadapt::model::manifest::{
 use edgeadapt::protocol::VersionRef;
 use edgeadapt::protocol::commands::{self, Command, PolicyUpdate};
 use edgeadapt::protocol::messages::{COMMAND_SCHEMA, CommandMessage, WEIGHTS_SCHEMA, WeightsManifest};
+use edgeadapt::protocol::signing::{Authority, Signer};
 use edgeadapt::protocol::weights::{self, Reassembly};
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
 use proptest::prelude::*;
@@ -40,6 +41,9 @@ use sha2::{Digest, Sha256};
 const DEFAULT_CONFIG: &str = include_str!("../device-config/default.toml");
 const BUNDLED_MANIFEST: &str = include_str!("../models/efficientnet-lite0-fonts36/manifest.toml");
 const COMMAND_KEY: &[u8] = b"fleet command key";
+/// The device the fuzzed commands reach, and its clock.
+const DEVICE: &str = "fuzz-device";
+const NOW_MS: i64 = 1_800_000_000_000;
 const COMMAND_NAMES: [&str; 6] = ["adapt", "rollback", "status", "set-policy", "label", "publish-weights"];
 const MIB: usize = 1 << 20;
 
@@ -390,10 +394,23 @@ fn apply_line_edits(text: &str, edits: &[LineEdit]) -> String {
 // ---------------------------------------------------------------------------------------------
 // 1. Fleet commands.
 
+/// A device that trusts `key` (none: it accepts unsigned commands).
+fn authority(key: Option<&[u8]>) -> Authority {
+    Authority { operators: vec![], hmac_key: key.map(<[u8]>::to_vec), max_validity_ms: 7 * 86_400_000 }
+}
+
+/// Signing with the fleet key `key` for [`DEVICE`], valid for a minute.
+fn signing(key: &[u8]) -> commands::Signing<'static> {
+    let signer: &'static Signer = Box::leak(Box::new(Signer::Hmac(key.to_vec())));
+    commands::Signing { signer, to: vec![DEVICE.into()], expires_ms: NOW_MS + 60_000 }
+}
+
 /// What `parse` must hold to for any payload: no panic, memory linear in the payload, and an
 /// accepted command that really is well-formed (and correctly signed when a key is set).
 fn check_command_payload(payload: &[u8], key: Option<&[u8]>) -> Result<(), TestCaseError> {
-    let (result, peak) = meter::peak(|| commands::parse(payload, key));
+    let authority = authority(key);
+    let verify = commands::Verify { authority: &authority, device: DEVICE, now_ms: NOW_MS };
+    let (result, peak) = meter::peak(|| commands::parse(payload, Some(&verify)).map(|p| (p.id, p.command)));
     prop_assert!(peak <= 64 * payload.len() + MIB, "parse held {peak} bytes for a {}-byte payload", payload.len());
     let as_json: Option<Value> = serde_json::from_slice(payload).ok();
     match result {
@@ -408,9 +425,13 @@ fn check_command_payload(payload: &[u8], key: Option<&[u8]>) -> Result<(), TestC
             prop_assert_eq!(message.schema.as_str(), COMMAND_SCHEMA);
             prop_assert_eq!(command.name(), message.command.as_str());
             if let Some(key) = key {
-                let expected = commands::sign(key, &message.id, &message.command, &message.args);
-                let given = message.signature.as_deref().and_then(|s| hex::decode(s).ok());
-                prop_assert_eq!(given, hex::decode(expected).ok(), "accepted without the right signature");
+                let expected = Signer::Hmac(key.to_vec()).sign(&message);
+                let given = message.signature.as_deref().and_then(|s| s.strip_prefix("hmac-sha256:"));
+                let given = given.and_then(|s| hex::decode(s).ok());
+                let expected = hex::decode(expected.strip_prefix("hmac-sha256:").unwrap()).ok();
+                prop_assert_eq!(given, expected, "accepted without the right signature");
+                prop_assert!(message.to.iter().any(|to| to == DEVICE), "accepted for another device");
+                prop_assert!(message.expires_ms.is_some_and(|e| e >= NOW_MS - 120_000), "accepted expired");
             }
             if let Command::Label { image, .. } = &command {
                 prop_assert!(image.len() <= 16 * MIB);
@@ -562,7 +583,12 @@ fn command_shaped_payload() -> impl Strategy<Value = Vec<u8>> {
         |(schema, id, (command, args), signature, present, extra)| {
             let mut object = serde_json::Map::new();
             let right = match (&id, &command) {
-                (Value::String(id), Value::String(command)) => Some(commands::sign(COMMAND_KEY, id, command, &args)),
+                (Value::String(id), Value::String(command)) => {
+                    let message = commands::build(id, command, args.clone(), Some(&signing(COMMAND_KEY)));
+                    object.insert("to".into(), json!(message.to));
+                    object.insert("expires_ms".into(), json!(message.expires_ms));
+                    message.signature
+                }
                 _ => None,
             };
             for (keep, key, value) in [
@@ -689,17 +715,22 @@ proptest! {
         (id, name, args, expected) in valid_command(),
         key in prop::collection::vec(any::<u8>(), 0..80),
     ) {
-        let message = commands::build(&id, name, args.clone(), Some(&key));
+        let parse = |payload: &[u8], key: Option<&[u8]>| {
+            let authority = authority(key);
+            let verify = commands::Verify { authority: &authority, device: DEVICE, now_ms: NOW_MS };
+            commands::parse(payload, Some(&verify)).map(|p| (p.id, p.command))
+        };
+        let message = commands::build(&id, name, args.clone(), Some(&signing(&key)));
         let payload = serde_json::to_vec(&message).unwrap();
-        prop_assert_eq!(commands::parse(&payload, Some(&key)), Ok((id.clone(), expected.clone())));
-        prop_assert_eq!(commands::parse(&payload, None), Ok((id.clone(), expected.clone())));
+        prop_assert_eq!(parse(&payload, Some(&key)), Ok((id.clone(), expected.clone())));
+        prop_assert_eq!(parse(&payload, None), Ok((id.clone(), expected.clone())));
         let unsigned = serde_json::to_vec(&commands::build(&id, name, args, None)).unwrap();
-        prop_assert_eq!(commands::parse(&unsigned, None), Ok((id.clone(), expected)));
-        let refusal = commands::parse(&unsigned, Some(&key)).unwrap_err();
+        prop_assert_eq!(parse(&unsigned, None), Ok((id.clone(), expected)));
+        let refusal = parse(&unsigned, Some(&key)).unwrap_err();
         prop_assert!(refusal.error.contains("not signed"), "{}", refusal.error);
         let mut other_key = key.clone();
         other_key.push(1);
-        let refusal = commands::parse(&payload, Some(&other_key)).unwrap_err();
+        let refusal = parse(&payload, Some(&other_key)).unwrap_err();
         prop_assert_eq!(refusal.id, id);
         prop_assert!(refusal.error.contains("bad signature"), "{}", refusal.error);
     }
@@ -713,7 +744,7 @@ proptest! {
         at in any::<Index>(),
         xor in 1..=255u8,
     ) {
-        let message = commands::build(&id, name, args.clone(), Some(COMMAND_KEY));
+        let message = commands::build(&id, name, args.clone(), Some(&signing(COMMAND_KEY)));
         let mut payload = serde_json::to_vec(&message).unwrap();
         let signature = message.signature.clone().unwrap();
         let span = match region {
@@ -730,7 +761,9 @@ proptest! {
         };
         let i = span.start + at.index(span.len());
         payload[i] ^= xor;
-        let result = commands::parse(&payload, Some(COMMAND_KEY));
+        let authority = authority(Some(COMMAND_KEY));
+        let verify = commands::Verify { authority: &authority, device: DEVICE, now_ms: NOW_MS };
+        let result = commands::parse(&payload, Some(&verify)).map(|p| (p.id, p.command));
         if let Ok((got_id, command)) = result {
             prop_assert_eq!(got_id, id);
             prop_assert_eq!(command, expected);
@@ -752,8 +785,11 @@ fn deeply_nested_and_huge_command_payloads_are_refused_without_overflowing() {
     // hits serde_json's recursion limit too, so the sender gets no answer to this one.
     assert!(commands::parse(deep_args.as_bytes(), None).is_err());
     let long_id = "i".repeat(1 << 20);
-    let payload = serde_json::to_vec(&commands::build(&long_id, "status", json!({}), Some(COMMAND_KEY))).unwrap();
-    let (refusal, peak) = meter::peak(|| commands::parse(&payload, Some(COMMAND_KEY)).unwrap_err());
+    let payload =
+        serde_json::to_vec(&commands::build(&long_id, "status", json!({}), Some(&signing(COMMAND_KEY)))).unwrap();
+    let authority = authority(Some(COMMAND_KEY));
+    let verify = commands::Verify { authority: &authority, device: DEVICE, now_ms: NOW_MS };
+    let (refusal, peak) = meter::peak(|| commands::parse(&payload, Some(&verify)).unwrap_err());
     assert!(refusal.error.contains("1 to 128"), "{}", refusal.error);
     assert!(peak < 16 * payload.len(), "{peak} bytes held for a {}-byte payload", payload.len());
     // A label image just over the limit is refused before it is decoded.

@@ -13,7 +13,7 @@ pub async fn handle_commands(
     shared: Arc<Shared>,
     mut incoming: tokio::sync::mpsc::Receiver<Vec<u8>>,
     outgoing: tokio::sync::mpsc::Sender<crate::fleet::link::LinkMessage>,
-    key: Option<Vec<u8>>,
+    authority: Arc<crate::protocol::signing::Authority>,
     device: String,
 ) {
     use crate::fleet::link::LinkMessage;
@@ -36,11 +36,16 @@ pub async fn handle_commands(
     while let Some(payload) = incoming.recv().await {
         let shared = Arc::clone(&shared);
         let outgoing = outgoing.clone();
-        let key = key.clone();
+        let authority = Arc::clone(&authority);
         let device = device.clone();
         tokio::spawn(async move {
-            let (id, command) = match crate::protocol::commands::parse(&payload, key.as_deref()) {
-                Ok(parsed) => parsed,
+            let verify = crate::protocol::commands::Verify {
+                authority: &authority,
+                device: &device,
+                now_ms: crate::store::now_ms(),
+            };
+            let (id, command, signed_by) = match crate::protocol::commands::parse(&payload, Some(&verify)) {
+                Ok(parsed) => (parsed.id, parsed.command, parsed.signed_by),
                 Err(refusal) => {
                     tracing::warn!(id = %short(&refusal.id), error = %refusal.error, "command refused");
                     let response = response_error(&device, &refusal.id, &refusal.error);
@@ -77,8 +82,8 @@ pub async fn handle_commands(
                 }
                 Err(_) => return,
             }
-            tracing::info!(id = %short(&id), command = name, "fleet command");
-            let (result, weights) = shared.execute(command).await;
+            tracing::info!(id = %short(&id), command = name, signed_by = signed_by.as_deref().unwrap_or("-"), "fleet command");
+            let (result, weights) = shared.execute(command, signed_by).await;
             let response = match result {
                 Ok(value) => response_ok(&device, &id, value),
                 Err(error) => response_error(&device, &id, error),
@@ -106,10 +111,12 @@ fn short(id: &str) -> String {
 }
 
 impl Shared {
-    /// Runs a fleet command; a `publish-weights` also returns the set to publish.
+    /// Runs a fleet command; a `publish-weights` also returns the set to publish. `signed_by`:
+    /// the operator key that signed it, recorded as the user of the run or the label.
     pub async fn execute(
         self: &Arc<Self>,
         command: crate::protocol::commands::Command,
+        signed_by: Option<String>,
     ) -> (Result<serde_json::Value, String>, Option<crate::fleet::link::LinkMessage>) {
         use crate::protocol::commands::Command;
         let shared = Arc::clone(self);
@@ -120,9 +127,10 @@ impl Shared {
                 if let Some(Err(problem)) = method.as_deref().map(str::parse::<crate::adapt::method::Method>) {
                     return (Err(format!("adapt: {problem}")), None);
                 }
-                let started =
-                    tokio::task::spawn_blocking(move || shared.start_run(method.as_deref(), force, Origin::Command))
-                        .await;
+                let started = tokio::task::spawn_blocking(move || {
+                    shared.start_run_by(method.as_deref(), force, Origin::Command, signed_by.as_deref())
+                })
+                .await;
                 match started {
                     Ok(Ok((id, _))) => {
                         let result = self.wait_for_run(id).await;
@@ -163,7 +171,7 @@ impl Shared {
                         }
                         Command::Label { class, name, image } => {
                             let item = Labelled { what: &name, bytes: &image, class: &class };
-                            let result = shared.lock().ingest(&[item], "mqtt").remove(0);
+                            let result = shared.lock().ingest_by(&[item], "mqtt", signed_by.as_deref()).remove(0);
                             json(serde_json::to_value(result.map_err(|e| e.to_string())?))
                         }
                         Command::Adapt { .. } | Command::PublishWeights { .. } => unreachable!("handled above"),

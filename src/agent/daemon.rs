@@ -224,22 +224,14 @@ fn start_link(
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let mqtt = config.mqtt.clone();
-    let key = match &mqtt.command_key_file {
-        Some(file) => Some(
-            std::fs::read(file)
-                .map_err(|e| anyhow::anyhow!("mqtt.command_key_file {}: {e}", file.display()))?
-                .trim_ascii()
-                .to_vec(),
-        ),
-        None => None,
-    };
+    let authority = Arc::new(crate::fleet::keys::command_authority(&mqtt)?);
     let (outgoing, outgoing_rx) = tokio::sync::mpsc::channel(256);
     let (incoming, incoming_rx) = tokio::sync::mpsc::channel(256);
     tasks.spawn(super::commands::handle_commands(
         Arc::clone(shared),
         incoming_rx,
         outgoing,
-        key,
+        authority,
         config.device_id.clone(),
     ));
     Ok(tokio::spawn(crate::fleet::link::run(

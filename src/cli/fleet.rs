@@ -44,9 +44,17 @@ pub struct BrokerArgs {
     /// The client certificate's private key (PEM) for mutual TLS.
     #[arg(long, global = true, value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// The fleet's command key, to sign commands.
+    /// The fleet's shared HMAC key, to sign commands (default: the config's
+    /// mqtt.command_key_file); `--signing-key` takes precedence.
     #[arg(long, global = true, value_name = "FILE")]
     pub command_key_file: Option<PathBuf>,
+    /// An operator's private key (PEM, from `fleet keygen`), to sign commands (default: the
+    /// config's mqtt.signing_key_file).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
+    /// How long a signed command stays valid, in seconds.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 600)]
+    pub expires_in: u64,
 }
 
 /// How long a command waits for the device's answer (`watch` has `--for` instead).
@@ -62,6 +70,19 @@ pub struct WaitArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
+    /// Make an operator key: OUT/operator.key (private, PEM, mode 0600; keep it on the
+    /// operator's machine) and OUT/operator.pub (a line for devices' mqtt.operator_keys_file).
+    Keygen {
+        /// The folder to write the two files to.
+        #[arg(long)]
+        out: PathBuf,
+        /// The name devices record as the signer of this key's commands.
+        #[arg(long, default_value = "operator")]
+        name: String,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
     /// A live table of the fleet's devices.
     Watch {
         /// Stop after this many seconds and print the table once.
@@ -158,12 +179,15 @@ fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::R
         None if mqtt.broker == "embedded" => format!("mqtt://{}", mqtt.embedded_listen),
         None => mqtt.broker.clone(),
     };
-    let command_key = match args.command_key_file.as_ref().or(mqtt.command_key_file.as_ref()) {
-        Some(file) => {
-            Some(std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?.trim_ascii().to_vec())
-        }
-        None => None,
-    };
+    let signer = crate::fleet::keys::signer(
+        args.signing_key.as_deref().or(mqtt.signing_key_file.as_deref()),
+        args.command_key_file.as_deref().or(mqtt.command_key_file.as_deref()),
+    )?;
+    anyhow::ensure!(
+        (1..=7 * 86_400).contains(&args.expires_in),
+        "--expires-in must be 1 to 604800 seconds (a week), not {}",
+        args.expires_in
+    );
     Ok(BrokerOptions {
         url,
         fleet: args.fleet.clone().unwrap_or(mqtt.fleet),
@@ -172,12 +196,16 @@ fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::R
         ca_file: args.ca.clone().or(mqtt.ca_file),
         client_cert: args.cert.clone().or(mqtt.client_cert),
         client_key: args.key.clone().or(mqtt.client_key),
-        command_key,
+        signer,
+        command_validity: Duration::from_secs(args.expires_in),
         max_packet_bytes: mqtt.max_packet_bytes,
     })
 }
 
 pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
+    if let FleetCommand::Keygen { out, name, force } = &args.command {
+        return keygen(out, name, *force);
+    }
     let options = broker_options(&args.broker, config)?;
     // Before connecting: a missing device is the user's to fix, whatever the broker's state.
     if let FleetCommand::Status { device, .. } = &mut args.command {
@@ -187,6 +215,7 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
     runtime.block_on(async move {
         let mut client = FleetClient::connect(options, Duration::from_secs(10)).await?;
         let (device, command, command_args, wait) = match args.command {
+            FleetCommand::Keygen { .. } => unreachable!("made before connecting"),
             FleetCommand::Watch { seconds } => {
                 let live = std::io::stdout().is_terminal() && seconds.is_none();
                 let view = client
@@ -263,6 +292,32 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
             Ok(1)
         }
     })
+}
+
+/// `fleet keygen`: a new operator key pair in `out`.
+fn keygen(out: &std::path::Path, name: &str, force: bool) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        !name.is_empty() && !name.contains(['\n', '\r']),
+        "--name must be a non-empty single line, not {name:?}"
+    );
+    let (private, public) = crate::protocol::signing::generate_operator_key(name).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    let overwrite = crate::output::Overwrite::from_force(force);
+    let (key, public_file) = (out.join("operator.key"), out.join("operator.pub"));
+    crate::output::check_file(&key, overwrite)?;
+    crate::output::check_file(&public_file, overwrite)?;
+    crate::output::write_file_with(&key, overwrite, |staged| {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        file.open(staged)?.write_all(private.as_bytes())
+    })?;
+    crate::output::write_file(&public_file, format!("{public}\n").as_bytes(), overwrite)?;
+    println!("wrote {} (private: keep it on this machine) and {}", key.display(), public_file.display());
+    println!("devices trust it with this line in their mqtt.operator_keys_file:\n{public}");
+    Ok(0)
 }
 
 /// A device's answer as the local command would print it (`status`'s tables, `adapt`'s report,

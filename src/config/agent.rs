@@ -202,8 +202,15 @@ pub struct MqttConfig {
     /// Client certificate and key (PEM) for mutual TLS.
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
-    /// File holding the fleet's command key; when set, commands must be signed with it.
+    /// File holding the fleet's shared HMAC command key; when set, commands may be signed with
+    /// it (and must be signed, with it or an operator key).
     pub command_key_file: Option<PathBuf>,
+    /// Operator public keys this device trusts, one `ed25519 BASE64 NAME` per line
+    /// (`edgeadapt fleet keygen` writes one); when set, commands must be signed.
+    pub operator_keys_file: Option<PathBuf>,
+    /// The operator's private key (PEM), for `edgeadapt fleet` on an operator's machine; a
+    /// device never needs it.
+    pub signing_key_file: Option<PathBuf>,
     pub keep_alive_s: u64,
     pub metrics_every_s: u64,
     /// Largest MQTT packet the broker accepts; weights are chunked to fit.
@@ -234,6 +241,8 @@ impl Default for MqttConfig {
             client_cert: None,
             client_key: None,
             command_key_file: None,
+            operator_keys_file: None,
+            signing_key_file: None,
             keep_alive_s: 30,
             metrics_every_s: 30,
             max_packet_bytes: crate::protocol::weights::DEFAULT_MAX_PACKET_BYTES,

@@ -86,6 +86,8 @@ impl DeviceConfig {
             &mut config.mqtt.client_cert,
             &mut config.mqtt.client_key,
             &mut config.mqtt.command_key_file,
+            &mut config.mqtt.operator_keys_file,
+            &mut config.mqtt.signing_key_file,
             &mut config.console.tls_cert,
             &mut config.console.tls_key,
             &mut config.console.users_file,

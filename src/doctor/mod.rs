@@ -63,6 +63,7 @@ pub fn run(config: &DeviceConfig) -> Vec<Check> {
     checks.push(disk_space(config));
     checks.push(clock(config));
     checks.extend(tls_files(config));
+    checks.extend(command_keys(config));
     checks.push(broker(config));
     checks
 }
@@ -379,6 +380,38 @@ fn tls_files(config: &DeviceConfig) -> Vec<Check> {
             ),
         };
         checks.push(check);
+    }
+    checks
+}
+
+/// Who may command this device: the keys it trusts, read as the agent reads them.
+fn command_keys(config: &DeviceConfig) -> Vec<Check> {
+    const NAME: &str = "Fleet command keys";
+    if !config.mqtt.enabled {
+        return Vec::new();
+    }
+    let mut checks = vec![match crate::fleet::keys::command_authority(&config.mqtt) {
+        Err(error) => fail(NAME, format!("{error:#}"), "fix the key file (edgeadapt fleet keygen writes one)"),
+        Ok(authority) if !authority.requires_signature() => warn(
+            NAME,
+            "commands need no signature: any client the broker lets publish on `cmd` can command this device",
+            "trust operator keys: mqtt.operator_keys_file (edgeadapt fleet keygen)",
+        ),
+        Ok(authority) => {
+            let mut trusted: Vec<String> =
+                authority.operators.iter().map(|k| format!("operator key '{}'", k.name)).collect();
+            if authority.hmac_key.is_some() {
+                trusted.push("the fleet's HMAC key".into());
+            }
+            ok(NAME, format!("commands must be signed by {}", trusted.join(", ")))
+        }
+    }];
+    if let Some(file) = &config.mqtt.signing_key_file {
+        checks.push(warn(
+            NAME,
+            format!("mqtt.signing_key_file ({}) is set: an operator's private key on a device", file.display()),
+            "keep the private key on the operator's machine; a device needs only mqtt.operator_keys_file",
+        ));
     }
     checks
 }

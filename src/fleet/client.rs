@@ -11,10 +11,14 @@ use crate::protocol::broker_address::BrokerAddress;
 use crate::protocol::commands;
 use crate::protocol::events::EventKind;
 use crate::protocol::messages::{
-    AdaptationResult, EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest,
+    AdaptationResult, CommandMessage, EventMessage, MetricsMessage, ResponseMessage, StatusMessage, WeightsManifest,
 };
 use crate::protocol::topics::{self, DeviceTopics};
 use crate::protocol::weights::Reassembly;
+
+/// How long a signed command stays valid unless the operator says otherwise: long enough for
+/// the sender's retries to reach a device that reconnects, short enough to be useless later.
+pub const DEFAULT_COMMAND_VALIDITY: Duration = Duration::from_secs(600);
 
 /// Chunks that arrive before their manifest are kept up to this many bytes.
 const EARLY_CHUNK_BYTES: usize = 64 << 20;
@@ -29,7 +33,10 @@ pub struct BrokerOptions {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
-    pub command_key: Option<Vec<u8>>,
+    /// What commands are signed with (an operator key or the fleet key); `None`: unsigned.
+    pub signer: Option<crate::protocol::signing::Signer>,
+    /// How long a signed command stays valid.
+    pub command_validity: Duration,
     /// The broker's packet limit (`mqtt.max_packet_bytes`): a larger command is refused here,
     /// since the broker would drop the connection, and the next command with it.
     pub max_packet_bytes: usize,
@@ -46,7 +53,8 @@ impl BrokerOptions {
             ca_file: None,
             client_cert: None,
             client_key: None,
-            command_key: None,
+            signer: None,
+            command_validity: DEFAULT_COMMAND_VALIDITY,
             max_packet_bytes: crate::protocol::weights::DEFAULT_MAX_PACKET_BYTES,
         }
     }
@@ -164,7 +172,7 @@ impl FleetClient {
         let device_topics = DeviceTopics::new(&self.options.fleet, device);
         self.subscribe(device_topics.responses()).await?;
         let id = id.to_string();
-        let message = commands::build(&id, command, args, self.options.command_key.as_deref());
+        let message = self.build(device, &id, command, args);
         let payload = serde_json::to_vec(&message)?;
         let packet = payload.len() + device_topics.commands().len();
         anyhow::ensure!(
@@ -195,6 +203,16 @@ impl FleetClient {
         }
     }
 
+    /// A command for `device`, signed for it alone when there is a signer.
+    fn build(&self, device: &str, id: &str, command: &str, args: serde_json::Value) -> CommandMessage {
+        let signing = self.options.signer.as_ref().map(|signer| commands::Signing {
+            signer,
+            to: vec![device.to_string()],
+            expires_ms: crate::store::now_ms() + self.options.command_validity.as_millis() as i64,
+        });
+        commands::build(id, command, args, signing.as_ref())
+    }
+
     /// Asks a device to publish a version's weights and reassembles and verifies them.
     pub async fn fetch_weights(
         &mut self,
@@ -210,7 +228,7 @@ impl FleetClient {
             Some(v) => serde_json::json!({ "version": v }),
             None => serde_json::json!({}),
         };
-        let message = commands::build(&id, "publish-weights", args, self.options.command_key.as_deref());
+        let message = self.build(device, &id, "publish-weights", args);
         self.client.publish(device_topics.commands(), QoS::AtLeastOnce, false, serde_json::to_vec(&message)?).await?;
         let deadline = Instant::now() + timeout;
         let mut wanted: Option<i64> = version;

@@ -1,9 +1,10 @@
 //! The fleet interface over MQTT: the agent's broker link, the embedded broker, the fleet-side
-//! client, and rebuilding a version from a weights set. The wire format is `crate::protocol`.
+//! client, the keys commands are signed and checked with, and rebuilding a version from a weights set. The wire format is `crate::protocol`.
 
 pub mod broker;
 pub mod client;
 pub mod connect;
+pub mod keys;
 pub mod link;
 pub mod link_state;
 pub mod port;

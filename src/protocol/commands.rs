@@ -2,11 +2,11 @@
 //! them. A command that fails here is answered with an error and changes nothing.
 
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
 use super::messages::{COMMAND_SCHEMA, CommandMessage};
+use super::signing::{Authority, Signer};
 use crate::protocol::VersionRef;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,8 +95,26 @@ pub fn fingerprint(payload: &[u8]) -> String {
 /// Largest decoded image a `label` command may carry.
 const MAX_LABEL_IMAGE: usize = 16 << 20;
 
-/// Parses a command payload. With a `key`, the command must carry a valid signature.
-pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Refusal> {
+/// What a device checks a command's signature against.
+#[derive(Debug, Clone, Copy)]
+pub struct Verify<'a> {
+    pub authority: &'a Authority,
+    /// This device's id, which a signed command must name.
+    pub device: &'a str,
+    pub now_ms: i64,
+}
+
+/// A parsed command, with who signed it (`None`: unsigned, on a device that trusts no key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub id: String,
+    pub command: Command,
+    pub signed_by: Option<String>,
+}
+
+/// Parses a command payload. Where the device trusts a key, the command must carry a valid
+/// signature naming this device, unexpired.
+pub fn parse(payload: &[u8], verify: Option<&Verify<'_>>) -> Result<Parsed, Refusal> {
     // What comes back is cut: a refusal must never be bigger than the command (a response over
     // the broker's packet limit costs the device its connection).
     let refuse = |id: &str, error: String| Refusal { id: clip(id, MAX_ID_BYTES), error: clip(&error, 512) };
@@ -116,14 +134,14 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
     if id.is_empty() || id.chars().count() > 128 {
         return Err(refuse(&id, "the command id must be 1 to 128 characters".into()));
     }
-    if let Some(key) = key {
-        let Some(signature) = message.signature.as_deref() else {
-            return Err(refuse(&id, "unauthorised: the command is not signed".into()));
-        };
-        if !verify(key, &message, signature) {
-            return Err(refuse(&id, "unauthorised: bad signature".into()));
-        }
-    }
+    let signed_by = match verify.filter(|v| v.authority.requires_signature()) {
+        Some(v) => Some(
+            v.authority
+                .verify(&message, v.device, v.now_ms)
+                .map_err(|why| refuse(&id, format!("unauthorised: {why}")))?,
+        ),
+        None => None,
+    };
     let args = if message.args.is_null() { serde_json::json!({}) } else { message.args.clone() };
     let bad_args = |e: serde_json::Error| refuse(&id, format!("{}: bad arguments: {e}", clip(&message.command, 64)));
     let command = match message.command.as_str() {
@@ -203,37 +221,34 @@ pub fn parse(payload: &[u8], key: Option<&[u8]>) -> Result<(String, Command), Re
             ));
         }
     };
-    Ok((id, command))
+    Ok(Parsed { id, command, signed_by })
 }
 
-fn signed_text(id: &str, command: &str, args: &serde_json::Value) -> String {
-    let args = if args.is_null() { serde_json::json!({}) } else { args.clone() };
-    format!("{id}\n{command}\n{args}")
+/// How the sender signs: with what, for which devices, until when.
+#[derive(Debug, Clone)]
+pub struct Signing<'a> {
+    pub signer: &'a Signer,
+    pub to: Vec<String>,
+    pub expires_ms: i64,
 }
 
-/// The signature a command needs when the device has a command key.
-pub fn sign(key: &[u8], id: &str, command: &str, args: &serde_json::Value) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(signed_text(id, command, args).as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
-
-fn verify(key: &[u8], message: &CommandMessage, signature: &str) -> bool {
-    let Ok(signature) = hex::decode(signature) else { return false };
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(signed_text(&message.id, &message.command, &message.args).as_bytes());
-    mac.verify_slice(&signature).is_ok()
-}
-
-/// Builds a command message, signed when a key is given.
-pub fn build(id: &str, command: &str, args: serde_json::Value, key: Option<&[u8]>) -> CommandMessage {
-    CommandMessage {
+/// Builds a command message, signed when `signing` is given.
+pub fn build(id: &str, command: &str, args: serde_json::Value, signing: Option<&Signing<'_>>) -> CommandMessage {
+    let mut message = CommandMessage {
         schema: COMMAND_SCHEMA.into(),
         id: id.into(),
         command: command.into(),
-        signature: key.map(|key| sign(key, id, command, &args)),
         args,
+        to: vec![],
+        expires_ms: None,
+        signature: None,
+    };
+    if let Some(signing) = signing {
+        message.to = signing.to.clone();
+        message.expires_ms = Some(signing.expires_ms);
+        message.signature = Some(signing.signer.sign(&message));
     }
+    message
 }
 
 #[cfg(test)]
@@ -293,26 +308,6 @@ mod tests {
         serde_json::to_vec(message).unwrap()
     }
 
-    /// The known answers docs/mqtt.md gives for other clients (computed there with Python's
-    /// `hmac`).
-    #[test]
-    fn signatures_match_the_documented_known_answers() {
-        let key = b"fleet-secret";
-        let args = serde_json::json!({ "method": "recommended", "every_minutes": 60 });
-        assert_eq!(
-            signed_text("cmd-42", "set-policy", &args),
-            "cmd-42\nset-policy\n{\"every_minutes\":60,\"method\":\"recommended\"}"
-        );
-        assert_eq!(
-            sign(key, "cmd-42", "set-policy", &args),
-            "35a7a656bfdb86d3beac0fc23ed18e7ace3a932831f07391f3f4e95621e6c293"
-        );
-        assert_eq!(
-            sign(key, "cmd-43", "status", &serde_json::Value::Null),
-            "9f3dd348096439da7819fbafcc16ea83d493a20fd34c64199b990d27948e4dc8"
-        );
-    }
-
     #[test]
     fn every_command_parses() {
         let cases = [
@@ -346,7 +341,8 @@ mod tests {
             (build("7", "publish-weights", serde_json::json!({}), None), Command::PublishWeights { version: None }),
         ];
         for (message, expected) in cases {
-            assert_eq!(parse(&payload(&message), None), Ok((message.id.clone(), expected)));
+            let parsed = parse(&payload(&message), None).map(|p| (p.id, p.command, p.signed_by));
+            assert_eq!(parsed, Ok((message.id.clone(), expected, None)));
         }
     }
 
@@ -374,16 +370,29 @@ mod tests {
     }
 
     #[test]
-    fn with_a_key_only_correctly_signed_commands_pass() {
-        let key = b"fleet secret";
-        let signed = build("1", "rollback", serde_json::json!({ "to": "source" }), Some(key));
-        assert!(parse(&payload(&signed), Some(key)).is_ok());
+    fn where_the_device_trusts_a_key_only_commands_it_signed_for_this_device_pass() {
+        let signer = Signer::Hmac(b"fleet secret".to_vec());
+        let authority =
+            Authority { hmac_key: Some(b"fleet secret".to_vec()), max_validity_ms: 60_000, ..Default::default() };
+        let now_ms = 1_800_000_000_000;
+        let verify = Verify { authority: &authority, device: "orin-1", now_ms };
+        let signing = Signing { signer: &signer, to: vec!["orin-1".into()], expires_ms: now_ms + 30_000 };
+        let signed = build("1", "rollback", serde_json::json!({ "to": "source" }), Some(&signing));
+        assert_eq!(parse(&payload(&signed), Some(&verify)).unwrap().signed_by.as_deref(), Some("fleet key"));
+        assert_eq!(parse(&payload(&signed), None).unwrap().signed_by, None, "a device that trusts no key");
         let unsigned = build("2", "rollback", serde_json::json!({ "to": "source" }), None);
-        assert!(parse(&payload(&unsigned), Some(key)).unwrap_err().error.contains("not signed"));
+        assert!(
+            parse(&payload(&unsigned), Some(&verify))
+                .unwrap_err()
+                .error
+                .contains("unauthorised: the command is not signed")
+        );
         let mut tampered = signed.clone();
         tampered.args = serde_json::json!({ "to": 3 });
-        assert!(parse(&payload(&tampered), Some(key)).unwrap_err().error.contains("bad signature"));
-        let other_key = build("3", "status", serde_json::json!({}), Some(b"other"));
-        assert!(parse(&payload(&other_key), Some(key)).is_err());
+        assert!(parse(&payload(&tampered), Some(&verify)).unwrap_err().error.contains("bad signature"));
+        let elsewhere = Verify { device: "orin-2", ..verify };
+        let refusal = parse(&payload(&signed), Some(&elsewhere)).unwrap_err();
+        assert_eq!(refusal.id, "1");
+        assert!(refusal.error.contains("not for this device (orin-2)"), "{}", refusal.error);
     }
 }

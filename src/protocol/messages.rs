@@ -102,8 +102,15 @@ pub struct CommandMessage {
     pub command: String,
     #[serde(default)]
     pub args: serde_json::Value,
-    /// Hex HMAC-SHA256 of `id`, a newline and `command`, a newline and the compact JSON of
-    /// `args`, with the fleet's command key (required when the device has one).
+    /// The devices the command is for (signed commands only: a device refuses one that does
+    /// not name it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    /// When the command expires, Unix ms (signed commands only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+    /// `ed25519:BASE64` from an operator key or `hmac-sha256:HEX` from the fleet key, over
+    /// `signing::signed_text` (required when the device trusts any key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }

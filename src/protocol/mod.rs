@@ -1,5 +1,5 @@
-//! The fleet protocol: the topic tree and message schemas (docs/mqtt.md), commands with their
-//! signatures, weights sets in chunks, broker addresses. Pure data and checks, with no
+//! The fleet protocol: the topic tree and message schemas (docs/mqtt.md), commands and who may
+//! sign them, weights sets in chunks, broker addresses. Pure data and checks, with no
 //! dependency on the agent, the config or the broker link: they depend on it.
 
 pub mod broker_address;
@@ -7,6 +7,7 @@ pub mod commands;
 pub mod counters;
 pub mod events;
 pub mod messages;
+pub mod signing;
 pub mod topics;
 pub mod version_ref;
 pub mod weights;
