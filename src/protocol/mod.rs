@@ -9,6 +9,7 @@ pub mod events;
 pub mod messages;
 pub mod signing;
 pub mod topics;
+pub mod transfer;
 pub mod version_ref;
 pub mod weights;
 
