@@ -12,6 +12,7 @@ mod samples;
 mod schema;
 mod traffic;
 mod traffic_images;
+mod transfers;
 mod versions;
 
 use std::path::{Path, PathBuf};
@@ -270,10 +271,12 @@ mod tests {
             let mut store = Store::open(&path, "bundle-a").unwrap();
             store.insert_samples(&[sample("s1", "A")], |_| Split::Train, |_, _, _| event(0)).unwrap();
         }
-        // The store as schema 2 left it: migrations 3 and 4 undone, the version set back.
+        // The store as schema 2 left it: migrations 3 to 5 undone, the version set back.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "CREATE TABLE metrics (id INTEGER PRIMARY KEY, at_ms INTEGER, version INTEGER, payload TEXT);
+             DROP TABLE transfer_chunks;
+             DROP TABLE transfers;
              DROP TABLE traffic_images;
              ALTER TABLE samples DROP COLUMN labelled_by;
              PRAGMA user_version = 2;",

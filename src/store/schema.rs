@@ -88,4 +88,19 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX traffic_images_unthumbed ON traffic_images (id) WHERE thumbnail IS NULL;
     ALTER TABLE samples ADD COLUMN labelled_by TEXT;
     ",
+    // 5: artefacts arriving in chunks from the fleet, kept so a transfer resumes.
+    "
+    CREATE TABLE transfers (
+        transfer TEXT PRIMARY KEY,
+        manifest TEXT NOT NULL,
+        total_bytes INTEGER NOT NULL,
+        offered_ms INTEGER NOT NULL
+    );
+    CREATE TABLE transfer_chunks (
+        transfer TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        bytes BLOB NOT NULL,
+        PRIMARY KEY (transfer, idx)
+    );
+    ",
 ];
