@@ -544,3 +544,106 @@ fn commands_signed_with_an_operator_key_run_and_others_are_refused() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unauthorised: the command is not signed"));
     daemon.stop();
 }
+
+/// An artefact sent in chunks over the broker: a forged chunk is refused on arrival and a
+/// missing one stays missing, the chunks held survive the agent's restart, and the resumed send
+/// completes by sending only what is missing.
+#[test]
+fn an_artefact_arrives_in_verified_chunks_and_resumes_after_a_restart() {
+    use edgeadapt::protocol::topics::DeviceTopics;
+    use edgeadapt::protocol::transfer::{ArtefactKind, make};
+
+    let dir = tempfile::tempdir().unwrap();
+    // A broker of the test's own, which stays up while the agent restarts.
+    let (http_port, mqtt_port) = (free_port(), start_embedded_broker());
+    let extra = format!(
+        "[mqtt]\nenabled = true\nbroker = \"mqtt://127.0.0.1:{mqtt_port}\"\nfleet = \"artefacts\"\n\
+         max_packet_bytes = 65536\nreconnect_min_ms = 100\n"
+    );
+    let config = write_config(dir.path(), http_port, &extra);
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start(&config, http_port, &log);
+    let payload: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let (manifest, chunks) = make(ArtefactKind::Bundle, "bundle-x", &payload, 65536, serde_json::Value::Null);
+    assert_eq!(chunks.len(), 10);
+    let url = format!("mqtt://127.0.0.1:{mqtt_port}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let missing = |answer: &serde_json::Value| -> Vec<u64> {
+        answer["missing"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect()
+    };
+    runtime.block_on(async {
+        let mut fleet = FleetClient::connect(BrokerOptions::plain(url.clone(), "artefacts"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let first = offer(&mut fleet, &manifest).await;
+        assert_eq!(missing(&first).len(), 10);
+        // Chunk 0 forged, chunk 2 lost on the way, the rest as they should be.
+        let topics = DeviceTopics::new("artefacts", "test-device");
+        let mut sent = Vec::new();
+        for (index, chunk) in chunks.iter().enumerate().filter(|(i, _)| *i != 2) {
+            let mut bytes = chunk.to_vec();
+            if index == 0 {
+                bytes[100] ^= 0x5a;
+            }
+            sent.push((topics.inbound_chunk(&manifest.transfer, index), bytes));
+        }
+        publish_all(mqtt_port, sent).await;
+        let second = offer(&mut fleet, &manifest).await;
+        assert_eq!(missing(&second), vec![0, 2], "{second}");
+        assert_eq!(second["complete"], false);
+    });
+    assert!(!common::log_lines(&log, "chunk refused").is_empty(), "the forged chunk is logged");
+    daemon.stop();
+
+    let daemon = Daemon::start(&config, http_port, &log);
+    runtime.block_on(async {
+        let mut fleet = FleetClient::connect(BrokerOptions::plain(url.clone(), "artefacts"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(missing(&offer(&mut fleet, &manifest).await), vec![0, 2], "the chunks held survive a restart");
+        let mut seen = Vec::new();
+        let done = fleet
+            .send_artefact("test-device", &manifest, &chunks, Duration::from_secs(30), &mut |received, total| {
+                seen.push((received, total))
+            })
+            .await
+            .unwrap();
+        assert_eq!(done["complete"], true, "{done}");
+        assert_eq!(seen.first(), Some(&(8, 10)), "the resumed send starts from what the device holds");
+        assert_eq!(seen.last(), Some(&(10, 10)));
+    });
+    daemon.stop();
+}
+
+/// Publishes each `(topic, payload)` at QoS 1 from a client of its own and waits for the
+/// broker's acknowledgement of every one.
+async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) {
+    let mut options = MqttOptions::new(format!("raw-{}", rand::random::<u32>()), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let count = messages.len();
+    for (topic, payload) in messages {
+        client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while acked < count {
+            if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("the broker acknowledged every chunk");
+}
+
+/// Offers `manifest` to the test device and returns its answer.
+async fn offer(
+    fleet: &mut FleetClient,
+    manifest: &edgeadapt::protocol::transfer::TransferManifest,
+) -> serde_json::Value {
+    let args = serde_json::to_value(manifest).unwrap();
+    let response = fleet.command("test-device", "offer", args, Duration::from_secs(30)).await.unwrap();
+    assert!(response.ok, "{response:?}");
+    response.result.unwrap()
+}

@@ -75,8 +75,10 @@ impl Mosquitto {
             format!(
                 "pattern write edgeadapt/v1/{FLEET}/%u/status\npattern write edgeadapt/v1/{FLEET}/%u/metrics\n\
                  pattern write edgeadapt/v1/{FLEET}/%u/events\npattern write edgeadapt/v1/{FLEET}/%u/response\n\
-                 pattern write edgeadapt/v1/{FLEET}/%u/weights/#\npattern read edgeadapt/v1/{FLEET}/%u/cmd\n\n\
-                 user operator\ntopic read edgeadapt/v1/{FLEET}/#\ntopic write edgeadapt/v1/{FLEET}/+/cmd\n"
+                 pattern write edgeadapt/v1/{FLEET}/%u/weights/#\npattern read edgeadapt/v1/{FLEET}/%u/cmd\n\
+                 pattern read edgeadapt/v1/{FLEET}/%u/in/#\n\n\
+                 user operator\ntopic read edgeadapt/v1/{FLEET}/#\ntopic write edgeadapt/v1/{FLEET}/+/cmd\n\
+                 topic write edgeadapt/v1/{FLEET}/+/in/#\n"
             ),
         )
         .unwrap();

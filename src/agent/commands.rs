@@ -11,7 +11,7 @@ use crate::store::Claim;
 /// command id gets the stored response and runs nothing.
 pub async fn handle_commands(
     shared: Arc<Shared>,
-    mut incoming: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut incoming: tokio::sync::mpsc::Receiver<crate::fleet::link::Inbound>,
     outgoing: tokio::sync::mpsc::Sender<crate::fleet::link::LinkMessage>,
     authority: Arc<crate::protocol::signing::Authority>,
     device: String,
@@ -33,7 +33,23 @@ pub async fn handle_commands(
         })
         .await;
     }
-    while let Some(payload) = incoming.recv().await {
+    while let Some(inbound) = incoming.recv().await {
+        let payload = match inbound {
+            crate::fleet::link::Inbound::Command(payload) => payload,
+            crate::fleet::link::Inbound::Chunk { transfer, index, bytes } => {
+                // Stored before the next message is taken, so an offer sent after a chunk sees it.
+                let shared = Arc::clone(&shared);
+                let stored = tokio::task::spawn_blocking(move || {
+                    let result = shared.lock().store_chunk(&transfer, index, &bytes);
+                    (transfer, result)
+                })
+                .await;
+                if let Ok((transfer, Err(error))) = stored {
+                    tracing::warn!(transfer = %transfer, index, %error, "chunk refused");
+                }
+                continue;
+            }
+        };
         let shared = Arc::clone(&shared);
         let outgoing = outgoing.clone();
         let authority = Arc::clone(&authority);
@@ -157,6 +173,14 @@ impl Shared {
                     Err(error) => (Err(error.to_string()), None),
                 }
             }
+            Command::Offer(manifest) => {
+                let limits = crate::protocol::transfer::TransferLimits {
+                    max_bytes: self.config.mqtt.max_transfer_bytes,
+                    max_packet,
+                };
+                let outcome = tokio::task::spawn_blocking(move || shared.lock().offer(&manifest, &limits)).await;
+                (outcome.unwrap_or_else(|e| Err(e.to_string())), None)
+            }
             other => {
                 let outcome = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
                     let json = |v: serde_json::Result<serde_json::Value>| v.map_err(|e| e.to_string());
@@ -174,7 +198,9 @@ impl Shared {
                             let result = shared.lock().ingest_by(&[item], "mqtt", signed_by.as_deref()).remove(0);
                             json(serde_json::to_value(result.map_err(|e| e.to_string())?))
                         }
-                        Command::Adapt { .. } | Command::PublishWeights { .. } => unreachable!("handled above"),
+                        Command::Adapt { .. } | Command::PublishWeights { .. } | Command::Offer(_) => {
+                            unreachable!("handled above")
+                        }
                     }
                 })
                 .await;

@@ -226,7 +226,8 @@ fn start_link(
     let mqtt = config.mqtt.clone();
     let authority = Arc::new(crate::fleet::keys::command_authority(&mqtt)?);
     let (outgoing, outgoing_rx) = tokio::sync::mpsc::channel(256);
-    let (incoming, incoming_rx) = tokio::sync::mpsc::channel(256);
+    // Commands and chunks waiting for the agent: at most 64 packets' worth of memory.
+    let (incoming, incoming_rx) = tokio::sync::mpsc::channel(64);
     tasks.spawn(super::commands::handle_commands(
         Arc::clone(shared),
         incoming_rx,

@@ -19,6 +19,7 @@ pub mod policy;
 mod run;
 pub mod shared;
 mod traffic;
+mod transfers;
 mod versions;
 
 use std::path::{Path, PathBuf};

@@ -215,6 +215,9 @@ pub struct MqttConfig {
     pub metrics_every_s: u64,
     /// Largest MQTT packet the broker accepts; weights are chunked to fit.
     pub max_packet_bytes: usize,
+    /// Bytes of artefacts (bundles, weights sets) kept while they arrive; the oldest transfer
+    /// makes room for a new one.
+    pub max_transfer_bytes: u64,
     /// Undelivered events kept while the broker is unreachable; beyond it the oldest are dropped
     /// and the drop is reported.
     pub outbox_limit: usize,
@@ -246,6 +249,7 @@ impl Default for MqttConfig {
             keep_alive_s: 30,
             metrics_every_s: 30,
             max_packet_bytes: crate::protocol::weights::DEFAULT_MAX_PACKET_BYTES,
+            max_transfer_bytes: 512 << 20,
             outbox_limit: 100_000,
             command_ids_kept: 10_000,
             command_ids_days: 7,

@@ -61,7 +61,7 @@ impl BrokerOptions {
 }
 
 pub struct FleetClient {
-    client: AsyncClient,
+    pub(super) client: AsyncClient,
     eventloop: EventLoop,
     /// Messages that arrived while waiting for something else (e.g. retained messages during a
     /// later subscription).

@@ -30,6 +30,13 @@ pub enum LinkMessage {
     Weights { version: i64, manifest: Vec<u8>, chunks: Vec<Vec<u8>> },
 }
 
+/// What arrives for the agent, in the order it arrived: a command, or a chunk of an artefact
+/// (a later `offer` then sees the chunks sent before it).
+pub enum Inbound {
+    Command(Vec<u8>),
+    Chunk { transfer: String, index: usize, bytes: Vec<u8> },
+}
+
 /// The client and what the link knows; the bookkeeping is [`LinkState`]'s.
 struct Link {
     client: AsyncClient,
@@ -84,7 +91,7 @@ pub async fn run(
     device: String,
     embedded_port: Option<u16>,
     mut commands_out: mpsc::Receiver<LinkMessage>,
-    commands_in: mpsc::Sender<Vec<u8>>,
+    commands_in: mpsc::Sender<Inbound>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let options = options(&config, &device, embedded_port, true)?;
@@ -109,8 +116,11 @@ pub async fn run(
                     for action in link.state.on_connected() {
                         match action {
                             OnConnect::SubscribeCommands => {
-                                if let Err(error) = link.client.try_subscribe(link.topics.commands(), QoS::AtLeastOnce) {
-                                    tracing::warn!(%error, "cannot subscribe to commands");
+                                // Chunks first: once a command is answered, chunks reach the device too.
+                                for filter in [link.topics.inbound_filter(), link.topics.commands()] {
+                                    if let Err(error) = link.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                                        tracing::warn!(%error, "cannot subscribe to commands");
+                                    }
                                 }
                             }
                             OnConnect::PublishStatus(reason) => link.publish_status(&agent, true, reason).await,
@@ -118,8 +128,19 @@ pub async fn run(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if publish.topic == link.topics.commands() && commands_in.try_send(publish.payload.to_vec()).is_err() {
-                        tracing::warn!("command queue full; command dropped");
+                    // A full queue drops what arrives: a command is retried by its sender, a
+                    // chunk is sent again once the next offer lists it missing.
+                    let inbound = if publish.topic == link.topics.commands() {
+                        Some(Inbound::Command(publish.payload.to_vec()))
+                    } else {
+                        link.topics.parse_inbound(&publish.topic).map(|(transfer, index)| Inbound::Chunk {
+                            transfer,
+                            index,
+                            bytes: publish.payload.to_vec(),
+                        })
+                    };
+                    if let Some(inbound) = inbound && commands_in.try_send(inbound).is_err() {
+                        tracing::warn!("inbound queue full; a command or chunk dropped");
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {

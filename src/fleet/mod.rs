@@ -9,3 +9,4 @@ pub mod link;
 pub mod link_state;
 pub mod port;
 pub mod rebuild;
+pub mod send;

@@ -29,6 +29,9 @@ pub enum Command {
     PublishWeights {
         version: Option<i64>,
     },
+    /// An artefact about to arrive in chunks (or resuming): the device answers with the chunks
+    /// it still needs.
+    Offer(Box<super::transfer::TransferManifest>),
 }
 
 impl Command {
@@ -41,6 +44,7 @@ impl Command {
             Command::SetPolicy(_) => "set-policy",
             Command::Label { .. } => "label",
             Command::PublishWeights { .. } => "publish-weights",
+            Command::Offer(_) => "offer",
         }
     }
 }
@@ -211,11 +215,12 @@ pub fn parse(payload: &[u8], verify: Option<&Verify<'_>>) -> Result<Parsed, Refu
             let args: Args = serde_json::from_value(args).map_err(bad_args)?;
             Command::PublishWeights { version: args.version }
         }
+        "offer" => Command::Offer(Box::new(serde_json::from_value(args).map_err(bad_args)?)),
         other => {
             return Err(refuse(
                 &id,
                 format!(
-                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights)",
+                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights, offer)",
                     clip(other, 64)
                 ),
             ));

@@ -27,7 +27,7 @@ impl DeviceTopics {
         format!("{}/events", self.base)
     }
 
-    /// Commands to the device (the only topic a device subscribes to).
+    /// Commands to the device.
     pub fn commands(&self) -> String {
         format!("{}/cmd", self.base)
     }
@@ -42,6 +42,25 @@ impl DeviceTopics {
 
     pub fn weights_chunk(&self, version: i64, index: usize) -> String {
         format!("{}/weights/{version}/chunk/{index}", self.base)
+    }
+
+    /// A chunk of an artefact sent to the device (`protocol::transfer`).
+    pub fn inbound_chunk(&self, transfer: &str, index: usize) -> String {
+        format!("{}/in/{transfer}/{index}", self.base)
+    }
+
+    /// Every chunk sent to the device; it subscribes to this and to `cmd`.
+    pub fn inbound_filter(&self) -> String {
+        format!("{}/in/#", self.base)
+    }
+
+    /// The transfer and index of one of this device's inbound chunk topics.
+    pub fn parse_inbound(&self, topic: &str) -> Option<(String, usize)> {
+        let rest = topic.strip_prefix(&self.base)?.strip_prefix("/in/")?;
+        let (transfer, index) = rest.split_once('/')?;
+        let valid = transfer.len() == 32 && transfer.bytes().all(|b| b.is_ascii_hexdigit());
+        valid.then_some(())?;
+        Some((transfer.to_string(), index.parse().ok()?))
     }
 
     /// Everything the device publishes under its weights.
@@ -83,5 +102,12 @@ mod tests {
         assert_eq!(parse("plant-4", &topics.events()), None);
         assert_eq!(fleet_filter("plant-3", "status"), "edgeadapt/v1/plant-3/+/status");
         assert!(valid_level("orin-7") && !valid_level("a/b") && !valid_level("+") && !valid_level(""));
+        let transfer = "0123456789abcdef0123456789abcdef";
+        let chunk = topics.inbound_chunk(transfer, 7);
+        assert_eq!(chunk, format!("edgeadapt/v1/plant-3/orin-7/in/{transfer}/7"));
+        assert_eq!(topics.parse_inbound(&chunk), Some((transfer.to_string(), 7)));
+        assert_eq!(topics.parse_inbound(&format!("edgeadapt/v1/plant-3/orin-7/in/{transfer}/x")), None);
+        assert_eq!(topics.parse_inbound("edgeadapt/v1/plant-3/orin-7/in/short/1"), None);
+        assert_eq!(DeviceTopics::new("plant-3", "orin-8").parse_inbound(&chunk), None, "another device's");
     }
 }
