@@ -647,3 +647,74 @@ async fn offer(
     assert!(response.ok, "{response:?}");
     response.result.unwrap()
 }
+
+/// `fleet adopt`: a version one device made reaches another through the broker, and the
+/// receiver judges it with its own gate on its own samples, records it as its own version and
+/// answers with the verdict; a receiver that does not answer is reported as failed.
+#[test]
+fn a_version_made_on_one_device_is_adopted_by_another_through_its_own_gate() {
+    let broker = start_embedded_broker();
+    let url = format!("mqtt://127.0.0.1:{broker}");
+    let gate = "[gate]\nmax_seen_drop = 1.0\nmax_unseen_rate_drop = 1.0\nmax_reference_drop = 1.0\n";
+    let start = |dir: &std::path::Path, device: &str| {
+        let port = free_port();
+        let extra = format!(
+            "[adaptation]\nmethod = \"ft-tail+alg\"\n{gate}[mqtt]\nenabled = true\nbroker = \"{url}\"\n\
+             fleet = \"adopt\"\nmax_packet_bytes = 65536\n"
+        );
+        let config = write_config(dir, port, &extra);
+        let text = std::fs::read_to_string(&config).unwrap().replace("\"test-device\"", &format!("\"{device}\""));
+        std::fs::write(&config, text).unwrap();
+        Daemon::start(&config, port, &dir.join("daemon.log"))
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (maker, receiver) = (start(dir_a.path(), "maker"), start(dir_b.path(), "receiver"));
+    let fonts36 = repo().join("target/data/fonts36/target/adapt");
+    let agent = http();
+    for daemon in [&maker, &receiver] {
+        for class in ["0", "1", "2"] {
+            for n in 0..6 {
+                let bytes = std::fs::read(fonts36.join(class).join(format!("{n}.png"))).unwrap();
+                let response = agent.post(daemon.url("/v1/label")).query("class", class).send(bytes.as_slice());
+                assert_eq!(response.unwrap().status(), 200);
+            }
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut fleet =
+            FleetClient::connect(BrokerOptions::plain(url.clone(), "adopt"), Duration::from_secs(30)).await.unwrap();
+        let made = fleet.command("maker", "adapt", serde_json::json!({}), Duration::from_secs(300)).await.unwrap();
+        assert!(made.ok && made.result.as_ref().unwrap()["promoted"] == true, "{made:?}");
+    });
+    let adopt = |to: &str, timeout: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .args(["fleet", "--broker", &url, "--fleet", "adopt", "--max-packet-bytes", "65536"])
+            .args(["adopt", "--from", "maker@1", "--to", to])
+            .args(["--timeout", timeout, "--json"])
+            .output()
+            .unwrap()
+    };
+    let output = adopt("receiver", "120");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let answers: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let verdict = &answers["receiver"];
+    assert_eq!(verdict["promoted"], true, "{answers}");
+    assert_eq!(verdict["version"], 1, "the receiver's own first version");
+    assert!(verdict["method"].as_str().unwrap().starts_with("adopted maker@1 (ft-tail+alg)"), "{verdict}");
+    assert!(
+        verdict["metrics"]["gate"]["seen_validation"].is_array(),
+        "judged on the receiver's own validation samples"
+    );
+    let status =
+        agent.get(receiver.url("/v1/status")).call().unwrap().body_mut().read_json::<serde_json::Value>().unwrap();
+    assert_eq!(status["serving"], 1);
+
+    eprintln!("adopting took the receiver {} s (decoding and its gate)", verdict["metrics"]["seconds"]);
+    // A device that does not answer fails clearly.
+    let missing = adopt("nobody", "3");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nobody: adopt failed"), "{missing:?}");
+    maker.stop();
+    receiver.stop();
+}

@@ -198,6 +198,10 @@ impl Shared {
                             let result = shared.lock().ingest_by(&[item], "mqtt", signed_by.as_deref()).remove(0);
                             json(serde_json::to_value(result.map_err(|e| e.to_string())?))
                         }
+                        Command::Adopt { transfer } => {
+                            let summary = shared.lock().adopt(&transfer).map_err(|e| e.to_string())?;
+                            json(serde_json::to_value(summary))
+                        }
                         Command::Adapt { .. } | Command::PublishWeights { .. } | Command::Offer(_) => {
                             unreachable!("handled above")
                         }

@@ -3,6 +3,7 @@
 //! status (`versions`). Synchronous and single-owner; the daemon (`daemon`) puts it behind a
 //! lock and runs the training part of a run without it.
 
+mod adopt;
 pub mod client;
 pub mod commands;
 pub mod console;

@@ -114,6 +114,12 @@ pub fn execute(
     let hyper = Hyper { cancel: cancel.clone(), ..plan.hyper.clone() };
     let steps = plan.planned_steps();
     let adapted = method::adapt(&plan.method, &input, &hyper, plan.seed, &mut |step| progress(step, steps))?;
+    Ok(assess(plan, adapted, started))
+}
+
+/// What the gate needs about `adapted`, measured on the plan's validation samples, traffic and
+/// reference samples, and its verdict.
+pub fn assess(plan: &RunPlan, adapted: Adapted, started: Instant) -> RunOutcome {
     let source = Adapted { network: plan.source.clone(), gamma: 0.0, unseen: adapted.unseen.clone(), notes: vec![] };
     let health = health::estimate(&adapted, &source, plan.reference.as_ref(), plan.traffic.as_ref());
     let seen_validation = (!plan.validation.is_empty()).then(|| {
@@ -133,7 +139,7 @@ pub fn execute(
     let decision = gate::decide(&gate_input, &plan.gate);
     // `recommended` trains an adapter on bundles without a trainable tail, so the network says.
     let adapter_rank = adapted.network.adapter_rank();
-    Ok(RunOutcome {
+    RunOutcome {
         adapted,
         adapter_rank,
         gate_input,
@@ -142,7 +148,7 @@ pub fn execute(
         source_seen_validation,
         per_class,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    }
 }
 
 /// Accuracy per class with validation samples, adapted against source, for the console's chart.
@@ -171,7 +177,6 @@ impl Agent {
         let method_name = method_name.unwrap_or(&policy.method).to_string();
         let method: Method = method_name.parse().map_err(AgentError::Input)?;
         self.flush_traffic()?;
-        let classes = self.classes().to_vec();
         let last_sample_id = self.store.last_sample_id()?;
         // Version 0, the source model, was trained on nothing here.
         let newest = self.store.versions()?.into_iter().filter(|v| v.id > 0).max_by_key(|v| v.id);
@@ -183,12 +188,38 @@ impl Agent {
         if let Some(reason) = policy::repeats_last_version(last, &method_name, last_sample_id, force) {
             return Err(AgentError::NothingNew(reason));
         }
+        let plan = self.gather(method_name, method, policy.min_samples_per_class, policy.seed, last_sample_id)?;
+        crate::adapt::train::validate(&self.source, &plan.train, plan.classes, self.classes())?;
+        Ok(plan)
+    }
+
+    /// A plan to judge a version made elsewhere (`name` says where): every class with labels
+    /// counts, nothing is trained.
+    pub fn prepare_assessment(&mut self, name: String) -> Result<RunPlan, AgentError> {
+        self.flush_traffic()?;
+        let last_sample_id = self.store.last_sample_id()?;
+        let seed = self.policy()?.seed;
+        let method: Method = "source".parse().map_err(AgentError::Input)?;
+        self.gather(name, method, 0, seed, last_sample_id)
+    }
+
+    /// Copies the samples, traffic and models a plan needs out of the store; classes with at
+    /// least `minimum` training samples are seen (with `minimum` 0, every labelled class).
+    fn gather(
+        &mut self,
+        method_name: String,
+        method: Method,
+        minimum: usize,
+        seed: u64,
+        last_sample_id: i64,
+    ) -> Result<RunPlan, AgentError> {
+        let classes = self.classes().to_vec();
         let samples = self.store.samples(None)?;
+        // Training samples per class; an assessment trains nothing, so every labelled class counts.
         let mut train_counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for sample in samples.iter().filter(|s| s.split == Split::Train) {
+        for sample in samples.iter().filter(|s| s.split == Split::Train || minimum == 0) {
             *train_counts.entry(sample.class.as_str()).or_default() += 1;
         }
-        let minimum = policy.min_samples_per_class;
         let seen: Vec<String> =
             train_counts.iter().filter(|(_, n)| **n >= minimum).map(|(c, _)| c.to_string()).collect();
         let skipped: Vec<String> =
@@ -205,7 +236,6 @@ impl Agent {
         };
         let train = build(Split::Train)?;
         let validation = build(Split::Validation)?;
-        crate::adapt::train::validate(&self.source, &train, classes.len(), &classes)?;
         let traffic_rows: Vec<(i64, Vec<u8>)> =
             self.store.traffic()?.into_iter().enumerate().map(|(i, r)| (i as i64, r)).collect();
         let traffic = if traffic_rows.is_empty() {
@@ -244,7 +274,7 @@ impl Agent {
             current,
             classes: classes.len(),
             hyper: Hyper { gate: self.config.gate.clone(), ..Hyper::default() },
-            seed: policy.seed,
+            seed,
             gate: self.config.gate.clone(),
             last_sample_id,
             sample_set,

@@ -52,6 +52,10 @@ pub struct BrokerArgs {
     /// config's mqtt.signing_key_file).
     #[arg(long, global = true, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
+    /// The broker's packet limit: larger commands are refused here and artefacts are chunked
+    /// to fit (default: the config's mqtt.max_packet_bytes, else 262144).
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_packet_bytes: Option<usize>,
     /// How long a signed command stays valid, in seconds.
     #[arg(long, global = true, value_name = "SECONDS", default_value_t = 600)]
     pub expires_in: u64,
@@ -140,6 +144,18 @@ pub enum FleetCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Give other devices (running the same bundle) a version one device made: each judges it
+    /// with its own gate on its own samples and traffic, promotes or rejects it, and answers.
+    Adopt {
+        /// DEVICE or DEVICE@VERSION (default: the version it serves).
+        #[arg(long, value_name = "DEVICE[@VERSION]")]
+        from: String,
+        /// The receiving devices, separated by commas.
+        #[arg(long, value_name = "DEVICES", value_delimiter = ',', required = true)]
+        to: Vec<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Fetch a version's weights from a device and rebuild a standalone bundle from them.
     Weights {
         /// The device's id (its config's device_id).
@@ -198,7 +214,7 @@ fn broker_options(args: &BrokerArgs, config: Option<&DeviceConfig>) -> anyhow::R
         client_key: args.key.clone().or(mqtt.client_key),
         signer,
         command_validity: Duration::from_secs(args.expires_in),
-        max_packet_bytes: mqtt.max_packet_bytes,
+        max_packet_bytes: args.max_packet_bytes.unwrap_or(mqtt.max_packet_bytes).max(2048),
     })
 }
 
@@ -230,6 +246,7 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
                 }
                 return Ok(0);
             }
+            FleetCommand::Adopt { from, to, wait } => return adopt(&mut client, &from, &to, &wait).await,
             FleetCommand::Weights { device, version, bundle, out, force, wait } => {
                 let timeout = Duration::from_secs(wait.timeout);
                 let overwrite = crate::output::Overwrite::from_force(force);
@@ -292,6 +309,63 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
             Ok(1)
         }
     })
+}
+
+/// `fleet adopt`: fetches the version from its device, sends it to each receiver and prints
+/// each one's verdict. Fails when any receiver could not judge it.
+async fn adopt(client: &mut FleetClient, from: &str, to: &[String], wait: &WaitArgs) -> anyhow::Result<i32> {
+    use crate::protocol::transfer::{ArtefactKind, make};
+    let (source, version) = match from.split_once('@') {
+        Some((device, version)) => {
+            let version =
+                version.parse::<i64>().map_err(|_| anyhow::anyhow!("--from {from}: the version must be a number"))?;
+            (device, Some(version))
+        }
+        None => (from, None),
+    };
+    let timeout = Duration::from_secs(wait.timeout);
+    let (weights, payload) = client.fetch_weights(source, version, timeout).await?;
+    let name = format!("{}@{}", weights.device, weights.version);
+    let meta = serde_json::to_value(&weights)?;
+    let (manifest, chunks) = make(ArtefactKind::Weights, &name, &payload, client.options.max_packet_bytes, meta);
+    let mut answers = serde_json::Map::new();
+    let mut failed = 0;
+    for device in to {
+        let started = std::time::Instant::now();
+        let sent = client.send_artefact(device, &manifest, &chunks, timeout, &mut |_, _| {}).await;
+        let answer = match sent {
+            Ok(_) => {
+                client.command(device, "adopt", serde_json::json!({ "transfer": manifest.transfer }), timeout).await
+            }
+            Err(error) => Err(error),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match answer {
+            Ok(response) if response.ok => {
+                let result = response.result.unwrap_or_default();
+                if !wait.json {
+                    let verdict = if result["promoted"] == true { "promoted" } else { "rejected" };
+                    let reasons: Vec<&str> =
+                        result["reasons"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
+                    let why = if reasons.is_empty() { String::new() } else { format!(": {}", reasons.join("; ")) };
+                    println!("{device}: {name} {verdict} as version {} in {seconds:.1} s{why}", result["version"]);
+                }
+                answers.insert(device.clone(), result);
+            }
+            Ok(response) => {
+                failed += 1;
+                eprintln!("{device}: adopt failed: {}", response.error.unwrap_or_default());
+            }
+            Err(error) => {
+                failed += 1;
+                eprintln!("{device}: adopt failed: {error:#}");
+            }
+        }
+    }
+    if wait.json {
+        println!("{}", serde_json::to_string_pretty(&answers)?);
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
 }
 
 /// `fleet keygen`: a new operator key pair in `out`.

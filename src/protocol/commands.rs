@@ -32,6 +32,10 @@ pub enum Command {
     /// An artefact about to arrive in chunks (or resuming): the device answers with the chunks
     /// it still needs.
     Offer(Box<super::transfer::TransferManifest>),
+    /// Judge and record the version whose weights arrived as this transfer.
+    Adopt {
+        transfer: String,
+    },
 }
 
 impl Command {
@@ -45,6 +49,7 @@ impl Command {
             Command::Label { .. } => "label",
             Command::PublishWeights { .. } => "publish-weights",
             Command::Offer(_) => "offer",
+            Command::Adopt { .. } => "adopt",
         }
     }
 }
@@ -216,11 +221,23 @@ pub fn parse(payload: &[u8], verify: Option<&Verify<'_>>) -> Result<Parsed, Refu
             Command::PublishWeights { version: args.version }
         }
         "offer" => Command::Offer(Box::new(serde_json::from_value(args).map_err(bad_args)?)),
+        "adopt" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Args {
+                transfer: String,
+            }
+            let args: Args = serde_json::from_value(args).map_err(bad_args)?;
+            if args.transfer.len() != 32 || !args.transfer.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(refuse(&id, "adopt: `transfer` must be a transfer id (32 hex digits)".into()));
+            }
+            Command::Adopt { transfer: args.transfer }
+        }
         other => {
             return Err(refuse(
                 &id,
                 format!(
-                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights, offer)",
+                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights, offer, adopt)",
                     clip(other, 64)
                 ),
             ));

@@ -1,0 +1,70 @@
+//! Adopting a version another device made (`fleet adopt`): its weights arrive as a transfer,
+//! and this device judges them with its own gate on its own validation samples, traffic and
+//! reference samples, then promotes or rejects them like a version of its own.
+
+use std::time::Instant;
+
+use super::run::{RunSummary, assess};
+use super::{Agent, AgentError, StoredParams};
+use crate::adapt::method::Adapted;
+use crate::network::weights;
+use crate::protocol::messages::WeightsManifest;
+use crate::protocol::transfer::ArtefactKind;
+
+impl Agent {
+    /// Judges and records the weights set that arrived as `transfer`; the transfer is dropped
+    /// once it is a version (or found unusable).
+    pub fn adopt(&mut self, transfer: &str) -> Result<RunSummary, AgentError> {
+        let input = |problem: String| AgentError::Input(format!("adopt: {problem}"));
+        let manifest = self
+            .store()
+            .transfer_manifest(transfer)?
+            .ok_or_else(|| input(format!("no transfer {transfer} here; offer it first")))?;
+        if manifest.kind != ArtefactKind::Weights {
+            return Err(input(format!("transfer {transfer} is a {:?}, not a weights set", manifest.kind)));
+        }
+        let chunks = self.store().transfer_chunks(transfer)?;
+        if chunks.len() != manifest.chunks() {
+            return Err(input(format!("transfer {transfer} has {} of {} chunks", chunks.len(), manifest.chunks())));
+        }
+        let outcome = self.adopt_payload(&manifest.assemble(&chunks).map_err(input)?, &manifest.meta);
+        if !matches!(outcome, Err(AgentError::Store(_))) {
+            self.store().drop_transfer(transfer)?;
+        }
+        outcome
+    }
+
+    fn adopt_payload(&mut self, payload: &[u8], meta: &serde_json::Value) -> Result<RunSummary, AgentError> {
+        let started = Instant::now();
+        let input = |problem: String| AgentError::Input(format!("adopt: {problem}"));
+        let weights_manifest: WeightsManifest =
+            serde_json::from_value(meta.clone()).map_err(|e| input(format!("the weights manifest: {e}")))?;
+        let bundle = self.classifier.bundle.id();
+        if weights_manifest.bundle != bundle {
+            return Err(input(format!(
+                "the weights are for bundle {}, this device runs {bundle}",
+                weights_manifest.bundle
+            )));
+        }
+        crate::protocol::weights::matches_manifest(payload, &weights_manifest).map_err(input)?;
+        let params: StoredParams = serde_json::from_value(weights_manifest.params.clone())
+            .map_err(|e| input(format!("the version's parameters: {e}")))?;
+        if !params.gamma.is_finite() {
+            return Err(input(format!("calibration γ {} is not finite", params.gamma)));
+        }
+        let what = format!("weights of {}@{}", weights_manifest.device, weights_manifest.version);
+        let network = weights::decode(payload, &self.source, params.adapter_rank, &what).map_err(input)?;
+        let classes = self.classes();
+        let unseen = params
+            .unseen
+            .iter()
+            .map(|name| classes.iter().position(|c| c == name).ok_or_else(|| input(format!("unknown class '{name}'"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let name =
+            format!("adopted {}@{} ({})", weights_manifest.device, weights_manifest.version, weights_manifest.method);
+        let plan = self.prepare_assessment(name)?;
+        let adapted = Adapted { network, gamma: params.gamma, unseen, notes: params.notes.clone() };
+        let outcome = assess(&plan, adapted, started);
+        self.commit_run(&plan, Ok(outcome))
+    }
+}
