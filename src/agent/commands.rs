@@ -199,6 +199,14 @@ impl Shared {
                             json(serde_json::to_value(result.map_err(|e| e.to_string())?))
                         }
                         Command::Adopt { transfer } => {
+                            // One new version at a time: the run's verdict and this one would race
+                            // to be served.
+                            if let Some(run) = shared.run_progress() {
+                                return Err(format!(
+                                    "adopt: a {} run is in progress; send adopt again when it ends (the transfer is kept)",
+                                    run.method
+                                ));
+                            }
                             let summary = shared.lock().adopt(&transfer).map_err(|e| e.to_string())?;
                             json(serde_json::to_value(summary))
                         }
