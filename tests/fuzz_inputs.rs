@@ -44,7 +44,8 @@ const COMMAND_KEY: &[u8] = b"fleet command key";
 /// The device the fuzzed commands reach, and its clock.
 const DEVICE: &str = "fuzz-device";
 const NOW_MS: i64 = 1_800_000_000_000;
-const COMMAND_NAMES: [&str; 6] = ["adapt", "rollback", "status", "set-policy", "label", "publish-weights"];
+const COMMAND_NAMES: [&str; 8] =
+    ["adapt", "rollback", "status", "set-policy", "label", "publish-weights", "offer", "adopt"];
 const MIB: usize = 1 << 20;
 
 /// Cases per test unless `PROPTEST_CASES` says otherwise; fixed seed unless `PROPTEST_RNG_SEED`
@@ -531,6 +532,28 @@ fn args_for(command: &'static str) -> BoxedStrategy<Value> {
             ("name", typed(odd_string().prop_map(Value::from))),
         ],
         "publish-weights" => vec![("version", typed(any::<i64>().prop_map(Value::from)))],
+        "adopt" => vec![(
+            "transfer",
+            typed(prop_oneof!["[0-9a-f]{32}".prop_map(Value::from), odd_string().prop_map(Value::from)]),
+        )],
+        "offer" => {
+            let hex = |len: usize| {
+                proptest::string::string_regex(&format!("[0-9a-f]{{{len}}}")).unwrap().prop_map(Value::from)
+            };
+            vec![
+                (
+                    "schema",
+                    typed(prop_oneof![Just(Value::from("edgeadapt.transfer/1")), odd_string().prop_map(Value::from)]),
+                ),
+                ("transfer", typed(hex(32))),
+                ("kind", typed(select(vec!["bundle", "weights", "model"]).prop_map(Value::from))),
+                ("name", typed(odd_string().prop_map(Value::from))),
+                ("total_bytes", typed(any::<u64>().prop_map(Value::from))),
+                ("chunk_bytes", typed(any::<u64>().prop_map(Value::from))),
+                ("chunk_sha256", typed(prop::collection::vec(hex(64), 0..4).prop_map(Value::from))),
+                ("sha256", typed(hex(64))),
+            ]
+        }
         _ => vec![],
     };
     let fields: Vec<BoxedStrategy<Option<(String, Value)>>> = fields
@@ -769,6 +792,43 @@ proptest! {
             prop_assert_eq!(command, expected);
         }
         check_command_payload(&payload, Some(COMMAND_KEY))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Any manifest an offer can carry is checked without panicking, and once it passes, any
+    /// bytes sent as any chunk are checked without panicking and accepted only if they are the
+    /// chunk the manifest lists.
+    #[test]
+    fn transfer_manifests_and_chunks_are_checked_without_panicking(
+        total_bytes in prop_oneof![any::<u64>(), 0u64..5000],
+        chunk_bytes in prop_oneof![any::<u64>(), 0u64..3000],
+        chunks in prop::collection::vec(any::<[u8; 32]>(), 0..6),
+        index in any::<usize>(),
+        bytes in prop::collection::vec(any::<u8>(), 0..3000),
+    ) {
+        use edgeadapt::protocol::transfer::{ArtefactKind, TRANSFER_SCHEMA, TransferLimits, TransferManifest};
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let manifest = TransferManifest {
+            schema: TRANSFER_SCHEMA.into(),
+            transfer: sha256[..32].to_string(),
+            kind: ArtefactKind::Bundle,
+            name: "fuzz".into(),
+            total_bytes,
+            chunk_bytes,
+            chunk_sha256: chunks.iter().map(hex::encode).collect(),
+            sha256,
+            meta: Value::Null,
+        };
+        let limits = TransferLimits { max_bytes: 1 << 20, max_packet: 4096 };
+        if manifest.check(&limits).is_ok() {
+            let index = index % (manifest.chunks() + 2);
+            if manifest.verify_chunk(index, &bytes).is_ok() {
+                prop_assert_eq!(hex::encode(Sha256::digest(&bytes)), manifest.chunk_sha256[index].clone());
+            }
+        }
     }
 }
 
