@@ -1,5 +1,6 @@
 //! `edgeadapt bench` end to end on a small slice of fonts36: the JSON follows the documented
-//! schema and the plot is written; `--label-budget` compares arrival order with the queue.
+//! schema and the plot is written; `--label-budget` compares arrival order with the queue;
+//! `--merge-devices` compares devices alone with their merge.
 
 mod common;
 
@@ -154,4 +155,44 @@ fn a_label_budget_bench_compares_arrival_order_with_the_queue_on_uneven_traffic(
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--traffic-skew must be a number ≥ 0, not -0.5"), "{stderr}");
+}
+
+#[test]
+fn a_merge_bench_compares_devices_alone_their_merge_and_all_labels() {
+    let fonts36 = repo().join("target/data/fonts36");
+    assert!(fonts36.is_dir(), "run tools/setup.sh first: {} is missing", fonts36.display());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    for split in ["target/adapt", "target/test"] {
+        for class in ["0", "1", "A", "B", "C"] {
+            let to = root.join(split).join(class);
+            std::fs::create_dir_all(&to).unwrap();
+            for n in 0..4 {
+                std::fs::copy(fonts36.join(split).join(class).join(format!("{n}.png")), to.join(format!("{n}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let bench = |devices: &str| {
+        Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+            .args(["bench", "--data", root.to_str().unwrap(), "--seen", "0,1,A,B", "--merge-devices", devices])
+            .args(["--seeds", "1", "--steps", "5", "--cache", dir.path().join("cache").to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let output = bench("2");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("2 devices, 2 classes each (disjoint)"), "{stdout}");
+    for row in [
+        "| device 1 alone | 0,A |",
+        "| device 2 alone | 1,B |",
+        "| merge | 0,1,A,B |",
+        "| one device with all labels |",
+    ] {
+        assert!(stdout.contains(row), "{row}: {stdout}");
+    }
+    let refused = bench("3");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("at least 2 per device"));
 }

@@ -3,6 +3,7 @@
 
 pub mod features;
 pub mod labelling;
+pub mod merge;
 pub mod plot;
 pub mod seen;
 

@@ -70,6 +70,13 @@ pub struct BenchArgs {
     /// 1/(k+1)^S of its images (0: all).
     #[arg(long, default_value_t = 0.0, value_name = "S")]
     pub traffic_skew: f64,
+    /// Deal the `--seen` classes to N simulated devices, adapt each, and compare each alone, the
+    /// average of their versions (recalibrated) and one device with all their labels.
+    #[arg(long, value_name = "N")]
+    pub merge_devices: Option<usize>,
+    /// With `--merge-devices`: each class is labelled on two devices instead of one.
+    #[arg(long)]
+    pub merge_overlap: bool,
 }
 
 pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32> {
@@ -130,6 +137,16 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
             bar.set_message(format!("{method} (seed {seed})"));
         }
     };
+    if let Some(devices) = args.merge_devices {
+        let report = bench::merge::run(&mut classifier, &options, devices, args.merge_overlap, &mut show)?;
+        bar.finish_and_clear();
+        println!("{}", bench::merge::table(&report));
+        if let Some(path) = &args.json {
+            output::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes(), overwrite)?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(0);
+    }
     if let Some(budget) = args.label_budget {
         anyhow::ensure!(
             args.traffic_skew.is_finite() && args.traffic_skew >= 0.0,
