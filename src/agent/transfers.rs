@@ -14,12 +14,14 @@ impl Agent {
         manifest.check(limits).map_err(|e| format!("offer: {e}"))?;
         let held = self.store().offer_transfer(manifest, limits.max_bytes).map_err(|e| e.to_string())?;
         let missing = missing(manifest.chunks(), &held);
-        if missing.is_empty() {
+        // Checked whole once: a repeated offer of a complete transfer does not assemble it again.
+        if missing.is_empty() && !self.store().transfer_verified(&manifest.transfer).map_err(|e| e.to_string())? {
             let chunks = self.store().transfer_chunks(&manifest.transfer).map_err(|e| e.to_string())?;
             if let Err(problem) = manifest.assemble(&chunks) {
                 self.store().drop_transfer(&manifest.transfer).map_err(|e| e.to_string())?;
                 return Err(format!("offer: transfer {}: {problem}; it starts over", manifest.transfer));
             }
+            self.store().mark_transfer_verified(&manifest.transfer).map_err(|e| e.to_string())?;
         }
         Ok(serde_json::json!({
             "transfer": manifest.transfer,

@@ -94,7 +94,8 @@ pub const MIGRATIONS: &[&str] = &[
         transfer TEXT PRIMARY KEY,
         manifest TEXT NOT NULL,
         total_bytes INTEGER NOT NULL,
-        offered_ms INTEGER NOT NULL
+        offered_ms INTEGER NOT NULL,
+        verified INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE transfer_chunks (
         transfer TEXT NOT NULL,

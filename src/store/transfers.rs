@@ -101,6 +101,22 @@ impl Store {
         rows.map(|r| r.map_err(self.err())).collect()
     }
 
+    /// Whether the transfer's assembled payload was checked whole (so it is not assembled again).
+    pub fn transfer_verified(&self, transfer: &str) -> Result<bool> {
+        let verified: Option<bool> = self
+            .conn
+            .query_row("SELECT verified FROM transfers WHERE transfer = ?1", [transfer], |r| r.get(0))
+            .optional()
+            .map_err(self.err())?;
+        Ok(verified.unwrap_or(false))
+    }
+
+    /// Records that the transfer's assembled payload matched its manifest.
+    pub fn mark_transfer_verified(&mut self, transfer: &str) -> Result<()> {
+        self.conn.execute("UPDATE transfers SET verified = 1 WHERE transfer = ?1", [transfer]).map_err(self.err())?;
+        Ok(())
+    }
+
     /// Forgets a transfer and its chunks.
     pub fn drop_transfer(&mut self, transfer: &str) -> Result<()> {
         let path = self.path.clone();
@@ -138,6 +154,11 @@ mod tests {
         store.put_transfer_chunk(&manifest.transfer, 1, chunks[1]).unwrap();
         store.put_transfer_chunk(&manifest.transfer, 3, chunks[3]).unwrap();
         assert_eq!(manifest.assemble(&store.transfer_chunks(&manifest.transfer).unwrap()).unwrap(), first);
+        assert!(!store.transfer_verified(&manifest.transfer).unwrap());
+        store.mark_transfer_verified(&manifest.transfer).unwrap();
+        assert!(store.transfer_verified(&manifest.transfer).unwrap());
+        assert_eq!(store.offer_transfer(&manifest, 1 << 20).unwrap().len(), 4, "a repeated offer keeps it verified");
+        assert!(store.transfer_verified(&manifest.transfer).unwrap());
 
         // A second transfer that does not fit beside the first pushes it out.
         let second = vec![2u8; 5000];
