@@ -33,6 +33,7 @@ pub async fn handle_commands(
         })
         .await;
     }
+    let mut refused = RefusedChunks::default();
     while let Some(inbound) = incoming.recv().await {
         let payload = match inbound {
             crate::fleet::link::Inbound::Command(payload) => payload,
@@ -44,8 +45,10 @@ pub async fn handle_commands(
                     (transfer, result)
                 })
                 .await;
-                if let Ok((transfer, Err(error))) = stored {
-                    tracing::warn!(transfer = %transfer, index, %error, "chunk refused");
+                if let Ok((transfer, Err(error))) = stored
+                    && let Some(count) = refused.count(&transfer)
+                {
+                    tracing::warn!(transfer = %transfer, index, %error, refused = count, "chunk refused");
                 }
                 continue;
             }
@@ -114,6 +117,26 @@ pub async fn handle_commands(
             }
             let _ = outgoing.send(LinkMessage::Response(response)).await;
         });
+    }
+}
+
+/// Refused chunks per transfer, so that a flood of bad chunks cannot flood the log: the first
+/// refusal of a transfer is logged, then every hundredth, with the count. Bounded: past 1,024
+/// transfers the counts start over.
+#[derive(Debug, Default)]
+struct RefusedChunks {
+    by_transfer: std::collections::HashMap<String, u64>,
+}
+
+impl RefusedChunks {
+    /// Counts a refusal; the count when this one should be logged.
+    fn count(&mut self, transfer: &str) -> Option<u64> {
+        if self.by_transfer.len() >= 1024 && !self.by_transfer.contains_key(transfer) {
+            self.by_transfer.clear();
+        }
+        let count = self.by_transfer.entry(transfer.to_string()).or_default();
+        *count += 1;
+        (*count == 1 || count.is_multiple_of(100)).then_some(*count)
     }
 }
 
@@ -225,6 +248,18 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_refused_chunks_logs_the_first_and_every_hundredth() {
+        let mut refused = RefusedChunks::default();
+        let logged: Vec<u64> = (0..250).filter_map(|_| refused.count("t1")).collect();
+        assert_eq!(logged, vec![1, 100, 200]);
+        assert_eq!(refused.count("t2"), Some(1), "each transfer has its own count");
+        for n in 0..2000 {
+            refused.count(&format!("x{n}"));
+        }
+        assert!(refused.by_transfer.len() <= 1024, "bounded");
+    }
 
     #[test]
     fn long_command_ids_are_cut_in_the_log() {
