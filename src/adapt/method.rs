@@ -398,7 +398,8 @@ fn pcv_gamma(
 }
 
 /// Share of rows whose argmax is one of `classes`.
-pub(super) fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
+/// The share of rows whose most probable class is one of `classes`.
+pub fn share_predicted(logits: &Array2<f32>, classes: &[usize]) -> f32 {
     let hits = crate::metrics::argmax_rows(logits.view()).into_iter().filter(|c| classes.contains(c)).count();
     hits as f32 / logits.nrows().max(1) as f32
 }

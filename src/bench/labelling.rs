@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use super::{BenchOptions, Progress, Stat, features};
+use super::{BenchOptions, Progress, Stat, accuracy_inside_and_out, features};
 use crate::adapt::data::SplitSet;
 use crate::adapt::method::{self, AdaptInput, Adapted, Method, Traffic};
 use crate::adapt::queue::{Candidate, Labelled, next_to_label};
@@ -101,16 +101,6 @@ fn softmax_top(logits: &Array2<f32>, classes: &[String], k: usize) -> Vec<Vec<(S
         .collect()
 }
 
-/// Accuracy overall, on the site's classes and on the others.
-fn score(predicted: &[usize], test: &SplitSet, site: &[usize]) -> (f64, f64, f64) {
-    let part = |keep: &dyn Fn(usize) -> bool| {
-        let pairs: Vec<(usize, usize)> =
-            test.labels.iter().zip(predicted).filter(|(l, _)| keep(**l)).map(|(l, p)| (*l, *p)).collect();
-        pairs.iter().filter(|(l, p)| l == p).count() as f64 / pairs.len().max(1) as f64
-    };
-    (part(&|_| true), part(&|l| site.contains(&l)), part(&|l| !site.contains(&l)))
-}
-
 /// What `--label-budget` compares under.
 #[derive(Debug, Clone, Copy)]
 pub struct LabellingSetup {
@@ -162,7 +152,7 @@ pub fn run(
     let source_logits = source_model.logits_of(&traffic_set);
     let top = softmax_top(&source_logits, &classes, 5);
     let traffic = Traffic::new(traffic_set.clone(), &source);
-    let source_score = score(&crate::metrics::argmax_rows(source_model.logits_of(&test).view()), &test, &site);
+    let source_score = accuracy_inside_and_out(&source_model, &test, &site);
     let recommended: Method = "recommended".parse().map_err(anyhow::Error::msg)?;
     let mut orders = Vec::new();
     for order in ORDERS {
@@ -202,8 +192,7 @@ pub fn run(
                     Err(error) => return Err(error.into()),
                 }
             };
-            let (overall, on_site, other) =
-                score(&crate::metrics::argmax_rows(adapted.logits_of(&test).view()), &test, &site);
+            let (overall, on_site, other) = accuracy_inside_and_out(&adapted, &test, &site);
             runs.push((overall, on_site, other, taking_part as f64));
         }
         orders.push(OrderReport {
@@ -244,16 +233,13 @@ pub fn table(report: &LabellingReport) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     let _ = writeln!(out, "| source | {:.1} | | {:.1} | | {:.1} | | |", o * 100.0, s * 100.0, u * 100.0);
     for row in &report.orders {
-        let cell = |stat: &Stat, base: f64| {
-            format!("{:.1} ± {:.1} | {:+.1}", stat.mean * 100.0, stat.std * 100.0, (stat.mean - base) * 100.0)
-        };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {:.1} |",
             row.order,
-            cell(&row.overall, o),
-            cell(&row.site, s),
-            cell(&row.other, u),
+            row.overall.cells_against(o),
+            row.site.cells_against(s),
+            row.other.cells_against(u),
             row.classes_taking_part.mean
         );
     }

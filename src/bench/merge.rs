@@ -9,13 +9,12 @@
 
 use serde::Serialize;
 
-use super::{BenchOptions, Progress, Stat, features};
+use super::{BenchOptions, Progress, Stat, accuracy_inside_and_out, features};
 use crate::adapt::calibrate;
 use crate::adapt::data::SplitSet;
 use crate::adapt::method::{self, AdaptInput, Adapted, Method, Traffic};
 use crate::adapt::train::AdaptError;
 use crate::inference::Classifier;
-use crate::metrics::argmax_rows;
 use crate::network::Network;
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,17 +47,6 @@ fn deal(seen: &[usize], devices: usize, overlap: bool) -> Vec<Vec<usize>> {
         }
     }
     dealt
-}
-
-/// Accuracy overall, on `union` and on the rest.
-fn score(model: &Adapted, test: &SplitSet, union: &[usize]) -> (f64, f64, f64) {
-    let predicted = argmax_rows(model.logits_of(test).view());
-    let part = |keep: &dyn Fn(usize) -> bool| {
-        let pairs: Vec<(usize, usize)> =
-            test.labels.iter().zip(&predicted).filter(|(l, _)| keep(**l)).map(|(l, p)| (*l, *p)).collect();
-        pairs.iter().filter(|(l, p)| l == p).count() as f64 / pairs.len().max(1) as f64
-    };
-    (part(&|_| true), part(&|l| union.contains(&l)), part(&|l| !union.contains(&l)))
 }
 
 /// Slot-by-slot mean of networks with the same layout.
@@ -135,23 +123,20 @@ pub fn run(
         for (device, own) in dealt.iter().enumerate() {
             let labelled = adapt_all.filter(|label| own.contains(&label));
             let adapted = adapt(&labelled, seed, &format!("device {}", device + 1), progress)?;
-            runs[device].push(score(&adapted, &test, &seen));
+            runs[device].push(accuracy_inside_and_out(&adapted, &test, &seen));
             alone.push(adapted);
         }
         // The merge: averaged parameters, γ by prior matching for the union of their classes.
         let network = average(&alone.iter().map(|a| &a.network).collect::<Vec<_>>())?;
         let unseen: Vec<usize> = (0..classes.len()).filter(|c| !seen.contains(c)).collect();
-        let source_share = {
-            let predicted = argmax_rows(traffic.source_logits.view());
-            predicted.iter().filter(|p| unseen.contains(p)).count() as f32 / predicted.len().max(1) as f32
-        };
+        let source_share = method::share_predicted(&traffic.source_logits, &unseen);
         let unshifted = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.clone(), notes: vec![] };
         let gamma =
             calibrate::prior_matching_gamma(&unshifted.logits_of(&traffic.splits), &seen, &unseen, source_share);
         let merged = Adapted { network, gamma, unseen, notes: vec![] };
-        runs[devices].push(score(&merged, &test, &seen));
+        runs[devices].push(accuracy_inside_and_out(&merged, &test, &seen));
         let everything = adapt(&adapt_all.filter(|label| seen.contains(&label)), seed, "all labels", progress)?;
-        runs[devices + 1].push(score(&everything, &test, &seen));
+        runs[devices + 1].push(accuracy_inside_and_out(&everything, &test, &seen));
     }
     let mut rows = Vec::new();
     for (at, scores) in runs.into_iter().enumerate() {
@@ -168,7 +153,7 @@ pub fn run(
             unseen: Stat::of(scores.iter().map(|s| s.2).collect()),
         });
     }
-    Ok(MergeReport { devices, overlap, source: score(&source_model, &test, &seen), rows })
+    Ok(MergeReport { devices, overlap, source: accuracy_inside_and_out(&source_model, &test, &seen), rows })
 }
 
 /// The report as a Markdown table.
@@ -187,17 +172,14 @@ pub fn table(report: &MergeReport) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     let _ = writeln!(out, "| source | | {:.1} | | {:.1} | | {:.1} | |", o * 100.0, s * 100.0, u * 100.0);
     for row in &report.rows {
-        let cell = |stat: &Stat, base: f64| {
-            format!("{:.1} ± {:.1} | {:+.1}", stat.mean * 100.0, stat.std * 100.0, (stat.mean - base) * 100.0)
-        };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} |",
             row.model,
             row.classes.join(","),
-            cell(&row.overall, o),
-            cell(&row.union_seen, s),
-            cell(&row.unseen, u)
+            row.overall.cells_against(o),
+            row.union_seen.cells_against(s),
+            row.unseen.cells_against(u)
         );
     }
     out

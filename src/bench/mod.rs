@@ -53,7 +53,27 @@ pub struct Stat {
     pub per_seed: Vec<f64>,
 }
 
+/// Accuracy of `model` on `test`: overall, on the classes in `inside`, and on the rest.
+pub(crate) fn accuracy_inside_and_out(
+    model: &crate::adapt::method::Adapted,
+    test: &crate::adapt::data::SplitSet,
+    inside: &[usize],
+) -> (f64, f64, f64) {
+    let predicted = crate::metrics::argmax_rows(model.logits_of(test).view());
+    let part = |keep: &dyn Fn(usize) -> bool| {
+        let pairs: Vec<(usize, usize)> =
+            test.labels.iter().zip(&predicted).filter(|(l, _)| keep(**l)).map(|(l, p)| (*l, *p)).collect();
+        pairs.iter().filter(|(l, p)| l == p).count() as f64 / pairs.len().max(1) as f64
+    };
+    (part(&|_| true), part(&|l| inside.contains(&l)), part(&|l| !inside.contains(&l)))
+}
+
 impl Stat {
+    /// `mean ± std | Δ` in points against `base`, two cells of a Markdown table.
+    pub(crate) fn cells_against(&self, base: f64) -> String {
+        format!("{:.1} ± {:.1} | {:+.1}", self.mean * 100.0, self.std * 100.0, (self.mean - base) * 100.0)
+    }
+
     pub fn of(values: Vec<f64>) -> Stat {
         let n = values.len().max(1) as f64;
         let mean = values.iter().sum::<f64>() / n;

@@ -140,12 +140,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
     if let Some(devices) = args.merge_devices {
         let report = bench::merge::run(&mut classifier, &options, devices, args.merge_overlap, &mut show)?;
         bar.finish_and_clear();
-        println!("{}", bench::merge::table(&report));
-        if let Some(path) = &args.json {
-            output::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes(), overwrite)?;
-            println!("wrote {}", path.display());
-        }
-        return Ok(0);
+        return print_report(&bench::merge::table(&report), &report, args.json.as_deref(), overwrite);
     }
     if let Some(budget) = args.label_budget {
         anyhow::ensure!(
@@ -157,12 +152,7 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
             bench::labelling::LabellingSetup { budget, min_samples: args.min_samples.max(1), skew: args.traffic_skew };
         let report = bench::labelling::run(&mut classifier, &options, setup, &mut show)?;
         bar.finish_and_clear();
-        println!("{}", bench::labelling::table(&report));
-        if let Some(path) = &args.json {
-            output::write_file(path, serde_json::to_string_pretty(&report)?.as_bytes(), overwrite)?;
-            println!("wrote {}", path.display());
-        }
-        return Ok(0);
+        return print_report(&bench::labelling::table(&report), &report, args.json.as_deref(), overwrite);
     }
     let report = bench::run(&mut classifier, &options, &mut show)?;
     bar.finish_and_clear();
@@ -190,6 +180,21 @@ pub fn run(args: BenchArgs, config: Option<&DeviceConfig>) -> anyhow::Result<i32
     }
     if let Some(path) = &args.plot {
         output::write_file_with(path, overwrite, |temporary| bench::plot::write(&report, "recommended", temporary))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(0)
+}
+
+/// Prints a report's table and, with `--json`, writes the report there.
+fn print_report(
+    table: &str,
+    report: &impl serde::Serialize,
+    json: Option<&std::path::Path>,
+    overwrite: output::Overwrite,
+) -> anyhow::Result<i32> {
+    println!("{table}");
+    if let Some(path) = json {
+        output::write_file(path, serde_json::to_string_pretty(report)?.as_bytes(), overwrite)?;
         println!("wrote {}", path.display());
     }
     Ok(0)
