@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dataset;
+pub mod deploy;
 pub mod doctor;
 pub mod fleet;
 pub mod imaging;

@@ -233,6 +233,7 @@ impl Shared {
                             let summary = shared.lock().adopt(&transfer).map_err(|e| e.to_string())?;
                             json(serde_json::to_value(summary))
                         }
+                        Command::Deploy(args) => shared.deploy(&args),
                         Command::Adapt { .. } | Command::PublishWeights { .. } | Command::Offer(_) => {
                             unreachable!("handled above")
                         }

@@ -351,6 +351,9 @@ async fn housekeeping(shared: Arc<Shared>) {
                 drop(shared.lock());
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
+            if let Err(error) = shared.check_probation() {
+                tracing::warn!(%error, "cannot end the new bundle's probation");
+            }
             if shared.is_running() {
                 return Ok(());
             }
@@ -370,7 +373,7 @@ async fn housekeeping(shared: Arc<Shared>) {
         })
         .await;
         match result {
-            Ok(Ok(())) | Ok(Err(StartError::Busy(_))) => {}
+            Ok(Ok(())) | Ok(Err(StartError::Busy(_) | StartError::Deploying(_))) => {}
             Ok(Err(error)) => tracing::warn!(%error, "policy run did not start"),
             Err(error) => tracing::error!(%error, "housekeeping task failed"),
         }

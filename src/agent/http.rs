@@ -299,7 +299,7 @@ struct AdaptQuery {
 async fn http_adapt(State(shared): SharedState, Query(query): Query<AdaptQuery>) -> Response {
     match blocking(move || shared.start_run(query.method.as_deref(), query.force, Origin::Command)).await {
         Ok(Ok((_, progress))) => (StatusCode::ACCEPTED, axum::Json(progress)).into_response(),
-        Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e),
+        Ok(Err(e @ (StartError::Busy(_) | StartError::Deploying(_)))) => error(StatusCode::CONFLICT, e),
         Ok(Err(StartError::Agent(e @ AgentError::NothingNew(_)))) => (
             StatusCode::CONFLICT,
             axum::Json(ErrorBody { error: e.to_string(), detail: Some(serde_json::json!({ "kind": "nothing_new" })) }),

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod console;
 pub mod counters;
 pub mod daemon;
+pub mod deploy;
 mod fleet_port;
 pub mod folders;
 pub mod http;
@@ -76,6 +77,10 @@ pub struct Agent {
     traffic_rows: usize,
     reference: Option<SplitSet>,
     limits: DecodeLimits,
+    /// A new bundle's first minutes of service, and what it did so far.
+    probation: Option<(crate::deploy::probation::Probation, crate::deploy::probation::Record)>,
+    /// The bundle served before, kept loaded through the probation for a switch back.
+    previous: Option<deploy::Loaded>,
 }
 
 /// Logs the start-up warm-up every ten seconds: a first TensorRT engine build takes minutes.
@@ -99,16 +104,13 @@ impl Agent {
         warming_up: &(dyn Fn(std::time::Duration) + Sync),
     ) -> Result<Agent, AgentError> {
         let data_dir = config.require_data_dir().map_err(AgentError::Config)?;
-        let bundle = Bundle::load(&config.bundle)
-            .map_err(|e| AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() })?;
-        let reference = match bundle.reference() {
-            Ok(Some((split, labels))) => Some(SplitSet::from_onnx(split.view(), labels).map_err(AgentError::Input)?),
-            Ok(None) => None,
-            Err(e) => return Err(AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() }),
-        };
-        let store = Store::open(&store_path(data_dir), &bundle.id())?;
+        let mut store = Store::open_any(&store_path(data_dir))?;
+        Agent::switch_back_at_start(&mut store)?;
+        let dir = deploy::bundle_folder(config, data_dir, store.bundle_dir()?.as_deref());
+        let bundle = Bundle::load(&dir).map_err(|e| AgentError::Bundle { dir: dir.clone(), problem: e.to_string() })?;
+        store.claim_bundle(&bundle.id())?;
         let (classifier, warmup) = Classifier::open_warm(bundle, &config.runtime, warming_up)?;
-        let source = Network::from_bundle(&classifier.bundle);
+        let deploy::Loaded { classifier, source, reference } = deploy::Loaded::new(classifier)?;
         let traffic_rows = store.traffic()?.len();
         let mut agent = Agent {
             config: config.clone(),
@@ -122,6 +124,8 @@ impl Agent {
             traffic_rows,
             reference,
             limits: DecodeLimits::default(),
+            probation: None,
+            previous: None,
         };
         agent.note_interrupted_run()?;
         agent.store.push_event(&Event::RuntimeWarmedUp(serde_json::to_value(&warmup).expect("serialises")))?;
@@ -193,6 +197,11 @@ impl Agent {
         }
         let record = self.store.version(id)?;
         let problem = |problem: String| AgentError::Version { id, problem };
+        if let (Some(made_on), Some(serving)) = (self.store.version_bundle(id)?, self.store.bundle()?)
+            && made_on != serving
+        {
+            return Err(problem(format!("was made on bundle {made_on}; this device now serves {serving}")));
+        }
         let bytes = record.weights.as_deref().ok_or_else(|| problem("has no weights".into()))?;
         let stored: StoredParams =
             serde_json::from_value(record.params.clone()).map_err(|e| problem(format!("parameters: {e}")))?;

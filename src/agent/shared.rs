@@ -20,6 +20,17 @@ pub struct Shared {
     pub(super) started: Instant,
     /// The fleet link's state, while there is a link.
     pub(super) link: Mutex<Option<crate::fleet::port::LinkHealth>>,
+    /// The transfer being deployed, while a deployment is staged and shadowed.
+    deploying: Mutex<Option<String>>,
+}
+
+/// Held while a deployment stages its bundle: no other deployment or adaptation run starts.
+pub(super) struct Deploying<'a>(&'a Mutex<Option<String>>);
+
+impl Drop for Deploying<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
 }
 
 struct ActiveRun {
@@ -51,6 +62,8 @@ impl Origin {
 pub enum StartError {
     #[error("an adaptation run is already in progress ({0})")]
     Busy(String),
+    #[error("a new bundle is being deployed (transfer {0}); runs start again once it serves or is refused")]
+    Deploying(String),
     #[error(transparent)]
     Agent(#[from] AgentError),
 }
@@ -76,7 +89,26 @@ impl Shared {
             config,
             started: Instant::now(),
             link: Mutex::new(None),
+            deploying: Mutex::new(None),
         }
+    }
+
+    /// Claims the deployment slot for `transfer`; refused while a run or another deployment
+    /// is in progress.
+    pub(super) fn begin_deployment(&self, transfer: &str) -> Result<Deploying<'_>, String> {
+        let run = self.run.lock().expect("run lock");
+        if let Some(active) = run.as_ref() {
+            return Err(format!(
+                "deploy: a {} run is in progress; send deploy again when it ends (the transfer is kept)",
+                active.progress.method
+            ));
+        }
+        let mut slot = self.deploying.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(other) = slot.as_ref() {
+            return Err(format!("deploy: transfer {other} is being deployed; send deploy again when it ends"));
+        }
+        *slot = Some(transfer.to_string());
+        Ok(Deploying(&self.deploying))
     }
 
     /// The fleet link's state (`None` without a link).
@@ -128,6 +160,9 @@ impl Shared {
         let mut slot = self.run.lock().expect("run lock");
         if let Some(active) = slot.as_ref() {
             return Err(StartError::Busy(active.progress.method.clone()));
+        }
+        if let Some(transfer) = self.deploying.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            return Err(StartError::Deploying(transfer.clone()));
         }
         let plan = {
             let mut agent = self.lock();

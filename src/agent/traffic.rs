@@ -29,6 +29,7 @@ impl Agent {
                 Err(e) => results[index] = Some(Err(e.to_string())),
             }
         }
+        let decode_failures = images.len() - ready.len();
         if !ready.is_empty() {
             let batch = imaging::stack(&ready.iter().map(|(_, input)| input.view()).collect::<Vec<_>>());
             let outcome = self.classifier.split(batch.view()).and_then(|split| {
@@ -38,6 +39,8 @@ impl Agent {
             match outcome {
                 Ok((split, logits)) => {
                     let predictions = predict(logits.view(), self.classes(), top_k.max(KEPT_TOP));
+                    let non_finite = predictions.iter().filter(|p| !p.confidence.is_finite()).count();
+                    self.note_probation(0, non_finite);
                     if let Ok(set) = SplitSet::from_onnx(split.view(), vec![0; ready.len()]) {
                         self.pending_traffic.extend((0..set.len()).map(|i| encode_features(&set, i)));
                     }
@@ -54,6 +57,8 @@ impl Agent {
                 }
             }
         }
+        let model_failures = results.iter().filter(|r| matches!(r, Some(Err(_)))).count() - decode_failures;
+        self.note_probation(ready.len() - model_failures, model_failures);
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let results: Vec<_> = results.into_iter().map(|r| r.expect("every image has a result")).collect();
         for result in &results {

@@ -51,9 +51,10 @@ pub struct Status {
 /// one), and the provider is the configured order, since no runtime has chosen one.
 pub fn stopped_status(config: &DeviceConfig) -> Result<Status, AgentError> {
     let data_dir = config.require_data_dir().map_err(AgentError::Config)?;
-    let bundle = Bundle::load(&config.bundle)
-        .map_err(|e| AgentError::Bundle { dir: config.bundle.clone(), problem: e.to_string() })?;
-    let store = Store::open(&store_path(data_dir), &bundle.id())?;
+    let mut store = Store::open_any(&store_path(data_dir))?;
+    let dir = super::deploy::bundle_folder(config, data_dir, store.bundle_dir()?.as_deref());
+    let bundle = Bundle::load(&dir).map_err(|e| AgentError::Bundle { dir: dir.clone(), problem: e.to_string() })?;
+    store.claim_bundle(&bundle.id())?;
     let providers: Vec<String> = config.runtime.providers.iter().map(ToString::to_string).collect();
     let provider = format!("{} (configured)", providers.join(", "));
     let traffic = store.traffic()?.len();

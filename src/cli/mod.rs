@@ -131,7 +131,7 @@ fn load_config(found: &search::Found) -> anyhow::Result<DeviceConfig> {
 fn bundle_and_runtime(bundle: Option<PathBuf>, config: Option<&DeviceConfig>) -> (PathBuf, RuntimeOptions) {
     let runtime = config.map(|c| c.runtime.clone()).unwrap_or_default();
     let bundle = bundle
-        .or_else(|| config.map(|c| c.bundle.clone()))
+        .or_else(|| config.map(crate::agent::deploy::served_bundle_folder))
         .or_else(|| std::env::var_os("EDGEADAPT_BUNDLE").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE));
     (bundle, runtime)

@@ -165,15 +165,18 @@ fn tensorrt(config: &DeviceConfig) -> Option<Check> {
     })
 }
 
+/// The bundle the agent serves: a deployed one (`fleet deploy`) or the configured one.
 fn bundle(config: &DeviceConfig) -> Check {
-    match crate::model::Bundle::load(&config.bundle) {
+    let dir = crate::agent::deploy::served_bundle_folder(config);
+    let deployed = if dir == config.bundle { "" } else { ", deployed by the fleet" };
+    match crate::model::Bundle::load(&dir) {
         Ok(bundle) => ok(
             "bundle",
             format!(
-                "{}: {} classes, every file's sha256 matches ({})",
+                "{}: {} classes, every file's sha256 matches ({}{deployed})",
                 bundle.manifest.name,
                 bundle.head.num_classes(),
-                config.bundle.display()
+                dir.display()
             ),
         ),
         Err(error) => fail("bundle", error.to_string(), "reinstall the bundle, or fix `bundle` in the config"),

@@ -36,7 +36,32 @@ pub enum Command {
     Adopt {
         transfer: String,
     },
+    /// Stage, shadow and serve the bundle that arrived as a transfer.
+    Deploy(Box<DeployArgs>),
 }
+
+/// What `deploy` carries. The signed command names the archive's full sha256, so the bundle a
+/// device unpacks is the one the operator signed for, whatever the chunks' manifest says.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployArgs {
+    pub transfer: String,
+    pub sha256: String,
+    /// The bundle's id (`name@hash`), checked after unpacking.
+    pub bundle: String,
+    /// The first minutes of service, in seconds, after which the new bundle is in service.
+    #[serde(default = "default_probation_s")]
+    pub probation_s: u64,
+    #[serde(default)]
+    pub health: crate::deploy::health::Thresholds,
+}
+
+fn default_probation_s() -> u64 {
+    300
+}
+
+/// The longest probation a deployment may ask for: a day.
+pub const MAX_PROBATION_S: u64 = 86_400;
 
 impl Command {
     /// The command's name as it appears in messages.
@@ -50,6 +75,7 @@ impl Command {
             Command::PublishWeights { .. } => "publish-weights",
             Command::Offer(_) => "offer",
             Command::Adopt { .. } => "adopt",
+            Command::Deploy(_) => "deploy",
         }
     }
 }
@@ -233,11 +259,28 @@ pub fn parse(payload: &[u8], verify: Option<&Verify<'_>>) -> Result<Parsed, Refu
             }
             Command::Adopt { transfer: args.transfer }
         }
+        "deploy" => {
+            let args: DeployArgs = serde_json::from_value(args).map_err(bad_args)?;
+            let hex = |text: &str, digits: usize| text.len() == digits && text.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex(&args.transfer, 32) || !hex(&args.sha256, 64) || !args.sha256.starts_with(&args.transfer) {
+                return Err(refuse(
+                    &id,
+                    "deploy: `transfer` must be a transfer id (32 hex digits) and `sha256` the archive's sha256 \
+                     (64 hex digits), which begins with it"
+                        .into(),
+                ));
+            }
+            if args.probation_s > MAX_PROBATION_S {
+                return Err(refuse(&id, format!("deploy: probation_s must be at most {MAX_PROBATION_S} (a day)")));
+            }
+            args.health.validate().map_err(|e| refuse(&id, format!("deploy: {e}")))?;
+            Command::Deploy(Box::new(args))
+        }
         other => {
             return Err(refuse(
                 &id,
                 format!(
-                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights, offer, adopt)",
+                    "unknown command '{}' (adapt, rollback, status, set-policy, label, publish-weights, offer, adopt, deploy)",
                     clip(other, 64)
                 ),
             ));

@@ -27,10 +27,11 @@ pub enum EventKind {
     PolicyChanged,
     ConfigReloaded,
     OutboxDropped,
+    Deployment,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 19] = [
         EventKind::AgentStarted,
         EventKind::AgentStopped,
         EventKind::RuntimeWarmedUp,
@@ -49,6 +50,7 @@ impl EventKind {
         EventKind::PolicyChanged,
         EventKind::ConfigReloaded,
         EventKind::OutboxDropped,
+        EventKind::Deployment,
     ];
 
     /// The kinds that end an adaptation run, whichever way it went.
@@ -80,6 +82,7 @@ impl EventKind {
             EventKind::PolicyChanged => "policy.changed",
             EventKind::ConfigReloaded => "config.reloaded",
             EventKind::OutboxDropped => "outbox.dropped",
+            EventKind::Deployment => "deployment",
         }
     }
 
@@ -90,7 +93,13 @@ impl EventKind {
 
     /// Whether the served version changed (or failed to), so the retained status must follow.
     pub fn changes_served_version(self) -> bool {
-        matches!(self, EventKind::VersionPromoted | EventKind::VersionRollback | EventKind::VersionLoadFailed)
+        matches!(
+            self,
+            EventKind::VersionPromoted
+                | EventKind::VersionRollback
+                | EventKind::VersionLoadFailed
+                | EventKind::Deployment
+        )
     }
 }
 
@@ -119,6 +128,41 @@ pub struct VersionMade {
     pub parent: i64,
     pub reasons: Vec<String>,
     pub metrics: Value,
+}
+
+/// A deployment's steps on a device, in order; `refused`, `failed`, `switched_back` and
+/// `in_service` end it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    Unpacked,
+    WarmedUp,
+    Refused,
+    Failed,
+    Switched,
+    SwitchedBack,
+    InService,
+}
+
+impl DeploymentState {
+    /// Whether the deployment ended on this device, and how.
+    pub fn ended(self) -> Option<bool> {
+        match self {
+            DeploymentState::InService => Some(true),
+            DeploymentState::Refused | DeploymentState::Failed | DeploymentState::SwitchedBack => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// One step of a deployment: which transfer, which bundle, and what the step found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentStep {
+    pub transfer: String,
+    pub bundle: String,
+    pub state: DeploymentState,
+    #[serde(skip_serializing_if = "Value::is_null")]
+    pub detail: Value,
 }
 
 /// An event and its payload. Serialised as `{"kind": ..., "payload": {...}}`; the names are
@@ -183,6 +227,8 @@ pub enum Event {
     ConfigReloaded { applied: Vec<String>, needs_restart: Vec<String> },
     #[serde(rename = "outbox.dropped")]
     OutboxDropped { dropped: usize, first_id: i64, last_id: i64, limit: usize },
+    #[serde(rename = "deployment")]
+    Deployment(DeploymentStep),
 }
 
 impl Event {
@@ -206,6 +252,7 @@ impl Event {
             Event::PolicyChanged(_) => EventKind::PolicyChanged,
             Event::ConfigReloaded { .. } => EventKind::ConfigReloaded,
             Event::OutboxDropped { .. } => EventKind::OutboxDropped,
+            Event::Deployment(_) => EventKind::Deployment,
         }
     }
 
@@ -264,6 +311,12 @@ mod tests {
             Event::PolicyChanged(json!({ "method": "m" })),
             Event::ConfigReloaded { applied: vec!["gate".into()], needs_restart: vec![] },
             Event::OutboxDropped { dropped: 3, first_id: 1, last_id: 3, limit: 2 },
+            Event::Deployment(DeploymentStep {
+                transfer: "t".into(),
+                bundle: "b".into(),
+                state: DeploymentState::Switched,
+                detail: Value::Null,
+            }),
         ]
     }
 
@@ -293,6 +346,14 @@ mod tests {
     #[test]
     fn only_version_changes_move_the_status() {
         let moving: Vec<_> = EventKind::ALL.into_iter().filter(|k| k.changes_served_version()).collect();
-        assert_eq!(moving, vec![EventKind::VersionPromoted, EventKind::VersionRollback, EventKind::VersionLoadFailed]);
+        assert_eq!(
+            moving,
+            vec![
+                EventKind::VersionPromoted,
+                EventKind::VersionRollback,
+                EventKind::VersionLoadFailed,
+                EventKind::Deployment
+            ]
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! transaction also records the event that describes it, so a crash or power loss can neither
 //! lose an acknowledged change nor leave a half-written one.
 
+mod bundles;
 mod commands;
 mod events;
 mod samples;
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
+pub use bundles::{BundleSwitch, ShadowImage};
 pub use commands::Claim;
 pub use events::PendingEvent;
 pub use samples::{NewSample, Split, StoredSample};
@@ -41,6 +43,8 @@ pub enum StoreError {
     Duplicate { sha256: String, id: i64, class: String },
     #[error("version {0} does not exist")]
     NoSuchVersion(i64),
+    #[error("version {id} was made on bundle {made_on}; this device now serves {serving}, so it cannot be served")]
+    OtherBundleVersion { id: i64, made_on: String, serving: String },
     #[error("version {id} was rejected by the safety gate and cannot be served")]
     Rejected { id: i64 },
     #[error("store {path}: {problem}")]
@@ -76,6 +80,15 @@ impl Store {
     /// complete, so an empty or half-made `store.db` is never ours: an existing file that is
     /// empty, not a database or fails SQLite's quick check is refused with a way to recover.
     pub fn open(path: &Path, bundle_id: &str) -> Result<Store> {
+        let mut store = Store::open_any(path)?;
+        store.claim_bundle(bundle_id)?;
+        Ok(store)
+    }
+
+    /// Opens the store whichever bundle it is on (a new one is on none until
+    /// [`Store::claim_bundle`]): the agent reads which bundle it serves ([`Store::bundle_dir`])
+    /// before it can load it.
+    pub fn open_any(path: &Path) -> Result<Store> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Corrupt {
                 path: path.to_path_buf(),
@@ -83,7 +96,7 @@ impl Store {
             })?;
         }
         match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Store::create(path, bundle_id)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Store::create(path)?,
             Err(e) => return Err(StoreError::Damaged { path: path.to_path_buf(), problem: e.to_string() }),
             Ok(metadata) if metadata.is_symlink() => {
                 return Err(StoreError::NotAFile {
@@ -120,18 +133,11 @@ impl Store {
         let mut store = Store { conn, path: path.to_path_buf() };
         store.configure()?;
         store.migrate()?;
-        match store.state("bundle")? {
-            Some(stored) if stored != bundle_id => {
-                return Err(StoreError::OtherBundle { path: path.to_path_buf(), stored, wanted: bundle_id.into() });
-            }
-            Some(_) => {}
-            None => store.set_state("bundle", bundle_id)?,
-        }
         Ok(store)
     }
 
     /// Makes a new store beside `path` and renames it into place once it is complete.
-    fn create(path: &Path, bundle_id: &str) -> Result<()> {
+    fn create(path: &Path) -> Result<()> {
         let fresh = path.with_extension("db.new");
         for leftover in ["", "-wal", "-shm", "-journal"] {
             let _ = std::fs::remove_file(format!("{}{leftover}", fresh.display()));
@@ -141,7 +147,6 @@ impl Store {
             let mut store = Store { conn, path: fresh.clone() };
             store.configure()?;
             store.migrate()?;
-            store.set_state("bundle", bundle_id)?;
             // Closing the only connection checkpoints the WAL into the file and removes it.
             store.conn.close().map_err(|(_, e)| StoreError::Sqlite { path: fresh.clone(), source: e })?;
         }
@@ -271,7 +276,7 @@ mod tests {
             let mut store = Store::open(&path, "bundle-a").unwrap();
             store.insert_samples(&[sample("s1", "A")], |_| Split::Train, |_, _, _| event(0)).unwrap();
         }
-        // The store as schema 2 left it: migrations 3 to 5 undone, the version set back.
+        // The store as schema 2 left it: migrations 3 to 6 undone, the version set back.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "CREATE TABLE metrics (id INTEGER PRIMARY KEY, at_ms INTEGER, version INTEGER, payload TEXT);
@@ -279,6 +284,9 @@ mod tests {
              DROP TABLE transfers;
              DROP TABLE traffic_images;
              ALTER TABLE samples DROP COLUMN labelled_by;
+             DROP INDEX samples_by_bundle;
+             ALTER TABLE samples DROP COLUMN bundle;
+             ALTER TABLE versions DROP COLUMN bundle;
              PRAGMA user_version = 2;",
         )
         .unwrap();
@@ -293,7 +301,8 @@ mod tests {
         let labelled_by: Option<String> =
             store.conn.query_row("SELECT labelled_by FROM samples", [], |r| r.get(0)).unwrap();
         assert_eq!(labelled_by, None, "migration 4 adds who labelled a sample, unknown for older ones");
-        assert_eq!(store.sample_counts().unwrap()["A"], (1, 0));
+        assert_eq!(store.sample_counts().unwrap()["A"], (1, 0), "migration 6 gives it the store's bundle");
+        assert_eq!(store.samples(None).unwrap().len(), 1);
     }
 
     #[test]

@@ -96,8 +96,8 @@ impl Store {
                 .map_err(sqlite(&path))?;
             let split = choose_split(in_class as usize);
             tx.execute(
-                "INSERT INTO samples (sha256, class, split, origin, site, added_ms, image, features, labelled_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO samples (sha256, class, split, origin, site, added_ms, image, features, labelled_by, bundle)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT value FROM state WHERE key = 'bundle'))",
                 params![
                     sample.sha256,
                     sample.class,
@@ -119,11 +119,16 @@ impl Store {
         Ok(results)
     }
 
-    /// Stored samples in insertion order, optionally of one split only.
+    /// Stored samples whose split tensors the current bundle made, in insertion order,
+    /// optionally of one split only.
     pub fn samples(&self, split: Option<Split>) -> Result<Vec<StoredSample>> {
         let mut statement = self
             .conn
-            .prepare("SELECT id, class, split, features FROM samples WHERE ?1 IS NULL OR split = ?1 ORDER BY id")
+            .prepare(
+                "SELECT id, class, split, features FROM samples
+                 WHERE (?1 IS NULL OR split = ?1) AND bundle IS (SELECT value FROM state WHERE key = 'bundle')
+                 ORDER BY id",
+            )
             .map_err(self.err())?;
         let rows = statement
             .query_map([split.map(Split::as_str)], |row| {
@@ -142,11 +147,14 @@ impl Store {
         Ok(samples)
     }
 
-    /// Samples per class: (train, validation).
+    /// Samples the current bundle can train on, per class: (train, validation).
     pub fn sample_counts(&self) -> Result<BTreeMap<String, (usize, usize)>> {
         let mut statement = self
             .conn
-            .prepare("SELECT class, split, COUNT(*) FROM samples GROUP BY class, split")
+            .prepare(
+                "SELECT class, split, COUNT(*) FROM samples
+                 WHERE bundle IS (SELECT value FROM state WHERE key = 'bundle') GROUP BY class, split",
+            )
             .map_err(self.err())?;
         let rows = statement
             .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?)))

@@ -104,4 +104,12 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (transfer, idx)
     );
     ",
+    // 6: deployed bundles: the bundle each version and each sample's split tensors belong to.
+    "
+    ALTER TABLE versions ADD COLUMN bundle TEXT;
+    ALTER TABLE samples ADD COLUMN bundle TEXT;
+    UPDATE versions SET bundle = (SELECT value FROM state WHERE key = 'bundle') WHERE id > 0;
+    UPDATE samples SET bundle = (SELECT value FROM state WHERE key = 'bundle');
+    CREATE INDEX samples_by_bundle ON samples (bundle);
+    ",
 ];

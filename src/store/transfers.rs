@@ -102,6 +102,18 @@ impl Store {
     }
 
     /// Whether the transfer's assembled payload was checked whole (so it is not assembled again).
+    /// One chunk of a transfer, if held.
+    pub fn transfer_chunk(&self, transfer: &str, index: usize) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .query_row(
+                "SELECT bytes FROM transfer_chunks WHERE transfer = ?1 AND idx = ?2",
+                rusqlite::params![transfer, index as i64],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
     pub fn transfer_verified(&self, transfer: &str) -> Result<bool> {
         let verified: Option<bool> = self
             .conn

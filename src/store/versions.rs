@@ -108,8 +108,8 @@ impl Store {
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(version.weights));
         tx.execute(
             "INSERT INTO versions (parent, created_ms, method, params, sample_set, metrics, status, reasons,
-                                   weights, weights_sha256)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                   weights, weights_sha256, bundle)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, (SELECT value FROM state WHERE key = 'bundle'))",
             params![
                 version.parent,
                 now_ms(),
@@ -163,6 +163,11 @@ impl Store {
         if record.status == VersionStatus::Rejected {
             return Err(StoreError::Rejected { id });
         }
+        if let (Some(made_on), Some(serving)) = (self.version_bundle(id)?, self.bundle()?)
+            && made_on != serving
+        {
+            return Err(StoreError::OtherBundleVersion { id, made_on, serving });
+        }
         let path = self.path.clone();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
         tx.execute("UPDATE state SET value = ?1 WHERE key = 'promoted'", [id.to_string()]).map_err(sqlite(&path))?;
@@ -194,13 +199,23 @@ impl Store {
             .map_err(|problem| StoreError::Corrupt { path: self.path.clone(), problem })
     }
 
-    /// Every version without its weights, oldest first.
+    /// The bundle version `id` was made on; `None` for the source (version 0), which is every
+    /// bundle's own.
+    pub fn version_bundle(&self, id: i64) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT bundle FROM versions WHERE id = ?1", [id], |row| row.get::<_, Option<String>>(0))
+            .optional()
+            .map_err(self.err())?
+            .ok_or(StoreError::NoSuchVersion(id))
+    }
+
+    /// Every version of the current bundle without its weights, oldest first.
     pub fn versions(&self) -> Result<Vec<VersionRecord>> {
         let mut statement = self
             .conn
             .prepare(
                 "SELECT id, parent, created_ms, method, params, sample_set, metrics, status, reasons, weights_sha256
-                 FROM versions ORDER BY id",
+                 FROM versions WHERE id = 0 OR bundle IS (SELECT value FROM state WHERE key = 'bundle') ORDER BY id",
             )
             .map_err(self.err())?;
         let rows = statement.query_map([], |row| version_from_row(row, false)).map_err(self.err())?;

@@ -284,7 +284,7 @@ async fn adapt(State(console): State<Console>, Extension(User(user)): Extension<
     let shared = Arc::clone(&console.shared);
     match blocking(move || shared.start_run_by(None, false, Origin::Console, Some(&user))).await {
         Ok(Ok((_, progress))) => (StatusCode::ACCEPTED, Json(json!({ "started": progress }))).into_response(),
-        Ok(Err(e @ StartError::Busy(_))) => error(StatusCode::CONFLICT, e),
+        Ok(Err(e @ (StartError::Busy(_) | StartError::Deploying(_)))) => error(StatusCode::CONFLICT, e),
         Ok(Err(StartError::Agent(e))) => agent_error(e),
         Err(response) => response,
     }
