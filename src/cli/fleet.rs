@@ -156,6 +156,10 @@ pub enum FleetCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Roll a new source bundle out: each device gets it in verified chunks, checks it, shadows
+    /// it next to the served model and switches only if it is healthy; canaries first, and
+    /// the rollout stops after --max-failures failed devices.
+    Deploy(super::fleet_deploy::DeployArgs),
     /// Fetch a version's weights from a device and rebuild a standalone bundle from them.
     Weights {
         /// The device's id (its config's device_id).
@@ -247,6 +251,7 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
                 return Ok(0);
             }
             FleetCommand::Adopt { from, to, wait } => return adopt(&mut client, &from, &to, &wait).await,
+            FleetCommand::Deploy(args) => return super::fleet_deploy::deploy(&mut client, args).await,
             FleetCommand::Weights { device, version, bundle, out, force, wait } => {
                 let timeout = Duration::from_secs(wait.timeout);
                 let overwrite = crate::output::Overwrite::from_force(force);

@@ -7,6 +7,7 @@ mod console;
 mod demo;
 mod doctor;
 mod fleet;
+mod fleet_deploy;
 mod import;
 pub mod pipe;
 mod reference;

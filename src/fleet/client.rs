@@ -119,7 +119,7 @@ impl FleetClient {
     }
 
     /// Waits until the broker has acknowledged a subscription.
-    async fn subscribe(&mut self, filter: String) -> anyhow::Result<()> {
+    pub(super) async fn subscribe(&mut self, filter: String) -> anyhow::Result<()> {
         self.client.subscribe(filter, QoS::AtLeastOnce).await?;
         loop {
             match self.eventloop.poll().await? {
@@ -131,7 +131,7 @@ impl FleetClient {
     }
 
     /// The next message, buffered ones first; `None` when `wait` passes without one.
-    async fn next_publish(&mut self, wait: Duration) -> anyhow::Result<Option<rumqttc::Publish>> {
+    pub(super) async fn next_publish(&mut self, wait: Duration) -> anyhow::Result<Option<rumqttc::Publish>> {
         if let Some(publish) = self.buffered.pop_front() {
             return Ok(Some(publish));
         }
@@ -172,16 +172,7 @@ impl FleetClient {
         let device_topics = DeviceTopics::new(&self.options.fleet, device);
         self.subscribe(device_topics.responses()).await?;
         let id = id.to_string();
-        let message = self.build(device, &id, command, args);
-        let payload = serde_json::to_vec(&message)?;
-        let packet = payload.len() + device_topics.commands().len();
-        anyhow::ensure!(
-            super::link::fits(&device_topics.commands(), &payload, self.options.max_packet_bytes),
-            "the {command} command is {packet} bytes, over the broker's packet limit of {} bytes \
-             (`mqtt.max_packet_bytes`); the broker would drop it and the connection{}",
-            self.options.max_packet_bytes,
-            if command == "label" { "; send a smaller image, or label it on the device" } else { "" }
-        );
+        let payload = self.command_payload(device, &id, command, args)?;
         let deadline = Instant::now() + timeout;
         let mut resend = Instant::now();
         loop {
@@ -201,6 +192,27 @@ impl FleetClient {
                 return Ok(response);
             }
         }
+    }
+
+    /// A command's bytes for `device`, refused here when the broker would not take them.
+    pub(super) fn command_payload(
+        &self,
+        device: &str,
+        id: &str,
+        command: &str,
+        args: serde_json::Value,
+    ) -> anyhow::Result<Vec<u8>> {
+        let device_topics = DeviceTopics::new(&self.options.fleet, device);
+        let payload = serde_json::to_vec(&self.build(device, id, command, args))?;
+        let packet = payload.len() + device_topics.commands().len();
+        anyhow::ensure!(
+            super::link::fits(&device_topics.commands(), &payload, self.options.max_packet_bytes),
+            "the {command} command is {packet} bytes, over the broker's packet limit of {} bytes \
+             (`mqtt.max_packet_bytes`); the broker would drop it and the connection{}",
+            self.options.max_packet_bytes,
+            if command == "label" { "; send a smaller image, or label it on the device" } else { "" }
+        );
+        Ok(payload)
     }
 
     /// A command for `device`, signed for it alone when there is a signer.

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod client;
 pub mod connect;
+pub mod deploy;
 pub mod keys;
 pub mod link;
 pub mod link_state;

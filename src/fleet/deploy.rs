@@ -1,0 +1,183 @@
+//! `fleet deploy` over the broker: the bundle is packed once and sent to each device of a wave
+//! in verified, resumable chunks (`send`), then each is told to deploy it with a signed command
+//! naming the archive's sha256, and followed (`deploy::follow`) to its verdict. The rollout's
+//! decisions (`deploy::rollout`) say which wave comes next and when to stop.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rumqttc::QoS;
+use serde_json::json;
+
+use super::client::FleetClient;
+use crate::deploy::archive;
+use crate::deploy::follow::Following;
+use crate::deploy::health::Thresholds;
+use crate::deploy::rollout::{Outcome, Rollout};
+use crate::protocol::commands::DeployArgs;
+use crate::protocol::events::DeploymentState;
+use crate::protocol::messages::{EventMessage, ResponseMessage};
+use crate::protocol::topics::{self, DeviceTopics};
+use crate::protocol::transfer::{ArtefactKind, make};
+
+/// How often an unanswered `deploy` is sent again (same id: the device runs it once).
+const RESEND: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    pub devices: Vec<String>,
+    pub canaries: usize,
+    pub parallel: usize,
+    pub max_failures: usize,
+    pub probation_s: u64,
+    pub health: Thresholds,
+    /// How long a device may take to answer an offer, and to stage and shadow the bundle.
+    pub timeout: Duration,
+}
+
+/// What changed, for the operator: a device and a line about it.
+pub type Report<'a> = &'a mut dyn FnMut(&str, &str);
+
+impl FleetClient {
+    /// Rolls the bundle in `bundle_dir` out to the devices; the rollout as it ended.
+    pub async fn deploy(
+        &mut self,
+        bundle_dir: &Path,
+        options: &DeployOptions,
+        report: Report<'_>,
+    ) -> anyhow::Result<Rollout> {
+        let bundle = crate::model::Bundle::load(bundle_dir)?;
+        let id = bundle.id();
+        let packed = archive::pack(bundle_dir).map_err(anyhow::Error::msg)?;
+        let (manifest, chunks) =
+            make(ArtefactKind::Bundle, &id, &packed, self.options.max_packet_bytes, json!({ "bundle": id }));
+        let args = DeployArgs {
+            transfer: manifest.transfer.clone(),
+            sha256: manifest.sha256.clone(),
+            bundle: id.clone(),
+            probation_s: options.probation_s,
+            health: options.health,
+        };
+        let args = serde_json::to_value(&args)?;
+        let mut rollout = Rollout::new(&options.devices, options.canaries, options.parallel, options.max_failures)
+            .map_err(anyhow::Error::msg)?;
+        let fleet = self.options.fleet.clone();
+        for leaf in ["responses", "events"] {
+            self.subscribe(topics::fleet_filter(&fleet, leaf)).await?;
+        }
+        report("", &format!("bundle {id}: {} bytes in {} chunks", packed.len(), chunks.len()));
+        loop {
+            let wave = rollout.next_wave();
+            if wave.is_empty() {
+                return Ok(rollout);
+            }
+            let mut following = BTreeMap::new();
+            for device in wave {
+                let canary = if rollout.is_canary(&device) { " (canary)" } else { "" };
+                let sent = self
+                    .send_artefact(&device, &manifest, &chunks, options.timeout, &mut |received, total| {
+                        report(&device, &format!("holds {received} of {total} chunks"))
+                    })
+                    .await;
+                if let Err(error) = sent {
+                    let outcome = Outcome::Failed(format!("transfer: {error:#}"));
+                    report(&device, &describe(&outcome));
+                    rollout.record(&device, outcome);
+                    continue;
+                }
+                report(&device, &format!("bundle received{canary}; deploying"));
+                let command_id = format!("deploy-{}-{}", crate::store::now_ms(), rand::random::<u32>());
+                let payload = self.command_payload(&device, &command_id, "deploy", args.clone())?;
+                let topic = DeviceTopics::new(&fleet, &device).commands();
+                self.client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                let timeout_ms = options.timeout.as_millis() as i64;
+                let follow = Following::new(
+                    &command_id,
+                    &manifest.transfer,
+                    options.probation_s,
+                    crate::store::now_ms(),
+                    timeout_ms,
+                );
+                following.insert(device, (follow, topic, payload, Instant::now()));
+            }
+            while !following.is_empty() {
+                let mut ended = Vec::new();
+                if let Some(publish) = self.next_publish(Duration::from_millis(500)).await?
+                    && let Some((device, leaf)) = topics::parse(&fleet, &publish.topic)
+                    && let Some((follow, ..)) = following.get_mut(&device)
+                {
+                    let outcome = match leaf.as_str() {
+                        "responses" => match serde_json::from_slice::<ResponseMessage>(&publish.payload) {
+                            Ok(response) if response.id == follow.command_id => {
+                                let result = response.result.clone().unwrap_or_default();
+                                let outcome = follow.on_answer(
+                                    response.ok,
+                                    &result,
+                                    response.error.as_deref(),
+                                    crate::store::now_ms(),
+                                );
+                                if follow.on_probation() {
+                                    report(&device, &switched(&result, options.probation_s));
+                                }
+                                outcome
+                            }
+                            _ => None,
+                        },
+                        "events" => match serde_json::from_slice::<EventMessage>(&publish.payload) {
+                            Ok(event) if event.kind == "deployment" => {
+                                deployment_step(&event).and_then(|(transfer, state)| {
+                                    follow.on_event(&transfer, state, &event.payload["detail"])
+                                })
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    if let Some(outcome) = outcome {
+                        ended.push((device, outcome));
+                    }
+                }
+                let now = crate::store::now_ms();
+                for (device, (follow, topic, payload, sent)) in following.iter_mut() {
+                    if let Some(outcome) = follow.on_tick(now) {
+                        ended.push((device.clone(), outcome));
+                    } else if !follow.on_probation() && sent.elapsed() >= RESEND {
+                        self.client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                        *sent = Instant::now();
+                    }
+                }
+                for (device, outcome) in ended {
+                    if following.remove(&device).is_some() {
+                        report(&device, &describe(&outcome));
+                        rollout.record(&device, outcome);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The transfer and state of a `deployment` event.
+fn deployment_step(event: &EventMessage) -> Option<(String, DeploymentState)> {
+    let transfer = event.payload["transfer"].as_str()?.to_string();
+    let state = serde_json::from_value(event.payload["state"].clone()).ok()?;
+    Some((transfer, state))
+}
+
+fn switched(result: &serde_json::Value, probation_s: u64) -> String {
+    let shadow = &result["shadow"];
+    let images = shadow["images"].as_u64().unwrap_or(0);
+    let agreement = shadow["agreement"].as_f64().unwrap_or(0.0) * 100.0;
+    format!(
+        "switched after shadowing on {images} images ({agreement:.0} % agreement); on probation for {probation_s} s"
+    )
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::InService => "in service".into(),
+        Outcome::Failed(reason) => format!("failed: {reason}"),
+        Outcome::Skipped => "skipped".into(),
+    }
+}
