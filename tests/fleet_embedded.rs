@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::daemon::{Daemon, free_port, http, write_config};
-use common::repo;
+use common::{repo, start_embedded_broker};
 use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
 use edgeadapt::inference::{Classifier, Prediction, predict};
 use edgeadapt::model::Bundle;
@@ -344,27 +344,6 @@ fn commands_events_status_and_weights_over_the_embedded_broker() {
     for leaf in ["status", "metrics", "events", "response", "weights-manifest"] {
         assert!(checked.contains(leaf), "no {leaf} message was seen");
     }
-}
-
-/// Starts the embedded broker on a free port. A port found free can be taken before the broker
-/// binds it (a parallel test's client may get it as its local port), so a taken one is
-/// replaced by another.
-fn start_embedded_broker() -> u16 {
-    for _ in 0..20 {
-        let port = free_port();
-        match edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20) {
-            Ok(()) => return port,
-            Err(error)
-                if error.chain().any(|cause| {
-                    cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
-                }) =>
-            {
-                continue;
-            }
-            Err(error) => panic!("the embedded broker did not start: {error:#}"),
-        }
-    }
-    panic!("no free port for the embedded broker in 20 tries");
 }
 
 /// While the model warms up, the device's retained status says it is starting and for how long;

@@ -73,6 +73,8 @@ pub async fn run(config: DeviceConfig, config_path: Option<PathBuf>) -> anyhow::
         let app = console::router(Arc::clone(&shared), auth.clone(), console::Listener::Site);
         tasks.spawn(super::http::serve(listener, app, config.http.clone(), Some(tls)));
     }
+    // Samples a deployment left to read again with the new bundle (the agent stopped first).
+    shared.spawn_reextraction();
     tasks.spawn(poll_folders(Arc::clone(&shared), folders));
     tasks.spawn(housekeeping(Arc::clone(&shared)));
     let (stop_link, link_stopped) = tokio::sync::watch::channel(false);

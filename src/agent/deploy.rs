@@ -152,6 +152,12 @@ impl Agent {
     }
 }
 
+/// Whether the bundle folder packs to the archive with this sha256 ([`archive::pack`] is
+/// deterministic).
+fn packs_to(folder: &Path, sha256: &str) -> bool {
+    archive::pack(folder).is_ok_and(|packed| hex::encode(Sha256::digest(&packed)).eq_ignore_ascii_case(sha256))
+}
+
 /// Predictions of `classifier`'s served model; `None` for an image it failed on or whose
 /// output is not finite.
 fn predict_with(classifier: &mut Classifier, images: &[(&str, &[u8])]) -> Vec<Option<(String, f32)>> {
@@ -233,6 +239,11 @@ impl Shared {
         std::fs::create_dir_all(&bundles).map_err(|e| format!("{}: {e}", bundles.display()))?;
         let name = folder_name(&args.bundle);
         let folder = bundles.join(&name);
+        // A folder from an earlier deployment is used only if it packs to the signed archive.
+        if folder.is_dir() && !packs_to(&folder, &args.sha256) {
+            tracing::warn!(folder = %folder.display(), "a bundle folder that is not the signed archive is replaced");
+            std::fs::remove_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+        }
         if !folder.is_dir() {
             let archive = bundles.join(format!("{}.tar.partial", args.transfer));
             self.write_transfer(args, &archive)?;
@@ -353,6 +364,8 @@ impl Shared {
                 agent.probation = None;
                 agent.previous = None;
                 tracing::info!(bundle = %probation.bundle, "the new bundle is in service");
+                drop(agent);
+                self.spawn_reextraction();
                 Ok(())
             }
             Verdict::SwitchBack(reason) => {
@@ -371,6 +384,64 @@ impl Shared {
                 )?;
                 Ok(())
             }
+        }
+    }
+}
+
+impl Agent {
+    /// Gives up to `batch` samples whose kept images another bundle's trunk read this bundle's
+    /// split tensors; how many were done (0: none left). An image that no longer decodes keeps
+    /// its old tensors, so the sample stays out of this bundle's training.
+    pub fn reextract_samples(&mut self, batch: usize) -> Result<usize, AgentError> {
+        let pending = self.store.samples_to_reextract(batch)?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let named: Vec<(&str, &[u8])> =
+            pending.iter().map(|(_, image)| ("kept sample image", image.as_slice())).collect();
+        let prepared = prepare_bytes(&named, &self.classifier.bundle.manifest.input, &self.limits);
+        let ready: Vec<(i64, ndarray::Array3<f32>)> =
+            pending.iter().zip(prepared).filter_map(|((id, _), p)| p.ok().map(|input| (*id, input))).collect();
+        if ready.len() < pending.len() {
+            tracing::warn!(
+                count = pending.len() - ready.len(),
+                "kept sample images that no longer decode stay with the old bundle"
+            );
+        }
+        let rows = self.extract(ready.iter().map(|(_, input)| input.view()).collect())?;
+        let updates: Vec<(i64, Vec<u8>)> = ready.iter().map(|(id, _)| *id).zip(rows).collect();
+        self.store.set_sample_features(&updates)?;
+        Ok(pending.len())
+    }
+}
+
+impl Shared {
+    /// Re-extracts the samples another bundle made, on a thread of its own (taking the lock a
+    /// batch at a time), then adapts the new bundle with them through the gate.
+    pub fn spawn_reextraction(self: &Arc<Self>) {
+        let shared = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("re-extraction".into()).spawn(move || {
+            let mut done = 0;
+            loop {
+                match shared.lock().reextract_samples(SHADOW_BATCH) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot re-extract the kept sample images");
+                        return;
+                    }
+                }
+            }
+            if done == 0 {
+                return;
+            }
+            tracing::info!(samples = done, "kept sample images read again with the new bundle; adapting it");
+            if let Err(error) = shared.start_run(None, true, super::shared::Origin::Deploy) {
+                tracing::warn!(%error, "the new bundle's adaptation did not start");
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the re-extraction");
         }
     }
 }

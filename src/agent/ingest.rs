@@ -186,7 +186,7 @@ impl Agent {
     }
 
     /// Split tensors of prepared inputs, one f16 row block per sample.
-    fn extract(&mut self, inputs: Vec<ndarray::ArrayView3<'_, f32>>) -> Result<Vec<Vec<u8>>, AgentError> {
+    pub(super) fn extract(&mut self, inputs: Vec<ndarray::ArrayView3<'_, f32>>) -> Result<Vec<Vec<u8>>, AgentError> {
         let batch = imaging::stack(&inputs);
         let split = self.classifier.split(batch.view())?;
         let set = SplitSet::from_onnx(split.view(), vec![0; inputs.len()]).map_err(AgentError::Input)?;

@@ -45,6 +45,8 @@ pub enum Origin {
     Console,
     NewLabels,
     Schedule,
+    /// A deployed bundle adapting with the samples read again.
+    Deploy,
 }
 
 impl Origin {
@@ -54,6 +56,7 @@ impl Origin {
             Origin::Console => "console",
             Origin::NewLabels => "new_labels",
             Origin::Schedule => "schedule",
+            Origin::Deploy => "deploy",
         }
     }
 }

@@ -86,10 +86,10 @@ pub fn report(observations: &[Observation]) -> ShadowReport {
         observations.iter().filter_map(|o| o.candidate.as_ref().map(|c| (o, c))).collect();
     let share = |count: usize, of: usize| if of == 0 { 0.0 } else { count as f64 / of as f64 };
     let agree = answered.iter().filter(|(o, c)| o.served.0 == c.0).count();
-    let labelled: Vec<_> = answered.iter().filter(|(o, _)| o.label.is_some()).collect();
-    let right = |pick: &dyn Fn(&(&Observation, &(String, f32))) -> bool| labelled.iter().filter(|x| pick(x)).count();
-    let served_right = right(&|(o, _)| o.label.as_ref() == Some(&o.served.0));
-    let candidate_right = right(&|(o, c)| o.label.as_ref() == Some(&c.0));
+    let labelled: Vec<(&String, &String, &String)> =
+        answered.iter().filter_map(|(o, c)| o.label.as_ref().map(|label| (label, &o.served.0, &c.0))).collect();
+    let served_right = labelled.iter().filter(|(label, served, _)| label == served).count();
+    let candidate_right = labelled.iter().filter(|(label, _, candidate)| label == candidate).count();
     let top = |classes: Vec<&String>| {
         let mut counts = BTreeMap::<&String, usize>::new();
         for class in &classes {

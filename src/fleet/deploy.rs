@@ -63,7 +63,7 @@ impl FleetClient {
         let mut rollout = Rollout::new(&options.devices, options.canaries, options.parallel, options.max_failures)
             .map_err(anyhow::Error::msg)?;
         let fleet = self.options.fleet.clone();
-        for leaf in ["responses", "events"] {
+        for leaf in ["response", "events"] {
             self.subscribe(topics::fleet_filter(&fleet, leaf)).await?;
         }
         report("", &format!("bundle {id}: {} bytes in {} chunks", packed.len(), chunks.len()));
@@ -108,7 +108,7 @@ impl FleetClient {
                     && let Some((follow, ..)) = following.get_mut(&device)
                 {
                     let outcome = match leaf.as_str() {
-                        "responses" => match serde_json::from_slice::<ResponseMessage>(&publish.payload) {
+                        "response" => match serde_json::from_slice::<ResponseMessage>(&publish.payload) {
                             Ok(response) if response.id == follow.command_id => {
                                 let result = response.result.clone().unwrap_or_default();
                                 let outcome = follow.on_answer(

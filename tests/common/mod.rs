@@ -193,3 +193,40 @@ pub fn ingest_all(agent: &mut edgeadapt::agent::Agent, samples: &[(String, Strin
         result.unwrap();
     }
 }
+
+/// Starts an embedded MQTT broker of the test's own on a free port; its port. A port found free
+/// can be taken before the broker binds it (a parallel test's client may get it as its local
+/// port), so a taken one is replaced by another.
+pub fn start_embedded_broker() -> u16 {
+    for _ in 0..20 {
+        let port = daemon::free_port();
+        match edgeadapt::fleet::broker::start(format!("127.0.0.1:{port}").parse().unwrap(), 1 << 20) {
+            Ok(()) => return port,
+            Err(error)
+                if error.chain().any(|cause| {
+                    cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+                }) =>
+            {
+                continue;
+            }
+            Err(error) => panic!("the embedded broker did not start: {error:#}"),
+        }
+    }
+    panic!("no free port for the embedded broker in 20 tries");
+}
+
+/// A copy of the default bundle under another name (so another bundle id) in `dir/<name>`;
+/// `classes_shift` rotates its class list, the packaging mistake a health check must catch.
+pub fn renamed_bundle(dir: &Path, name: &str, classes_shift: usize) -> PathBuf {
+    let out = dir.join(name);
+    copy_dir(&repo().join("models/efficientnet-lite0-fonts36"), &out);
+    let path = out.join("manifest.toml");
+    let mut manifest: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest.insert("name".into(), name.into());
+    let classes = manifest["head"]["classes"].as_array().unwrap().clone();
+    let mut rotated = classes.clone();
+    rotated.rotate_left(classes_shift % classes.len());
+    manifest["head"].as_table_mut().unwrap().insert("classes".into(), toml::Value::Array(rotated));
+    std::fs::write(&path, toml::to_string(&manifest).unwrap()).unwrap();
+    out
+}

@@ -1,0 +1,170 @@
+//! `fleet deploy` against devices on the embedded broker: a bundle that fails its health check
+//! on the canary never reaches another device; a healthy one is shadowed, switched to, passes
+//! its probation and survives a restart; an agent killed during the probation comes back on
+//! the bundle it served before; a deploy command whose sha256 is not the transfer's is refused.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::daemon::{Daemon, free_port, http, write_config};
+use common::{renamed_bundle, repo, start_embedded_broker, wait_until};
+use edgeadapt::model::Bundle;
+use serde_json::Value;
+
+/// Starts device `name` on the broker at `url`, in fleet "deploy", in `dir`.
+fn device(dir: &Path, name: &str, url: &str) -> Daemon {
+    let port = free_port();
+    let extra = format!(
+        "[mqtt]\nenabled = true\nbroker = \"{url}\"\nfleet = \"deploy\"\nmax_packet_bytes = 262144\n\
+         reconnect_min_ms = 100\n"
+    );
+    let config = write_config(dir, port, &extra);
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"test-device\"", &format!("\"{name}\""));
+    std::fs::write(&config, text).unwrap();
+    Daemon::start(&config, port, &dir.join("daemon.log"))
+}
+
+/// Labels 24 fonts36 images (4 of each of 6 classes) on the device, with their images kept:
+/// what a new bundle is shadowed on.
+fn label(daemon: &Daemon) {
+    let images = repo().join("target/data/fonts36/target/adapt");
+    for class in ["0", "1", "2", "3", "4", "5"] {
+        for n in 0..4 {
+            let bytes = std::fs::read(images.join(class).join(format!("{n}.png"))).unwrap();
+            let response = http().post(daemon.url("/v1/label")).query("class", class).send(bytes.as_slice());
+            assert_eq!(response.unwrap().status(), 200);
+        }
+    }
+}
+
+fn status(daemon: &Daemon) -> Value {
+    http().get(daemon.url("/v1/status")).call().unwrap().body_mut().read_json().unwrap()
+}
+
+fn fleet_deploy(url: &str, bundle: &Path, devices: &str, extra: &[&str]) -> (std::process::Output, Value) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .args(["fleet", "--broker", url, "--fleet", "deploy", "deploy", "--bundle"])
+        .arg(bundle)
+        .args(["--devices", devices, "--probation", "2", "--timeout", "300", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let summary = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output, summary)
+}
+
+#[test]
+fn a_bundle_that_fails_on_the_canary_reaches_no_other_device_and_a_healthy_one_serves_everywhere() {
+    let url = format!("mqtt://127.0.0.1:{}", start_embedded_broker());
+    let (dir_a, dir_b, bundles) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (canary, second) = (device(dir_a.path(), "canary", &url), device(dir_b.path(), "second", &url));
+    label(&canary);
+    label(&second);
+    let source_id = status(&canary)["bundle"].clone();
+
+    // Classes shifted by one: every file's checksum is right, the model is not.
+    let broken = renamed_bundle(bundles.path(), "fonts36-broken", 1);
+    let (output, summary) = fleet_deploy(&url, &broken, "canary,second", &["--canary", "1"]);
+    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(summary["devices"]["canary"]["outcome"], "failed", "{summary}");
+    let reason = summary["devices"]["canary"]["detail"].as_str().unwrap();
+    assert!(reason.contains("health check") && reason.contains("agrees with the served model"), "{reason}");
+    assert_eq!(summary["devices"]["second"]["outcome"], "skipped", "{summary}");
+    assert!(summary["stopped"].as_str().unwrap().contains("canary canary failed"));
+    assert_eq!(status(&canary)["bundle"], source_id, "the canary still serves its bundle");
+    let folders = std::fs::read_dir(dir_a.path().join("data/bundles")).unwrap().count();
+    assert_eq!(folders, 0, "the refused bundle is not kept");
+    assert!(!dir_b.path().join("data/bundles").exists(), "the second device never got it");
+
+    let healthy = renamed_bundle(bundles.path(), "fonts36-v2", 0);
+    let (output, summary) = fleet_deploy(&url, &healthy, "canary,second", &[]);
+    assert!(output.status.success(), "{}\n{summary}", String::from_utf8_lossy(&output.stderr));
+    for name in ["canary", "second"] {
+        assert_eq!(summary["devices"][name]["outcome"], "in_service", "{summary}");
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("canary: switched after shadowing on"), "progress is shown: {stderr}");
+    for daemon in [&canary, &second] {
+        let now = status(daemon);
+        assert_eq!(now["bundle"], "fonts36-v2");
+        assert_eq!(now["serving"], 0, "the new bundle's source");
+        // The labels survive: their kept images are read again with the new trunk.
+        wait_until(Duration::from_secs(120), "the samples to be read again with the new bundle", || {
+            (status(daemon)["samples"].as_object().map(|m| m.len()) == Some(6)).then_some(())
+        });
+    }
+    let doctor = canary.cli(&["doctor"]);
+    assert!(String::from_utf8_lossy(&doctor.stdout).contains("deployed by the fleet"), "{doctor:?}");
+    canary.stop();
+    let log = dir_a.path().join("daemon.log");
+    let canary = Daemon::start(&dir_a.path().join("config.toml"), http_port(dir_a.path()), &log);
+    assert_eq!(status(&canary)["bundle"], "fonts36-v2", "a restart after the probation keeps the new bundle");
+    canary.stop();
+    second.stop();
+}
+
+/// The HTTP port in the config written for `dir`.
+fn http_port(dir: &Path) -> u16 {
+    let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let listen = text.lines().find(|l| l.starts_with("listen = ")).unwrap();
+    listen.trim_end_matches('"').rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_agent_killed_during_the_probation_comes_back_on_the_bundle_it_served_before() {
+    let url = format!("mqtt://127.0.0.1:{}", start_embedded_broker());
+    let (dir, bundles) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let daemon = device(dir.path(), "solo", &url);
+    label(&daemon);
+    let source_id = status(&daemon)["bundle"].as_str().unwrap().to_string();
+    let healthy = renamed_bundle(bundles.path(), "fonts36-v2", 0);
+    let new_id = Bundle::load(&healthy).unwrap().id();
+    // A power loss mid-unpack left a half folder behind: it is never used, and does not block.
+    let leftover = dir.path().join("data/bundles").join(format!("{}.partial", new_id.replace('@', "-")));
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("trunk.onnx"), b"half").unwrap();
+
+    let mut rollout = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .args(["fleet", "--broker", &url, "--fleet", "deploy", "deploy", "--bundle"])
+        .arg(&healthy)
+        .args(["--devices", "solo", "--probation", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(300), "the device to switch to the new bundle", || {
+        (status(&daemon)["bundle"] == "fonts36-v2").then_some(())
+    });
+    daemon.kill();
+    let _ = rollout.kill();
+    let _ = rollout.wait();
+
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start(&dir.path().join("config.toml"), http_port(dir.path()), &log);
+    assert_eq!(status(&daemon)["bundle"], source_id.as_str(), "switched back at start");
+    assert!(!common::log_lines(&log, "switching back to the previous bundle").is_empty());
+
+    // A deploy whose signed sha256 is not the offered archive's is refused before unpacking.
+    use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
+    use edgeadapt::protocol::transfer::{ArtefactKind, make};
+    let packed = edgeadapt::deploy::archive::pack(&healthy).unwrap();
+    let (manifest, chunks) = make(ArtefactKind::Bundle, &new_id, &packed, 262144, Value::Null);
+    let mut forged_sha = manifest.sha256.clone();
+    forged_sha.replace_range(63.., if forged_sha.ends_with('0') { "1" } else { "0" });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let options = BrokerOptions::plain(url.clone(), "deploy");
+        let mut fleet = FleetClient::connect(options, Duration::from_secs(30)).await.unwrap();
+        let timeout = Duration::from_secs(60);
+        fleet.send_artefact("solo", &manifest, &chunks, timeout, &mut |_, _| {}).await.unwrap();
+        let args = serde_json::json!({ "transfer": manifest.transfer, "sha256": forged_sha, "bundle": new_id });
+        let answer = fleet.command("solo", "deploy", args, timeout).await.unwrap();
+        assert!(!answer.ok);
+        assert!(answer.error.unwrap().contains("not the one the deploy command was signed for"));
+    });
+    assert_eq!(status(&daemon)["bundle"], source_id.as_str());
+    daemon.stop();
+}
