@@ -2,6 +2,8 @@
 //! on the canary never reaches another device; a healthy one is shadowed, switched to, passes
 //! its probation and survives a restart; an agent killed during the probation comes back on
 //! the bundle it served before; a deploy command whose sha256 is not the transfer's is refused.
+//! Against Mosquitto with a 256 KiB packet limit: a 15 MB bundle resumes a transfer cut short,
+//! past a forged chunk, and a canary's failure stops the rollout.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::{Daemon, free_port, http, write_config};
-use common::{renamed_bundle, repo, start_embedded_broker, wait_until};
+use common::{mosquitto_binary, renamed_bundle, repo, start_embedded_broker, wait_until};
 use edgeadapt::model::Bundle;
 use serde_json::Value;
 
@@ -167,4 +169,96 @@ fn an_agent_killed_during_the_probation_comes_back_on_the_bundle_it_served_befor
     });
     assert_eq!(status(&daemon)["bundle"], source_id.as_str());
     daemon.stop();
+}
+
+#[test]
+fn over_mosquitto_a_resumed_transfer_past_a_forged_chunk_reaches_the_canary_whose_failure_stops_the_rollout() {
+    use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
+    use edgeadapt::protocol::topics::DeviceTopics;
+    use edgeadapt::protocol::transfer::{ArtefactKind, make};
+    let Some(binary) = mosquitto_binary() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must install mosquitto (see .ci/run)");
+        common::skipped("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    let limit = 262_144;
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size {limit}\nuser root\n"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+    let mut broker = std::process::Command::new(binary).arg("-c").arg(&conf).stderr(log).spawn().unwrap();
+    wait_until(Duration::from_secs(20), "mosquitto to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let (canary, second) = (device(&dir_a, "canary", &url), device(&dir_b, "second", &url));
+    label(&canary);
+    label(&second);
+
+    // Half the broken bundle reached the canary before the link broke, one chunk forged.
+    let broken = renamed_bundle(dir.path(), "fonts36-broken", 5);
+    let id = Bundle::load(&broken).unwrap().id();
+    let packed = edgeadapt::deploy::archive::pack(&broken).unwrap();
+    let (manifest, chunks) = make(ArtefactKind::Bundle, &id, &packed, limit, serde_json::json!({ "bundle": id }));
+    assert!(chunks.len() > 50, "a 15 MB bundle in chunks under the packet limit");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut fleet =
+            FleetClient::connect(BrokerOptions::plain(url.clone(), "deploy"), Duration::from_secs(30)).await.unwrap();
+        let args = serde_json::to_value(&manifest).unwrap();
+        assert!(fleet.command("canary", "offer", args, Duration::from_secs(30)).await.unwrap().ok);
+    });
+    let topics = DeviceTopics::new("deploy", "canary");
+    let mut options = rumqttc::MqttOptions::new("half-sender", "127.0.0.1", port);
+    options.set_max_packet_size(limit, limit);
+    let (client, mut connection) = rumqttc::Client::new(options, 64);
+    for (index, chunk) in chunks.iter().enumerate().take(chunks.len() / 2) {
+        let mut bytes = chunk.to_vec();
+        if index == 3 {
+            bytes[1000] ^= 0xff;
+        }
+        client
+            .publish(topics.inbound_chunk(&manifest.transfer, index), rumqttc::QoS::AtLeastOnce, false, bytes)
+            .unwrap();
+    }
+    let mut acked = 0;
+    for event in connection.iter() {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event.unwrap() {
+            acked += 1;
+            if acked == chunks.len() / 2 {
+                break;
+            }
+        }
+    }
+    wait_until(Duration::from_secs(30), "the canary to refuse the forged chunk", || {
+        common::log_lines(&dir_a.join("daemon.log"), "chunk refused").into_iter().next()
+    });
+
+    let (output, summary) = fleet_deploy(&url, &broken, "canary,second", &["--max-packet-bytes", &limit.to_string()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let held = format!("canary: holds {} of {} chunks", chunks.len() / 2 - 1, chunks.len());
+    assert!(stderr.contains(&held), "the transfer resumes from what the canary holds ({held}): {stderr}");
+    assert_eq!(summary["devices"]["canary"]["outcome"], "failed", "{summary}");
+    assert_eq!(summary["devices"]["second"]["outcome"], "skipped", "{summary}");
+    assert!(!stderr.contains("second: holds"), "not a chunk went to the second device: {stderr}");
+
+    let healthy = renamed_bundle(dir.path(), "fonts36-v2", 0);
+    let (output, summary) = fleet_deploy(&url, &healthy, "canary,second", &["--max-packet-bytes", &limit.to_string()]);
+    assert!(output.status.success(), "{}\n{summary}", String::from_utf8_lossy(&output.stderr));
+    for daemon in [&canary, &second] {
+        assert_eq!(status(daemon)["bundle"], "fonts36-v2");
+    }
+    canary.stop();
+    second.stop();
+    let _ = broker.kill();
+    let _ = broker.wait();
 }

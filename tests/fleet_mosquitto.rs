@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::{Daemon, free_port, http, write_config};
-use common::repo;
+use common::{mosquitto_binary, repo};
 use edgeadapt::fleet::client::{BrokerOptions, FleetClient};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rumqttc::{
@@ -21,13 +21,6 @@ use rumqttc::{
 
 const FLEET: &str = "test-fleet";
 const DEVICE: &str = "test-device";
-
-fn mosquitto_binary() -> Option<PathBuf> {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-}
 
 struct Pki {
     ca: PathBuf,

@@ -230,3 +230,11 @@ pub fn renamed_bundle(dir: &Path, name: &str, classes_shift: usize) -> PathBuf {
     std::fs::write(&path, toml::to_string(&manifest).unwrap()).unwrap();
     out
 }
+
+/// Debian's Mosquitto, where it is installed.
+pub fn mosquitto_binary() -> Option<PathBuf> {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
