@@ -430,6 +430,7 @@ pub(super) fn render(view: &FleetView) -> String {
         "last adaptation",
         "seen val.",
         "unseen rate (src)",
+        "deployment",
         "alerts",
     ]);
     for (device, state) in &view.devices {
@@ -473,6 +474,7 @@ pub(super) fn render(view: &FleetView) -> String {
             last,
             seen,
             unseen,
+            state.deployment.as_ref().map_or("-".into(), |(bundle, step)| format!("{bundle} {step}")),
             state.alerts.join("; "),
         ]);
     }

@@ -373,6 +373,8 @@ pub struct DeviceView {
     /// From the newest `version.promoted`/`version.rejected` event, or the retained metrics.
     pub last_adaptation: Option<AdaptationResult>,
     pub alerts: Vec<String>,
+    /// The newest deployment step: the bundle and its state (`switched`, `in_service`, ...).
+    pub deployment: Option<(String, String)>,
     /// Event ids seen, to drop repeats (delivery is at least once).
     pub last_event_id: i64,
     pub events: usize,
@@ -414,6 +416,10 @@ impl FleetView {
                         }
                     }
                     _ => {}
+                }
+                if kind == Some(EventKind::Deployment) {
+                    let text = |key: &str| event.payload[key].as_str().unwrap_or("?").to_string();
+                    entry.deployment = Some((text("bundle"), text("state")));
                 }
                 if kind == Some(EventKind::VersionRejected) {
                     entry.alerts.push(format!("version {} rejected", event.payload["version"]));
@@ -467,5 +473,22 @@ mod tests {
         // Metrics from before that run do not take it back.
         view.apply("f", "edgeadapt/v1/f/d/metrics", &metrics(Some(1)));
         assert_eq!(view.devices["d"].last_adaptation.as_ref().unwrap().version, 2);
+    }
+
+    #[test]
+    fn the_watcher_shows_each_devices_newest_deployment_step() {
+        let mut view = FleetView::default();
+        let step = |id: i64, state: &str| {
+            serde_json::to_vec(&serde_json::json!({
+                "schema": "edgeadapt.event/1", "device": "d", "id": id, "at_ms": 6, "kind": "deployment",
+                "payload": {"transfer": "t", "bundle": "v2@ab", "state": state},
+            }))
+            .unwrap()
+        };
+        view.apply("f", "edgeadapt/v1/f/d/events", &step(1, "switched"));
+        assert_eq!(view.devices["d"].deployment, Some(("v2@ab".into(), "switched".into())));
+        view.apply("f", "edgeadapt/v1/f/d/events", &step(2, "in_service"));
+        view.apply("f", "edgeadapt/v1/f/d/events", &step(1, "switched"));
+        assert_eq!(view.devices["d"].deployment.as_ref().unwrap().1, "in_service", "a repeat changes nothing");
     }
 }
