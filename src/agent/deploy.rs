@@ -328,7 +328,10 @@ impl Shared {
 
     /// Classifies recent images with the served version and the new bundle.
     fn shadow(&self, mut candidate: Loaded) -> (Loaded, health::ShadowReport) {
-        let images = self.lock().store().shadow_images(SHADOW_IMAGES).unwrap_or_default();
+        let images = self.lock().store().shadow_images(SHADOW_IMAGES).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot list the images to shadow the new bundle on");
+            Vec::new()
+        });
         let mut observations = Vec::new();
         for batch in images.chunks(SHADOW_BATCH) {
             let mut agent = self.lock();

@@ -111,13 +111,15 @@ impl FleetClient {
                         "response" => match serde_json::from_slice::<ResponseMessage>(&publish.payload) {
                             Ok(response) if response.id == follow.command_id => {
                                 let result = response.result.clone().unwrap_or_default();
+                                let was_on_probation = follow.on_probation();
                                 let outcome = follow.on_answer(
                                     response.ok,
                                     &result,
                                     response.error.as_deref(),
                                     crate::store::now_ms(),
                                 );
-                                if follow.on_probation() {
+                                // Answers can arrive twice (at-least-once delivery): reported once.
+                                if follow.on_probation() && !was_on_probation {
                                     report(&device, &switched(&result, options.probation_s));
                                 }
                                 outcome
@@ -169,9 +171,11 @@ fn switched(result: &serde_json::Value, probation_s: u64) -> String {
     let shadow = &result["shadow"];
     let images = shadow["images"].as_u64().unwrap_or(0);
     let agreement = shadow["agreement"].as_f64().unwrap_or(0.0) * 100.0;
-    format!(
-        "switched after shadowing on {images} images ({agreement:.0} % agreement); on probation for {probation_s} s"
-    )
+    let shadowed = match images {
+        0 => "with no recent images to shadow on".to_string(),
+        n => format!("after shadowing on {n} images ({agreement:.0} % agreement)"),
+    };
+    format!("switched {shadowed}; on probation for {probation_s} s")
 }
 
 fn describe(outcome: &Outcome) -> String {

@@ -166,8 +166,12 @@ impl Store {
             let mut statement = self.conn.prepare(query).map_err(self.err())?;
             let rows = statement
                 .query_map([limit as i64], |row| {
-                    let (id, label) = (row.get(0)?, row.get(1)?);
-                    Ok(if labelled { ShadowImage::Sample { id, label } } else { ShadowImage::Traffic { id } })
+                    let id = row.get(0)?;
+                    Ok(if labelled {
+                        ShadowImage::Sample { id, label: row.get(1)? }
+                    } else {
+                        ShadowImage::Traffic { id }
+                    })
                 })
                 .map_err(self.err())?;
             for row in rows {
@@ -281,6 +285,27 @@ mod tests {
         assert_eq!(store.bundle_dir().unwrap(), None);
         assert_eq!(store.probation().unwrap(), None);
         assert_eq!(store.samples(None).unwrap().len(), 1, "the sample never re-extracted is the old bundle's still");
+    }
+
+    #[test]
+    fn a_new_bundle_is_shadowed_on_labelled_and_traffic_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("store.db"), "b").unwrap();
+        add_sample(&mut store, "with image", Some(b"png"));
+        add_sample(&mut store, "without", None);
+        let traffic = crate::store::NewTrafficImage {
+            name: "cam.png".into(),
+            predicted: "A".into(),
+            confidence: 0.9,
+            top: vec![],
+            image: b"jpg".to_vec(),
+        };
+        store.add_traffic_images(&[traffic], crate::store::KeepImages { count: 10, bytes: 1 << 20 }).unwrap();
+        let images = store.shadow_images(10).unwrap();
+        assert_eq!(images.len(), 2, "{images:?}");
+        assert_eq!(images[0].label(), Some("A"));
+        assert_eq!(images[1].label(), None);
+        assert_eq!(store.shadow_image_bytes(&images[1]).unwrap().as_deref(), Some(&b"jpg"[..]));
     }
 
     #[test]
