@@ -160,6 +160,9 @@ pub enum FleetCommand {
     /// it next to the served model and switches only if it is healthy; canaries first, and
     /// the rollout stops after --max-failures failed devices.
     Deploy(super::fleet_deploy::DeployArgs),
+    /// Simulated devices (status, metrics, events; answers to status, offer and deploy),
+    /// without a model, for load tests of the broker, `fleet watch` and `fleet deploy`.
+    Simulate(super::fleet_simulate::SimulateArgs),
     /// Fetch a version's weights from a device and rebuild a standalone bundle from them.
     Weights {
         /// The device's id (its config's device_id).
@@ -231,11 +234,15 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
     if let FleetCommand::Status { device, .. } = &mut args.command {
         *device = Some(status_device(device.take(), config)?);
     }
+    if let FleetCommand::Simulate(simulate) = args.command {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return runtime.block_on(super::fleet_simulate::run(options, simulate));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut client = FleetClient::connect(options, Duration::from_secs(10)).await?;
         let (device, command, command_args, wait) = match args.command {
-            FleetCommand::Keygen { .. } => unreachable!("made before connecting"),
+            FleetCommand::Keygen { .. } | FleetCommand::Simulate(_) => unreachable!("run before connecting"),
             FleetCommand::Watch { seconds } => {
                 let live = std::io::stdout().is_terminal() && seconds.is_none();
                 let view = client

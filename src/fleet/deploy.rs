@@ -72,33 +72,35 @@ impl FleetClient {
             if wave.is_empty() {
                 return Ok(rollout);
             }
-            let mut following = BTreeMap::new();
+            // Every device of the wave gets the bundle first, then every one is told to deploy
+            // it: no answer to a deploy can arrive while a transfer's exchange is under way.
+            let mut received = Vec::new();
             for device in wave {
-                let canary = if rollout.is_canary(&device) { " (canary)" } else { "" };
                 let sent = self
-                    .send_artefact(&device, &manifest, &chunks, options.timeout, &mut |received, total| {
-                        report(&device, &format!("holds {received} of {total} chunks"))
+                    .send_artefact(&device, &manifest, &chunks, options.timeout, &mut |held, total| {
+                        report(&device, &format!("holds {held} of {total} chunks"))
                     })
                     .await;
-                if let Err(error) = sent {
-                    let outcome = Outcome::Failed(format!("transfer: {error:#}"));
-                    report(&device, &describe(&outcome));
-                    rollout.record(&device, outcome);
-                    continue;
+                match sent {
+                    Ok(_) => received.push(device),
+                    Err(error) => {
+                        let outcome = Outcome::Failed(format!("transfer: {error:#}"));
+                        report(&device, &describe(&outcome));
+                        rollout.record(&device, outcome);
+                    }
                 }
+            }
+            let mut following = BTreeMap::new();
+            for device in received {
+                let canary = if rollout.is_canary(&device) { " (canary)" } else { "" };
                 report(&device, &format!("bundle received{canary}; deploying"));
                 let command_id = format!("deploy-{}-{}", crate::store::now_ms(), rand::random::<u32>());
                 let payload = self.command_payload(&device, &command_id, "deploy", args.clone())?;
                 let topic = DeviceTopics::new(&fleet, &device).commands();
                 self.client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
                 let timeout_ms = options.timeout.as_millis() as i64;
-                let follow = Following::new(
-                    &command_id,
-                    &manifest.transfer,
-                    options.probation_s,
-                    crate::store::now_ms(),
-                    timeout_ms,
-                );
+                let now = crate::store::now_ms();
+                let follow = Following::new(&command_id, &manifest.transfer, options.probation_s, now, timeout_ms);
                 following.insert(device, (follow, topic, payload, Instant::now()));
             }
             while !following.is_empty() {

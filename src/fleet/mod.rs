@@ -11,3 +11,5 @@ pub mod link_state;
 pub mod port;
 pub mod rebuild;
 pub mod send;
+pub mod sim_device;
+pub mod simulate;
