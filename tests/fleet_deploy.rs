@@ -262,3 +262,30 @@ fn over_mosquitto_a_resumed_transfer_past_a_forged_chunk_reaches_the_canary_whos
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+/// `fleet simulate` stands in for devices: five of them connect, report, and take a bundle
+/// with `fleet deploy`, which ends with all five in service; the simulator's report counts
+/// what went through the broker and the watcher's lag.
+#[test]
+fn a_simulated_fleet_reports_and_takes_a_deployment() {
+    let url = format!("mqtt://127.0.0.1:{}", start_embedded_broker());
+    let dir = tempfile::tempdir().unwrap();
+    let simulator = std::process::Command::new(env!("CARGO_BIN_EXE_edgeadapt"))
+        .args(["fleet", "--broker", &url, "--fleet", "deploy", "simulate", "--devices", "5", "--for", "25"])
+        .args(["--metrics-every", "1", "--events-every", "1", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bundle = renamed_bundle(dir.path(), "fonts36-v2", 0);
+    let devices = "sim-0000,sim-0001,sim-0002,sim-0003,sim-0004";
+    let (output, summary) = fleet_deploy(&url, &bundle, devices, &["--canary", "2"]);
+    assert!(output.status.success(), "{}\n{summary}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(summary["devices"].as_object().unwrap().len(), 5);
+    assert!(summary["devices"].as_object().unwrap().values().all(|o| o["outcome"] == "in_service"), "{summary}");
+    let report = simulator.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["connected"], 5, "{report}");
+    assert!(report["commands"].as_u64().unwrap() >= 15, "two offers and a deploy each: {report}");
+    assert!(report["watcher_messages"].as_u64().unwrap() > 100, "{report}");
+}
