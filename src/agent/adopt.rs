@@ -60,10 +60,29 @@ impl Agent {
             .iter()
             .map(|name| classes.iter().position(|c| c == name).ok_or_else(|| input(format!("unknown class '{name}'"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let name =
-            format!("adopted {}@{} ({})", weights_manifest.device, weights_manifest.version, weights_manifest.method);
+        let recalibrate = crate::fleet::merge::wants_recalibration(&weights_manifest.params);
+        let name = match recalibrate {
+            true => format!("merge of {}", weights_manifest.device),
+            false => {
+                format!(
+                    "adopted {}@{} ({})",
+                    weights_manifest.device, weights_manifest.version, weights_manifest.method
+                )
+            }
+        };
         let plan = self.prepare_assessment(name)?;
-        let adapted = Adapted { network, gamma: params.gamma, unseen, notes: params.notes.clone() };
+        let (mut gamma, mut notes) = (params.gamma, params.notes.clone());
+        // A merge's γ is this device's to compute, from its own traffic.
+        if recalibrate {
+            match plan.prior_matched_gamma(&network, &unseen) {
+                Some(matched) => {
+                    gamma = matched;
+                    notes.push(format!("γ {matched:.3} by prior matching on this device's traffic"));
+                }
+                None => notes.push("no traffic on this device to compute γ from: served without calibration".into()),
+            }
+        }
+        let adapted = Adapted { network, gamma, unseen, notes };
         let outcome = assess(&plan, adapted, started);
         self.commit_run(&plan, Ok(outcome))
     }

@@ -46,6 +46,17 @@ pub struct RunPlan {
 
 impl RunPlan {
     /// Training steps the run takes, for progress reports.
+    /// γ for `network` by prior matching on this device's traffic: the share of traffic it
+    /// predicts as one of `unseen` is brought to the source model's. `None` without traffic.
+    pub fn prior_matched_gamma(&self, network: &Network, unseen: &[usize]) -> Option<f32> {
+        let traffic = self.traffic.as_ref()?;
+        let seen: Vec<usize> = (0..self.classes).filter(|c| !unseen.contains(c)).collect();
+        let source_share = method::share_predicted(&traffic.source_logits, unseen);
+        let unshifted = Adapted { network: network.clone(), gamma: 0.0, unseen: unseen.to_vec(), notes: vec![] };
+        let logits = unshifted.logits_of(&traffic.splits);
+        Some(crate::adapt::calibrate::prior_matching_gamma(&logits, &seen, unseen, source_share))
+    }
+
     pub fn planned_steps(&self) -> usize {
         method::planned_steps(&self.method, &self.hyper)
     }

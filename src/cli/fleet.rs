@@ -163,6 +163,19 @@ pub enum FleetCommand {
     /// Simulated devices (status, metrics, events; answers to status, offer and deploy),
     /// without a model, for load tests of the broker, `fleet watch` and `fleet deploy`.
     Simulate(super::fleet_simulate::SimulateArgs),
+    /// Pool what devices at one site learned: average the versions they serve (same bundle,
+    /// same method), then give the merge to each of them (or --to) to recalibrate on its own
+    /// traffic and judge with its own gate, as `adopt` does.
+    Merge {
+        /// The devices whose served versions are averaged, separated by commas.
+        #[arg(long, value_name = "DEVICES", value_delimiter = ',', required = true)]
+        devices: Vec<String>,
+        /// The devices that receive the merge (default: the same devices).
+        #[arg(long, value_name = "DEVICES", value_delimiter = ',')]
+        to: Option<Vec<String>>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Fetch a version's weights from a device and rebuild a standalone bundle from them.
     Weights {
         /// The device's id (its config's device_id).
@@ -257,7 +270,13 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
                 }
                 return Ok(0);
             }
-            FleetCommand::Adopt { from, to, wait } => return adopt(&mut client, &from, &to, &wait).await,
+            FleetCommand::Adopt { from, to, wait } => {
+                return super::fleet_share::adopt(&mut client, &from, &to, &wait).await;
+            }
+            FleetCommand::Merge { devices, to, wait } => {
+                let to = to.unwrap_or_else(|| devices.clone());
+                return super::fleet_share::merge(&mut client, &devices, &to, &wait).await;
+            }
             FleetCommand::Deploy(args) => return super::fleet_deploy::deploy(&mut client, args).await,
             FleetCommand::Weights { device, version, bundle, out, force, wait } => {
                 let timeout = Duration::from_secs(wait.timeout);
@@ -321,63 +340,6 @@ pub fn run(mut args: FleetArgs, config: Option<&DeviceConfig>) -> anyhow::Result
             Ok(1)
         }
     })
-}
-
-/// `fleet adopt`: fetches the version from its device, sends it to each receiver and prints
-/// each one's verdict. Fails when any receiver could not judge it.
-async fn adopt(client: &mut FleetClient, from: &str, to: &[String], wait: &WaitArgs) -> anyhow::Result<i32> {
-    use crate::protocol::transfer::{ArtefactKind, make};
-    let (source, version) = match from.split_once('@') {
-        Some((device, version)) => {
-            let version =
-                version.parse::<i64>().map_err(|_| anyhow::anyhow!("--from {from}: the version must be a number"))?;
-            (device, Some(version))
-        }
-        None => (from, None),
-    };
-    let timeout = Duration::from_secs(wait.timeout);
-    let (weights, payload) = client.fetch_weights(source, version, timeout).await?;
-    let name = format!("{}@{}", weights.device, weights.version);
-    let meta = serde_json::to_value(&weights)?;
-    let (manifest, chunks) = make(ArtefactKind::Weights, &name, &payload, client.options.max_packet_bytes, meta);
-    let mut answers = serde_json::Map::new();
-    let mut failed = 0;
-    for device in to {
-        let started = std::time::Instant::now();
-        let sent = client.send_artefact(device, &manifest, &chunks, timeout, &mut |_, _| {}).await;
-        let answer = match sent {
-            Ok(_) => {
-                client.command(device, "adopt", serde_json::json!({ "transfer": manifest.transfer }), timeout).await
-            }
-            Err(error) => Err(error),
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        match answer {
-            Ok(response) if response.ok => {
-                let result = response.result.unwrap_or_default();
-                if !wait.json {
-                    let verdict = if result["promoted"] == true { "promoted" } else { "rejected" };
-                    let reasons: Vec<&str> =
-                        result["reasons"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
-                    let why = if reasons.is_empty() { String::new() } else { format!(": {}", reasons.join("; ")) };
-                    println!("{device}: {name} {verdict} as version {} in {seconds:.1} s{why}", result["version"]);
-                }
-                answers.insert(device.clone(), result);
-            }
-            Ok(response) => {
-                failed += 1;
-                eprintln!("{device}: adopt failed: {}", response.error.unwrap_or_default());
-            }
-            Err(error) => {
-                failed += 1;
-                eprintln!("{device}: adopt failed: {error:#}");
-            }
-        }
-    }
-    if wait.json {
-        println!("{}", serde_json::to_string_pretty(&answers)?);
-    }
-    Ok(if failed == 0 { 0 } else { 1 })
 }
 
 /// `fleet keygen`: a new operator key pair in `out`.

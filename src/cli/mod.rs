@@ -8,6 +8,7 @@ mod demo;
 mod doctor;
 mod fleet;
 mod fleet_deploy;
+mod fleet_share;
 mod fleet_simulate;
 mod import;
 pub mod pipe;

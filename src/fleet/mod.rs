@@ -8,6 +8,7 @@ pub mod deploy;
 pub mod keys;
 pub mod link;
 pub mod link_state;
+pub mod merge;
 pub mod port;
 pub mod rebuild;
 pub mod send;
