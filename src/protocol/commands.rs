@@ -53,7 +53,7 @@ pub struct DeployArgs {
     #[serde(default = "default_probation_s")]
     pub probation_s: u64,
     #[serde(default)]
-    pub health: crate::deploy::health::Thresholds,
+    pub health: super::health::Thresholds,
 }
 
 fn default_probation_s() -> u64 {

@@ -6,6 +6,7 @@ pub mod broker_address;
 pub mod commands;
 pub mod counters;
 pub mod events;
+pub mod health;
 pub mod messages;
 pub mod signing;
 pub mod topics;
