@@ -39,11 +39,11 @@ impl Agent {
         let input = |problem: String| AgentError::Input(format!("adopt: {problem}"));
         let weights_manifest: WeightsManifest =
             serde_json::from_value(meta.clone()).map_err(|e| input(format!("the weights manifest: {e}")))?;
-        let bundle = self.classifier.bundle.id();
-        if weights_manifest.bundle != bundle {
+        if !self.classifier.bundle.is_named(&weights_manifest.bundle) {
             return Err(input(format!(
-                "the weights are for bundle {}, this device runs {bundle}",
-                weights_manifest.bundle
+                "the weights are for bundle {}, this device runs {}",
+                weights_manifest.bundle,
+                self.classifier.bundle.id()
             )));
         }
         crate::protocol::weights::matches_manifest(payload, &weights_manifest).map_err(input)?;

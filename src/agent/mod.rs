@@ -108,7 +108,7 @@ impl Agent {
         Agent::switch_back_at_start(&mut store)?;
         let dir = deploy::bundle_folder(config, data_dir, store.bundle_dir()?.as_deref());
         let bundle = Bundle::load(&dir).map_err(|e| AgentError::Bundle { dir: dir.clone(), problem: e.to_string() })?;
-        store.claim_bundle(&bundle.id())?;
+        store.claim_bundle_named(&bundle.id(), &bundle.legacy_id())?;
         let (classifier, warmup) = Classifier::open_warm(bundle, &config.runtime, warming_up)?;
         let deploy::Loaded { classifier, source, reference } = deploy::Loaded::new(classifier)?;
         let traffic_rows = store.traffic()?.len();

@@ -54,7 +54,7 @@ pub fn stopped_status(config: &DeviceConfig) -> Result<Status, AgentError> {
     let mut store = Store::open_any(&store_path(data_dir))?;
     let dir = super::deploy::bundle_folder(config, data_dir, store.bundle_dir()?.as_deref());
     let bundle = Bundle::load(&dir).map_err(|e| AgentError::Bundle { dir: dir.clone(), problem: e.to_string() })?;
-    store.claim_bundle(&bundle.id())?;
+    store.claim_bundle_named(&bundle.id(), &bundle.legacy_id())?;
     let providers: Vec<String> = config.runtime.providers.iter().map(ToString::to_string).collect();
     let provider = format!("{} (configured)", providers.join(", "));
     let traffic = store.traffic()?.len();

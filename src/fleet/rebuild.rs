@@ -20,7 +20,7 @@ pub fn bundle_from_weights(
     overwrite: crate::output::Overwrite,
 ) -> Result<(), String> {
     let expected = source.id();
-    if manifest.bundle != expected {
+    if !source.is_named(&manifest.bundle) {
         return Err(format!(
             "the weights are for bundle {}, but {} is {expected}",
             manifest.bundle,

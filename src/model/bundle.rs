@@ -47,15 +47,39 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Identifies the bundle by its files' checksums, so a store is never used with another
-    /// model.
+    /// Identifies the bundle by what makes its predictions: its files' checksums and what the
+    /// manifest says about them (the input contract, the trunk, the tail's layers, the head's
+    /// classes in order, the reference samples); not its description or provenance. A store,
+    /// a version or a deployment is never used with another model, even one that differs from
+    /// it only in the order of its classes.
     pub fn id(&self) -> String {
+        let m = &self.manifest;
+        let meaning = serde_json::json!({
+            "checksums": m.checksums,
+            "input": m.input,
+            "trunk": m.trunk,
+            "tail": m.tail,
+            "head": m.head,
+            "reference": m.reference,
+        });
+        let digest = Sha256::digest(meaning.to_string().as_bytes());
+        format!("{}@{}", m.name, &hex::encode(digest)[..16])
+    }
+
+    /// The id earlier releases gave the bundle (its files' checksums only), by which stores
+    /// and weights sets made by them name it.
+    pub fn legacy_id(&self) -> String {
         let mut hasher = Sha256::new();
         for (file, sha) in &self.manifest.checksums {
             hasher.update(file.as_bytes());
             hasher.update(sha.as_bytes());
         }
         format!("{}@{}", self.manifest.name, &hex::encode(hasher.finalize())[..16])
+    }
+
+    /// Whether `id` names this bundle, by its id or the one earlier releases gave it.
+    pub fn is_named(&self, id: &str) -> bool {
+        id == self.id() || id == self.legacy_id()
     }
 
     pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
@@ -244,4 +268,27 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = std::fs::File::create(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_follows_what_makes_predictions_and_not_the_description() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0-fonts36");
+        let bundle = Bundle::load(&dir).unwrap();
+        let mut described = bundle.clone();
+        described.manifest.description = "another description".into();
+        assert_eq!(described.id(), bundle.id());
+        let mut reordered = bundle.clone();
+        reordered.manifest.head.classes.swap(0, 1);
+        assert_ne!(reordered.id(), bundle.id(), "the class order is part of the model");
+        assert_eq!(reordered.legacy_id(), bundle.legacy_id(), "which earlier releases could not tell apart");
+        let mut normalised = bundle.clone();
+        normalised.manifest.input.std[0] *= 2.0;
+        assert_ne!(normalised.id(), bundle.id());
+        assert!(bundle.is_named(&bundle.legacy_id()) && bundle.is_named(&bundle.id()));
+        assert!(!reordered.is_named(&bundle.id()));
+    }
 }

@@ -39,6 +39,24 @@ impl Store {
         self.state("bundle_dir")
     }
 
+    /// [`Store::claim_bundle`] for a bundle that earlier releases named `legacy_id`: a store
+    /// they made is renamed to `bundle_id` (its samples, versions and promoted versions too).
+    pub fn claim_bundle_named(&mut self, bundle_id: &str, legacy_id: &str) -> Result<()> {
+        if self.state("bundle")?.as_deref() == Some(legacy_id) && legacy_id != bundle_id {
+            let path = self.path.clone();
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(&path))?;
+            for statement in [
+                "UPDATE state SET value = ?1 WHERE key = 'bundle' AND value = ?2",
+                "UPDATE samples SET bundle = ?1 WHERE bundle = ?2",
+                "UPDATE versions SET bundle = ?1 WHERE bundle = ?2",
+            ] {
+                tx.execute(statement, params![bundle_id, legacy_id]).map_err(sqlite(&path))?;
+            }
+            tx.commit().map_err(sqlite(&path))?;
+        }
+        self.claim_bundle(bundle_id)
+    }
+
     /// Checks that the store serves `bundle_id` (claiming a new store for it).
     pub fn claim_bundle(&mut self, bundle_id: &str) -> Result<()> {
         match self.state("bundle")? {
@@ -306,6 +324,22 @@ mod tests {
         assert_eq!(images[0].label(), Some("A"));
         assert_eq!(images[1].label(), None);
         assert_eq!(store.shadow_image_bytes(&images[1]).unwrap().as_deref(), Some(&b"jpg"[..]));
+    }
+
+    #[test]
+    fn a_store_an_earlier_release_named_its_bundle_in_is_renamed_with_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let mut store = Store::open(&path, "m@legacy").unwrap();
+        add_sample(&mut store, "s", None);
+        add_version(&mut store);
+        drop(store);
+        let mut store = Store::open_any(&path).unwrap();
+        store.claim_bundle_named("m@new", "m@legacy").unwrap();
+        assert_eq!(store.bundle().unwrap().as_deref(), Some("m@new"));
+        assert_eq!(store.samples(None).unwrap().len(), 1);
+        assert_eq!(store.versions().unwrap().len(), 2);
+        assert!(matches!(store.claim_bundle_named("m@other", "m@legacy2"), Err(StoreError::OtherBundle { .. })));
     }
 
     #[test]
