@@ -382,12 +382,21 @@ async fn housekeeping(shared: Arc<Shared>) {
     }
 }
 
+/// Reads the folders when a file is ready (a file event) and at every `watch.poll_ms` besides.
 async fn poll_folders(shared: Arc<Shared>, folders: Folders) {
     let mut ticker = tokio::time::interval(folders.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poller = Some(Poller::new(folders.clone()));
+    // The watcher lives as long as this task; without events the channel never wakes.
+    let (_watcher, mut woken) = match super::folders::events::watch(&folders) {
+        Some((watcher, woken)) => (Some(watcher), woken),
+        None => (None, tokio::sync::mpsc::channel(1).1),
+    };
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            Some(()) = woken.recv() => {}
+        }
         let shared = Arc::clone(&shared);
         let mut current = poller.take().unwrap_or_else(|| Poller::new(folders.clone()));
         let result = tokio::task::spawn_blocking(move || {

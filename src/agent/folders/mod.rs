@@ -18,6 +18,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use serde::Serialize;
 
+pub mod events;
 mod opened;
 pub mod rules;
 
