@@ -16,7 +16,13 @@ fn files_renamed_or_written_in_are_read_at_once_without_waiting_for_the_poll() {
     let config = write_config(dir.path(), port, "");
     let text = std::fs::read_to_string(&config).unwrap().replace("poll_ms = 50", "poll_ms = 60000");
     std::fs::write(&config, text).unwrap();
-    let daemon = Daemon::start(&config, port, &dir.path().join("daemon.log"));
+    let log = dir.path().join("daemon.log");
+    let daemon = Daemon::start(&config, port, &log);
+    if !common::log_lines(&log, "no file events").is_empty() {
+        common::skipped("this file system gives no file events (inotify); the agent polls only");
+        daemon.stop();
+        return;
+    }
     let data = dir.path().join("data");
     let image = repo().join("target/data/fonts36/target/test/A/0.png");
     // The poll's first tick reads the empty folders at start; the next is a minute on, so the
