@@ -127,8 +127,8 @@ impl Agent {
         }
     }
 
-    /// At start: a probation still recorded means the agent stopped during it, so the bundle
-    /// served before comes back (the folder to load is returned).
+    /// At start: a probation still recorded means the agent stopped during it, so the store
+    /// switches back to the bundle served before, which the agent then loads.
     pub(super) fn switch_back_at_start(store: &mut crate::store::Store) -> Result<(), AgentError> {
         let Some(text) = store.probation()? else { return Ok(()) };
         let probation: Probation = serde_json::from_str(&text)
