@@ -15,6 +15,14 @@ pub struct SplitSet {
     pub labels: Vec<usize>,
 }
 
+/// A bundle's reference samples as a split set; `None` when it has none.
+pub fn reference_set(bundle: &crate::model::Bundle) -> Result<Option<SplitSet>, String> {
+    match bundle.reference().map_err(|e| e.to_string())? {
+        Some((split, labels)) => SplitSet::from_onnx(split.view(), labels).map(Some),
+        None => Ok(None),
+    }
+}
+
 impl SplitSet {
     /// From a trunk output batch in ONNX layout (`[N, C, H, W]` or `[N, D]`).
     pub fn from_onnx(split: ArrayViewD<'_, f32>, labels: Vec<usize>) -> Result<SplitSet, String> {

@@ -71,11 +71,8 @@ pub(super) struct Loaded {
 impl Loaded {
     pub fn new(classifier: Classifier) -> Result<Loaded, AgentError> {
         let bundle = &classifier.bundle;
-        let reference = match bundle.reference() {
-            Ok(Some((split, labels))) => Some(SplitSet::from_onnx(split.view(), labels).map_err(AgentError::Input)?),
-            Ok(None) => None,
-            Err(e) => return Err(AgentError::Bundle { dir: bundle.dir.clone(), problem: e.to_string() }),
-        };
+        let reference = crate::adapt::data::reference_set(bundle)
+            .map_err(|problem| AgentError::Bundle { dir: bundle.dir.clone(), problem })?;
         Ok(Loaded { source: Network::from_bundle(bundle), reference, classifier })
     }
 }
@@ -244,7 +241,10 @@ impl Shared {
             tracing::warn!(folder = %folder.display(), "a bundle folder that is not the signed archive is replaced");
             std::fs::remove_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
         }
-        if !folder.is_dir() {
+        // Loaded once: its checksums are read where it is unpacked, and it keeps them when renamed.
+        let bundle = if folder.is_dir() {
+            Bundle::load(&folder).map_err(|e| e.to_string())?
+        } else {
             let archive = bundles.join(format!("{}.tar.partial", args.transfer));
             self.write_transfer(args, &archive)?;
             let unpacking = bundles.join(format!("{name}.partial"));
@@ -253,22 +253,24 @@ impl Shared {
             let file = std::fs::File::open(&archive).map_err(|e| format!("{}: {e}", archive.display()))?;
             let unpacked = archive::unpack(std::io::BufReader::new(file), &unpacking, limits);
             let _ = std::fs::remove_file(&archive);
-            if let Err(problem) = unpacked {
-                let _ = std::fs::remove_dir_all(&unpacking);
-                return Err(format!("the bundle archive: {problem}"));
-            }
-            let id = Bundle::load(&unpacking).map(|b| b.id());
-            if id.as_deref().ok() != Some(args.bundle.as_str()) {
-                let _ = std::fs::remove_dir_all(&unpacking);
-                return Err(match id {
-                    Ok(id) => format!("the archive holds bundle {id}, not {}", args.bundle),
-                    Err(error) => format!("the unpacked bundle: {error}"),
-                });
-            }
+            let loaded = unpacked
+                .map_err(|problem| format!("the bundle archive: {problem}"))
+                .and_then(|_| Bundle::load(&unpacking).map_err(|error| format!("the unpacked bundle: {error}")));
+            let mut bundle = match loaded {
+                Ok(bundle) if bundle.id() == args.bundle => bundle,
+                other => {
+                    let _ = std::fs::remove_dir_all(&unpacking);
+                    return Err(match other {
+                        Ok(bundle) => format!("the archive holds bundle {}, not {}", bundle.id(), args.bundle),
+                        Err(problem) => problem,
+                    });
+                }
+            };
             std::fs::rename(&unpacking, &folder).map_err(|e| format!("{}: {e}", folder.display()))?;
             let _ = std::fs::File::open(&bundles).and_then(|dir| dir.sync_all());
-        }
-        let bundle = Bundle::load(&folder).map_err(|e| e.to_string())?;
+            bundle.dir = folder.clone();
+            bundle
+        };
         if bundle.id() != args.bundle {
             return Err(format!("{} holds bundle {}, not {}", folder.display(), bundle.id(), args.bundle));
         }

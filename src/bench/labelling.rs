@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use super::{BenchOptions, Progress, Stat, accuracy_inside_and_out, features};
+use super::{BenchOptions, Progress, Stat, accuracy_inside_and_out, extract};
 use crate::adapt::data::SplitSet;
 use crate::adapt::method::{self, AdaptInput, Adapted, Method, Traffic};
 use crate::adapt::queue::{Candidate, Labelled, next_to_label};
@@ -134,17 +134,9 @@ pub fn run(
     let LabellingSetup { budget, min_samples, skew } = setup;
     let classes = classifier.bundle.head.classes.clone();
     let site = options.seen.resolve(&classes).map_err(anyhow::Error::msg)?;
-    let mut extract = |what: &str, folder: &str| -> anyhow::Result<SplitSet> {
-        features::folder_splits(classifier, &options.data.join(folder), &options.cache_dir, &mut |done, total| {
-            progress(Progress::Extracting { what, done, total })
-        })
-    };
-    let adapt_all = extract("target/adapt", "target/adapt")?;
-    let test = extract("target/test", "target/test")?;
-    let reference = match classifier.bundle.reference()? {
-        Some((split, labels)) => Some(SplitSet::from_onnx(split.view(), labels).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
+    let adapt_all = extract(classifier, options, "target/adapt", progress)?;
+    let test = extract(classifier, options, "target/test", progress)?;
+    let reference = crate::adapt::data::reference_set(&classifier.bundle).map_err(anyhow::Error::msg)?;
     let traffic_set = site_traffic(&adapt_all, &site, skew);
     let source = Network::from_bundle(&classifier.bundle);
     let all_unseen: Vec<usize> = (0..classes.len()).collect();

@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use super::{BenchOptions, Progress, Stat, accuracy_inside_and_out, features};
+use super::{BenchOptions, Progress, Stat, accuracy_inside_and_out, extract};
 use crate::adapt::calibrate;
 use crate::adapt::data::SplitSet;
 use crate::adapt::method::{self, AdaptInput, Adapted, Method, Traffic};
@@ -78,17 +78,9 @@ pub fn run(
     let classes = classifier.bundle.head.classes.clone();
     let seen = options.seen.resolve(&classes).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(seen.len() >= 2 * devices, "--seen gives {} classes: at least 2 per device are needed", seen.len());
-    let mut extract = |what: &str, folder: &str| -> anyhow::Result<SplitSet> {
-        features::folder_splits(classifier, &options.data.join(folder), &options.cache_dir, &mut |done, total| {
-            progress(Progress::Extracting { what, done, total })
-        })
-    };
-    let adapt_all = extract("target/adapt", "target/adapt")?;
-    let test = extract("target/test", "target/test")?;
-    let reference = match classifier.bundle.reference()? {
-        Some((split, labels)) => Some(SplitSet::from_onnx(split.view(), labels).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
+    let adapt_all = extract(classifier, options, "target/adapt", progress)?;
+    let test = extract(classifier, options, "target/test", progress)?;
+    let reference = crate::adapt::data::reference_set(&classifier.bundle).map_err(anyhow::Error::msg)?;
     let source = Network::from_bundle(&classifier.bundle);
     let traffic = Traffic::new(adapt_all.clone(), &source);
     let all: Vec<usize> = (0..classes.len()).collect();

@@ -147,23 +147,15 @@ pub fn run(
     let classes = classifier.bundle.head.classes.clone();
     let seen = options.seen.resolve(&classes).map_err(anyhow::Error::msg)?;
     let unseen: Vec<usize> = (0..classes.len()).filter(|c| !seen.contains(c)).collect();
-    let mut extract = |what: &str, folder: &str| -> anyhow::Result<SplitSet> {
-        features::folder_splits(classifier, &options.data.join(folder), &options.cache_dir, &mut |done, total| {
-            progress(Progress::Extracting { what, done, total })
-        })
-    };
-    let adapt_all = extract("target/adapt", "target/adapt")?;
-    let test = extract("target/test", "target/test")?;
+    let adapt_all = extract(classifier, options, "target/adapt", progress)?;
+    let test = extract(classifier, options, "target/test", progress)?;
     let unlabelled_dir = options.data.join("target/unlabelled");
     let (unlabelled, unlabelled_source) = if unlabelled_dir.is_dir() {
-        (extract("target/unlabelled", "target/unlabelled")?, "target/unlabelled".to_string())
+        (extract(classifier, options, "target/unlabelled", progress)?, "target/unlabelled".to_string())
     } else {
         (adapt_all.clone(), "target/adapt (labels ignored)".to_string())
     };
-    let reference = match classifier.bundle.reference()? {
-        Some((split, labels)) => Some(SplitSet::from_onnx(split.view(), labels).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
+    let reference = crate::adapt::data::reference_set(&classifier.bundle).map_err(anyhow::Error::msg)?;
 
     let (unlabelled, unlabelled_source) = match options.traffic_unseen_share {
         Some(share) => {
@@ -286,6 +278,18 @@ pub const BALANCED: &str = "recommended@balanced";
 
 /// Draws traffic, without repeats and with a fixed seed (every method sees the same), so that
 /// `share` of it is unseen classes; as large as the two pools allow.
+/// The cached split tensors of `folder` under the bench data, with progress.
+fn extract(
+    classifier: &mut Classifier,
+    options: &BenchOptions,
+    folder: &str,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> anyhow::Result<SplitSet> {
+    features::folder_splits(classifier, &options.data.join(folder), &options.cache_dir, &mut |done, total| {
+        progress(Progress::Extracting { what: folder, done, total })
+    })
+}
+
 fn resample_traffic(set: &SplitSet, unseen: &[usize], share: f32) -> anyhow::Result<SplitSet> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
