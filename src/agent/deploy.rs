@@ -202,11 +202,12 @@ impl Shared {
         let mut agent = self.lock();
         if !reasons.is_empty() {
             drop(loaded);
+            // Gone before the refusal is told, so whoever hears of it finds no trace of the bundle.
+            let _ = std::fs::remove_dir_all(data_dir.join(BUNDLES_DIR).join(&name));
             let detail = json!({ "reasons": reasons, "shadow": report });
-            agent.store().push_event(&event(DeploymentState::Refused, detail.clone())).map_err(|e| e.to_string())?;
+            agent.store().push_event(&event(DeploymentState::Refused, detail)).map_err(|e| e.to_string())?;
             agent.store().drop_transfer(&args.transfer).map_err(|e| e.to_string())?;
             drop(agent);
-            let _ = std::fs::remove_dir_all(data_dir.join(BUNDLES_DIR).join(&name));
             tracing::warn!(bundle = %args.bundle, ?reasons, "new bundle refused by its health check");
             return Ok(json!({ "state": "refused", "bundle": args.bundle, "reasons": reasons, "shadow": report }));
         }
