@@ -13,7 +13,7 @@ use edgeadapt::imaging::{self, DecodeLimits};
 use edgeadapt::inference::{Classifier, collect_image_files, prepare_files};
 use edgeadapt::model::Bundle;
 use edgeadapt::model::onnx::{decode_model, encode_model, export};
-use edgeadapt::runtime::{self, RuntimeOptions};
+use edgeadapt::runtime::{self, RuntimeOptions, TailPlacement};
 use ndarray::{Array3, Array4};
 
 fn env_path(name: &str, default: &str) -> PathBuf {
@@ -29,20 +29,22 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Interleaves `ours` and `theirs` (each processing `batch` images per call) in rounds of
-/// about `budget / 10`, so that drift in machine speed hits both alike. Returns the images/s of
-/// each over the whole run and the median of the per-round ratios.
-fn compare(batch: usize, budget: Duration, mut ours: impl FnMut(), mut theirs: impl FnMut()) -> (f64, f64, f64) {
+/// Interleaves `sides` (each processing `batch` images per call) in 10 rounds of about
+/// `budget / (10 * sides)` each, so that drift in machine speed hits all alike. Returns each
+/// side's images/s over the whole run and the median over the rounds of its ratio to the last
+/// side (the baseline).
+fn compare(batch: usize, budget: Duration, sides: &mut [&mut dyn FnMut()]) -> Vec<(f64, f64)> {
     for _ in 0..3 {
-        ours();
-        theirs();
+        for side in sides.iter_mut() {
+            side();
+        }
     }
-    let round = budget / 20;
-    let (mut ours_time, mut theirs_time, mut ours_images, mut theirs_images) = (0.0, 0.0, 0, 0);
-    let mut ratios = Vec::new();
+    let round = budget / (10 * sides.len() as u32);
+    let mut totals = vec![(0.0f64, 0usize); sides.len()];
+    let mut ratios = vec![Vec::new(); sides.len()];
     for _ in 0..10 {
-        let mut rates = [0.0; 2];
-        for (slot, step) in [&mut ours as &mut dyn FnMut(), &mut theirs as &mut dyn FnMut()].into_iter().enumerate() {
+        let mut rates = vec![0.0; sides.len()];
+        for (slot, step) in sides.iter_mut().enumerate() {
             let started = Instant::now();
             let mut images = 0;
             while started.elapsed() < round || images == 0 {
@@ -51,18 +53,27 @@ fn compare(batch: usize, budget: Duration, mut ours: impl FnMut(), mut theirs: i
             }
             let seconds = started.elapsed().as_secs_f64();
             rates[slot] = images as f64 / seconds;
-            if slot == 0 {
-                ours_time += seconds;
-                ours_images += images;
-            } else {
-                theirs_time += seconds;
-                theirs_images += images;
-            }
+            totals[slot].0 += seconds;
+            totals[slot].1 += images;
         }
-        ratios.push(rates[0] / rates[1]);
+        let baseline = rates[rates.len() - 1];
+        for (slot, rate) in rates.iter().enumerate() {
+            ratios[slot].push(rate / baseline);
+        }
     }
-    ratios.sort_by(f64::total_cmp);
-    (ours_images as f64 / ours_time, theirs_images as f64 / theirs_time, (ratios[4] + ratios[5]) / 2.0)
+    totals
+        .iter()
+        .zip(ratios.iter_mut())
+        .map(|(&(seconds, images), ratios)| {
+            ratios.sort_by(f64::total_cmp);
+            (images as f64 / seconds, (ratios[4] + ratios[5]) / 2.0)
+        })
+        .collect()
+}
+
+fn open_classifier(bundle: &Bundle, tail: TailPlacement) -> Classifier {
+    let options = RuntimeOptions { tail, ..RuntimeOptions::default() };
+    Classifier::open(bundle.clone(), &options).expect("classifier opens")
 }
 
 fn main() {
@@ -70,11 +81,10 @@ fn main() {
     let data = env_path("EDGEADAPT_BENCH_DATA", "target/data/fonts36/target/test");
     let seconds: f64 = std::env::var("EDGEADAPT_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6.0);
     let budget = Duration::from_secs_f64(seconds);
-    // Each cell interleaves both sides for `seconds` in total.
     let options = RuntimeOptions::default();
 
     let bundle = Bundle::load(&bundle_dir).expect("bundle loads");
-    let mut classifier = Classifier::open(bundle.clone(), &options).expect("classifier opens");
+    let mut classifier = open_classifier(&bundle, TailPlacement::Auto);
     let files: Vec<PathBuf> =
         collect_image_files(std::slice::from_ref(&data)).expect("data folder").into_iter().take(256).collect();
     assert!(files.len() >= 32, "need at least 32 images under {}", data.display());
@@ -83,6 +93,8 @@ fn main() {
     let first: Vec<_> = first.iter().map(|r| r.as_ref().expect("image decodes").view()).collect();
     classifier.logits(imaging::stack(&first).view()).expect("inference runs");
     let rss_after_load = peak_rss_mib();
+    let mut in_rust = open_classifier(&bundle, TailPlacement::Rust);
+    let mut in_onnx = open_classifier(&bundle, TailPlacement::Onnx);
 
     let trunk = decode_model(&std::fs::read(bundle.trunk_path()).unwrap()).unwrap();
     let full = export::full_model(&trunk, &bundle.manifest.trunk.output, &bundle.tail, &bundle.head).unwrap();
@@ -105,9 +117,9 @@ fn main() {
     println!("peak RSS after loading the bundle and one inference: {rss_after_load:.1} MiB\n");
     println!("images/s over the whole cell; ratio = median over 10 interleaved rounds of edgeadapt / bare\n");
     println!(
-        "| batch | edgeadapt img/s | bare ort img/s | ratio | edgeadapt incl. preprocessing | bare incl. preprocessing | ratio |"
+        "| batch | tail in Rust img/s | ratio | tail in ONNX Runtime img/s | ratio | bare ort img/s | auto runs the tail in | auto incl. preprocessing | bare incl. preprocessing | ratio |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for batch in [1usize, 8, 32] {
         let batches: Vec<Array4<f32>> = samples
             .chunks(batch)
@@ -126,29 +138,38 @@ fn main() {
             let outputs = session.session.run(ort::inputs![input_name.as_str() => tensor]).unwrap();
             std::hint::black_box(outputs[export::LOGITS].try_extract_array::<f32>().unwrap().sum());
         };
-        let ours_classifier = std::cell::RefCell::new(&mut classifier);
-        let ours_run = |input: &Array4<f32>| {
-            std::hint::black_box(ours_classifier.borrow_mut().logits(input.view()).unwrap());
+        let run = |classifier: &mut Classifier, input: &Array4<f32>| {
+            std::hint::black_box(classifier.logits(input.view()).unwrap());
         };
-        let (a, b) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let cursors = [(); 4].map(|_| std::cell::Cell::new(0));
         let next = |cursor: &std::cell::Cell<usize>, len: usize| {
             cursor.set(cursor.get() + 1);
             cursor.get() % len
         };
-        let (ours, theirs, ratio) = compare(
+        let paths = compare(
             batch,
-            budget,
-            || ours_run(&batches[next(&a, batches.len())]),
-            || bare_run(&batches[next(&b, batches.len())]),
+            budget * 3 / 2,
+            &mut [
+                &mut || run(&mut in_rust, &batches[next(&cursors[0], batches.len())]),
+                &mut || run(&mut in_onnx, &batches[next(&cursors[1], batches.len())]),
+                &mut || bare_run(&batches[next(&cursors[2], batches.len())]),
+            ],
         );
-        let (ours_full, theirs_full, ratio_full) = compare(
+        let auto = match classifier.tail_provider(batch) {
+            Some(provider) => format!("ONNX Runtime ({provider})"),
+            None => "Rust".to_string(),
+        };
+        let full = compare(
             batch,
             budget,
-            || ours_run(&prepare(file_batches[next(&a, file_batches.len())])),
-            || bare_run(&prepare(file_batches[next(&b, file_batches.len())])),
+            &mut [
+                &mut || run(&mut classifier, &prepare(file_batches[next(&cursors[3], file_batches.len())])),
+                &mut || bare_run(&prepare(file_batches[next(&cursors[2], file_batches.len())])),
+            ],
         );
         println!(
-            "| {batch} | {ours:.1} | {theirs:.1} | {ratio:.3} | {ours_full:.1} | {theirs_full:.1} | {ratio_full:.3} |"
+            "| {batch} | {:.1} | {:.3} | {:.1} | {:.3} | {:.1} | {auto} | {:.1} | {:.1} | {:.3} |",
+            paths[0].0, paths[0].1, paths[1].0, paths[1].1, paths[2].0, full[0].0, full[1].0, full[0].1
         );
     }
     let _ = std::fs::remove_file(&full_path);

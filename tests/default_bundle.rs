@@ -8,7 +8,7 @@ use edgeadapt::imaging::{self, DecodeLimits};
 use edgeadapt::inference::Classifier;
 use edgeadapt::model::Bundle;
 use edgeadapt::model::onnx::{decode_model, encode_model, export};
-use edgeadapt::runtime::RuntimeOptions;
+use edgeadapt::runtime::{RuntimeOptions, TailPlacement};
 use ndarray::{ArrayD, Axis, IxDyn};
 
 const TOLERANCE: f32 = 1e-4;
@@ -117,13 +117,14 @@ fn trunk_tail_and_head_equal_the_whole_model_run_as_one_onnx_session() {
 }
 
 #[test]
-fn large_batches_split_over_threads_give_the_same_logits() {
+fn large_batches_split_over_threads_in_rust_give_the_same_logits() {
     let bundle = default_bundle();
     let images = recorded();
     let batch = fixture_batch(&bundle, &images);
     let views: Vec<_> = (0..4).map(|_| batch.view()).collect();
     let big = ndarray::concatenate(Axis(0), &views).unwrap();
-    let mut classifier = Classifier::open(bundle, &RuntimeOptions::default()).unwrap();
+    let options = RuntimeOptions { tail: TailPlacement::Rust, ..RuntimeOptions::default() };
+    let mut classifier = Classifier::open(bundle, &options).unwrap();
     let split = classifier.split(big.view()).unwrap();
     let together = classifier.logits_from_split(split.view()).unwrap();
     for (index, row) in together.axis_iter(Axis(0)).enumerate() {

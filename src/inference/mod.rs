@@ -1,6 +1,9 @@
-//! Classification with a bundle: the trunk runs in ONNX Runtime, tail and head in Rust.
+//! Classification with a bundle: the trunk runs in ONNX Runtime; the tail and head run there
+//! too, on the trunk's execution provider, or in Rust, whichever is faster
+//! ([`tail_runs_in_onnx`]).
 
 pub mod import_check;
+pub mod onnx_tail;
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +13,8 @@ use serde::Serialize;
 use crate::imaging::{self, DecodeLimits, ImageInputError};
 use crate::model::Bundle;
 use crate::network::{Batch, Network};
-use crate::runtime::{self, ModelSession, ProviderKind, RuntimeError, RuntimeOptions};
+use crate::runtime::{self, ModelSession, ProviderKind, RuntimeError, RuntimeOptions, TailPlacement};
+use onnx_tail::OnnxTail;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
@@ -22,7 +26,13 @@ pub enum InferenceError {
     Run { model: PathBuf, problem: String },
     #[error("split tensors of shape {got:?} do not match the bundle's {expected:?}")]
     SplitShape { got: Vec<usize>, expected: Vec<usize> },
+    #[error("{bundle}: the tail and head cannot run in ONNX Runtime (runtime.tail = \"onnx\"): {problem}")]
+    OnnxTail { bundle: PathBuf, problem: String },
 }
+
+/// Tail sessions kept open for networks of other structures (the source's and an adapted
+/// version's), so that a rollback swaps tensors too.
+const KEPT_TAIL_SESSIONS: usize = 4;
 
 /// Batches of at least twice this many samples run the tail on several threads.
 const PARALLEL_MIN_SAMPLES: usize = 8;
@@ -37,6 +47,11 @@ pub struct Classifier {
     trunk: ModelSession,
     /// The one batch size the trunk runs on (GPU providers; the CPU takes any size).
     fixed_batch: Option<usize>,
+    options: RuntimeOptions,
+    /// Tail sessions by structure, the most recently served last.
+    tails: Vec<OnnxTail>,
+    /// Whether the last of `tails` serves `network` (false where it could not be opened).
+    tail_ready: bool,
 }
 
 /// How the start-up warm-up went.
@@ -65,7 +80,73 @@ impl Classifier {
         check_names(&trunk, "output", &bundle.manifest.trunk.output, trunk.session.outputs().iter().map(|o| o.name()))?;
         let network = Network::from_bundle(&bundle);
         let fixed_batch = trunk.provider.is_gpu().then_some(options.gpu_batch.max(1));
-        Ok(Classifier { bundle, network, calibration: Calibration::default(), trunk, fixed_batch })
+        let mut classifier = Classifier {
+            bundle,
+            network,
+            calibration: Calibration::default(),
+            trunk,
+            fixed_batch,
+            options: options.clone(),
+            tails: Vec::new(),
+            tail_ready: false,
+        };
+        if let Err(problem) = classifier.serve_tail_in_onnx()
+            && options.tail == TailPlacement::Onnx
+        {
+            return Err(InferenceError::OnnxTail { bundle: classifier.bundle.dir.clone(), problem });
+        }
+        Ok(classifier)
+    }
+
+    /// Binds the served network to a tail session of its structure, opening one if none is
+    /// kept. On failure the tail runs in Rust.
+    fn serve_tail_in_onnx(&mut self) -> Result<(), String> {
+        self.tail_ready = false;
+        if self.options.tail == TailPlacement::Rust {
+            return Ok(());
+        }
+        let split_shape = self.bundle.manifest.trunk.output_shape.clone();
+        let outcome = onnx_tail::structure_of(&self.network, &split_shape).and_then(|(structure, _)| {
+            match self.tails.iter().position(|tail| tail.structure() == structure) {
+                Some(index) => {
+                    let mut tail = self.tails.remove(index);
+                    let bound = tail.bind(&self.network, self.options.gpu_device);
+                    self.tails.push(tail);
+                    bound
+                }
+                None => {
+                    let tail = OnnxTail::open(
+                        &self.network,
+                        &split_shape,
+                        self.trunk.provider,
+                        &self.options,
+                        &self.bundle.dir,
+                    )?;
+                    if self.tails.len() >= KEPT_TAIL_SESSIONS {
+                        self.tails.remove(0);
+                    }
+                    self.tails.push(tail);
+                    Ok(())
+                }
+            }
+        });
+        match outcome {
+            Ok(()) => {
+                self.tail_ready = true;
+                Ok(())
+            }
+            Err(problem) => {
+                tracing::warn!(%problem, "the tail and head run in Rust: they cannot run in ONNX Runtime");
+                Err(problem)
+            }
+        }
+    }
+
+    /// Where the tail and head of a batch of `samples` run now: `Some(provider)` in ONNX Runtime,
+    /// `None` in Rust.
+    pub fn tail_provider(&self, samples: usize) -> Option<ProviderKind> {
+        let onnx = self.tail_ready && tail_runs_in_onnx(self.options.tail, self.trunk.provider, samples);
+        onnx.then(|| self.tails.last().map(OnnxTail::provider)).flatten()
     }
 
     /// Opens the bundle and runs it once, so that a TensorRT engine is built (or loaded from its
@@ -106,10 +187,13 @@ impl Classifier {
         self.fixed_batch = size.map(|s| s.max(1));
     }
 
-    /// Serves another version of the tail, adapter and head from now on.
+    /// Serves another version of the tail, adapter and head from now on. A version of a
+    /// structure served before only swaps the tensors its tail session reads.
     pub fn set_model(&mut self, network: Network, calibration: Calibration) {
         self.network = network;
         self.calibration = calibration;
+        // On failure the version is served from Rust; the warning is logged.
+        let _ = self.serve_tail_in_onnx();
     }
 
     /// The network and calibration being served.
@@ -124,29 +208,10 @@ impl Classifier {
 
     /// Runs the trunk: a batch in the contract's layout to split tensors `[N, ...]`.
     pub fn split(&mut self, batch: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, InferenceError> {
-        let Some(size) = self.fixed_batch else {
-            return self.split_once(batch);
-        };
-        let samples = batch.shape()[0];
-        let mut parts = Vec::with_capacity(samples.div_ceil(size));
-        for start in (0..samples).step_by(size) {
-            let end = (start + size).min(samples);
-            let part = batch.slice_axis(Axis(0), ndarray::Slice::from(start..end));
-            if size == end - start {
-                parts.push(self.split_once(part)?);
-            } else {
-                let mut padded =
-                    ndarray::Array4::<f32>::zeros((size, part.shape()[1], part.shape()[2], part.shape()[3]));
-                padded.slice_axis_mut(Axis(0), ndarray::Slice::from(0..end - start)).assign(&part);
-                let split = self.split_once(padded.view())?;
-                parts.push(split.slice_axis(Axis(0), ndarray::Slice::from(0..end - start)).to_owned());
-            }
-        }
-        if parts.len() == 1 {
-            return Ok(parts.pop().expect("one part"));
-        }
-        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        Ok(ndarray::concatenate(Axis(0), &views).expect("parts share the split shape"))
+        let size = self.fixed_batch;
+        in_fixed_batches(batch.into_dyn(), size, |part| {
+            self.split_once(part.into_dimensionality().expect("a 4-D batch stays 4-D"))
+        })
     }
 
     fn split_once(&mut self, batch: ArrayView4<'_, f32>) -> Result<ArrayD<f32>, InferenceError> {
@@ -168,15 +233,37 @@ impl Classifier {
         Ok(self.network.features(self.batch(split)?))
     }
 
-    /// Large batches are split over the cores: ONNX Runtime's threads are idle while the tail
-    /// runs, and the tail's matrix products are too small to thread well on their own.
-    pub fn logits_from_split(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
-        let mut logits = self.uncalibrated_logits(split)?;
+    /// Logits of split tensors with the served version's calibration.
+    pub fn logits_from_split(&mut self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+        let samples = split.shape().first().copied().unwrap_or(0);
+        let mut logits = match self.tail_provider(samples) {
+            Some(_) => self.onnx_logits(split)?,
+            None => self.rust_logits(split)?,
+        };
         crate::network::apply_calibration(&mut logits, &self.calibration.unseen, self.calibration.gamma);
         Ok(logits)
     }
 
-    fn uncalibrated_logits(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+    /// On GPU providers in the trunk's fixed batch size, for the same reason as the trunk.
+    fn onnx_logits(&mut self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
+        let got = split.shape().get(1..).unwrap_or(&[]).to_vec();
+        if got != self.bundle.manifest.trunk.output_shape {
+            return Err(InferenceError::SplitShape { got, expected: self.bundle.manifest.trunk.output_shape.clone() });
+        }
+        let tail = self.tails.last_mut().expect("a ready tail session");
+        let model = &self.trunk.model;
+        let logits = in_fixed_batches(split, self.fixed_batch, |part| {
+            tail.logits(part).map(Array2::into_dyn).map_err(|problem| InferenceError::Run {
+                model: model.clone(),
+                problem: format!("tail and head: {problem}"),
+            })
+        })?;
+        Ok(logits.into_dimensionality().expect("logits are [N, classes]"))
+    }
+
+    /// Large batches are split over the cores: ONNX Runtime's threads are idle while the tail
+    /// runs, and the tail's matrix products are too small to thread well on their own.
+    fn rust_logits(&self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
         let samples = split.shape().first().copied().unwrap_or(0);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(samples / PARALLEL_MIN_SAMPLES);
         if workers <= 1 {
@@ -244,6 +331,50 @@ impl Classifier {
         }
         Ok(results)
     }
+}
+
+/// Whether the tail and head of a batch of `samples` run in ONNX Runtime (`true`) or in Rust,
+/// by measurement (docs/performance.md, "Where the tail runs").
+pub fn tail_runs_in_onnx(placement: TailPlacement, provider: ProviderKind, samples: usize) -> bool {
+    let _ = (provider, samples);
+    match placement {
+        TailPlacement::Onnx => true,
+        TailPlacement::Rust => false,
+        TailPlacement::Auto => true,
+    }
+}
+
+/// `run` on parts of `batch` of exactly `size` samples (the last padded with zeros and its
+/// result cut back), concatenated; with no size, on the whole batch.
+fn in_fixed_batches(
+    batch: ArrayViewD<'_, f32>,
+    size: Option<usize>,
+    mut run: impl FnMut(ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, InferenceError>,
+) -> Result<ArrayD<f32>, InferenceError> {
+    let Some(size) = size else {
+        return run(batch);
+    };
+    let samples = batch.shape()[0];
+    let mut parts = Vec::with_capacity(samples.div_ceil(size));
+    for start in (0..samples).step_by(size) {
+        let end = (start + size).min(samples);
+        let part = batch.slice_axis(Axis(0), ndarray::Slice::from(start..end));
+        if size == end - start {
+            parts.push(run(part)?);
+        } else {
+            let mut shape = part.shape().to_vec();
+            shape[0] = size;
+            let mut padded = ArrayD::<f32>::zeros(shape);
+            padded.slice_axis_mut(Axis(0), ndarray::Slice::from(0..end - start)).assign(&part);
+            let result = run(padded.view())?;
+            parts.push(result.slice_axis(Axis(0), ndarray::Slice::from(0..end - start)).to_owned());
+        }
+    }
+    if parts.len() == 1 {
+        return Ok(parts.pop().expect("one part"));
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    Ok(ndarray::concatenate(Axis(0), &views).expect("parts share their shape"))
 }
 
 /// One sample's input shape in the contract's layout.

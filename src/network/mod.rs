@@ -4,6 +4,7 @@
 //! Parameters live in one flat list of tensors so that optimisers, parameter averaging
 //! (leave-out local SGD) and interpolation with the source (WiSE) treat every method alike.
 
+pub mod graph;
 pub mod weights;
 
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2};

@@ -37,8 +37,24 @@ pub struct RuntimeOptions {
     /// Writes ONNX Runtime's per-node profile (which provider ran each node, and how long) to
     /// this folder when a session closes: for finding out why a GPU provider is slow.
     pub profile_dir: Option<PathBuf>,
+    /// Where the tail and head run.
+    pub tail: TailPlacement,
     pub cuda: CudaOptions,
     pub tensorrt: TensorrtOptions,
+}
+
+/// Where the tail and head run: in ONNX Runtime on the trunk's execution provider, with the
+/// served version's parameters bound as inputs, or in Rust on the CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TailPlacement {
+    /// Whichever measured faster for the provider and batch size (docs/performance.md).
+    #[default]
+    Auto,
+    /// Always ONNX Runtime; the classifier does not open where the tail cannot run there.
+    Onnx,
+    /// Always Rust.
+    Rust,
 }
 
 /// The `[runtime.cuda]` table.
@@ -85,6 +101,7 @@ impl Default for RuntimeOptions {
             intra_threads: 0,
             gpu_batch: 32,
             profile_dir: None,
+            tail: TailPlacement::Auto,
             cuda: CudaOptions::default(),
             tensorrt: TensorrtOptions::default(),
         }
@@ -192,6 +209,33 @@ pub fn open_session(
     input: Option<&InputShape>,
     options: &RuntimeOptions,
 ) -> Result<ModelSession, RuntimeError> {
+    open(ModelSource::File(model), model, model_sha256, input, options)
+}
+
+/// Opens a model held in memory, as [`open_session`] does a file; `label` names it in messages.
+pub fn open_session_from_memory(
+    label: &Path,
+    bytes: &[u8],
+    model_sha256: &str,
+    input: Option<&InputShape>,
+    options: &RuntimeOptions,
+) -> Result<ModelSession, RuntimeError> {
+    open(ModelSource::Memory(bytes), label, model_sha256, input, options)
+}
+
+#[derive(Clone, Copy)]
+enum ModelSource<'a> {
+    File(&'a Path),
+    Memory(&'a [u8]),
+}
+
+fn open(
+    source: ModelSource<'_>,
+    model: &Path,
+    model_sha256: &str,
+    input: Option<&InputShape>,
+    options: &RuntimeOptions,
+) -> Result<ModelSession, RuntimeError> {
     let runtime = init(options.ort_library.as_deref())?;
     let plan = providers::plan(&options.providers, is_available, options.require_gpu)?;
     for (kind, why) in &plan.skipped {
@@ -199,7 +243,7 @@ pub fn open_session(
     }
     let mut failures = plan.skipped.clone();
     for &kind in &plan.attempts {
-        match build_session(runtime, model, model_sha256, input, kind, options) {
+        match build_session(runtime, source, model, model_sha256, input, kind, options) {
             Ok((session, engine_cache)) => {
                 tracing::info!(model = %model.display(), provider = %kind, "session running");
                 return Ok(ModelSession { session, provider: kind, model: model.to_path_buf(), engine_cache });
@@ -215,6 +259,7 @@ pub fn open_session(
 
 fn build_session(
     runtime: &Runtime,
+    source: ModelSource<'_>,
     model: &Path,
     model_sha256: &str,
     input: Option<&InputShape>,
@@ -275,11 +320,12 @@ fn build_session(
         let stem = model.file_stem().map_or("model".into(), |s| s.to_string_lossy());
         builder = builder.with_profiling(dir.join(format!("{stem}-{kind}"))).map_err(|e| e.to_string())?;
     }
-    let session = builder
-        .with_execution_providers([provider])
-        .map_err(|e| e.to_string())?
-        .commit_from_file(model)
-        .map_err(|e| e.to_string())?;
+    let mut builder = builder.with_execution_providers([provider]).map_err(|e| e.to_string())?;
+    let session = match source {
+        ModelSource::File(path) => builder.commit_from_file(path),
+        ModelSource::Memory(bytes) => builder.commit_from_memory(bytes),
+    }
+    .map_err(|e| e.to_string())?;
     Ok((session, engine_cache))
 }
 

@@ -1,0 +1,109 @@
+//! The tail and head in ONNX Runtime, on the trunk's execution provider. Their parameters are
+//! graph inputs ([`crate::network::graph`]), bound once per version on the session's device, so
+//! serving a new version of the same structure swaps tensors: no new session, no engine build.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use ndarray::{Array2, ArrayViewD, Ix2};
+use ort::session::SessionInputValue;
+use ort::value::{DynValue, Tensor, TensorRef};
+use sha2::{Digest, Sha256};
+
+use crate::network::Network;
+use crate::network::graph::{LOGITS, SPLIT, TailGraph, tail_graph};
+use crate::runtime::{self, InputShape, ModelSession, ProviderKind, RuntimeOptions};
+
+/// An open tail session and the parameters of the version it serves.
+pub struct OnnxTail {
+    session: ModelSession,
+    graph: TailGraph,
+    /// SHA-256 of the encoded graph: equal for every network of one structure.
+    structure: String,
+    /// The served parameters, one per graph parameter input, on the session's device.
+    bound: Vec<DynValue>,
+}
+
+/// The structure key of `network` on split tensors of `split_shape`, with its graph; fails
+/// where the network cannot be expressed as an ONNX graph.
+pub fn structure_of(network: &Network, split_shape: &[usize]) -> Result<(String, TailGraph), String> {
+    let graph = tail_graph(network, split_shape)?;
+    let bytes = crate::model::onnx::encode_model(&graph.model);
+    Ok((hex::encode(Sha256::digest(&bytes)), graph))
+}
+
+impl OnnxTail {
+    /// Opens the tail of `network` on `provider` (the trunk's), binds its parameters and runs it
+    /// once, so that a TensorRT engine is built (or loaded from its cache) now.
+    pub fn open(
+        network: &Network,
+        split_shape: &[usize],
+        provider: ProviderKind,
+        options: &RuntimeOptions,
+        bundle_dir: &Path,
+    ) -> Result<OnnxTail, String> {
+        let (structure, graph) = structure_of(network, split_shape)?;
+        let bytes = crate::model::onnx::encode_model(&graph.model);
+        let options = RuntimeOptions { providers: vec![provider], require_gpu: provider.is_gpu(), ..options.clone() };
+        let input = InputShape { name: SPLIT.into(), sample: split_shape.to_vec() };
+        let label = bundle_dir.join("tail-and-head.onnx");
+        let session = runtime::open_session_from_memory(&label, &bytes, &structure, Some(&input), &options)
+            .map_err(|e| e.to_string())?;
+        let mut tail = OnnxTail { session, graph, structure, bound: Vec::new() };
+        tail.bind(network, options.gpu_device)?;
+        let batch = if provider.is_gpu() { options.gpu_batch.max(1) } else { 1 };
+        let zeros = ndarray::ArrayD::<f32>::zeros(
+            std::iter::once(batch).chain(split_shape.iter().copied()).collect::<Vec<_>>(),
+        );
+        tail.logits(zeros.view())?;
+        if let Some(cache) = tail.session.engine_cache.take()
+            && let Err(problem) = cache.seal()
+        {
+            tracing::warn!(%problem, "TensorRT engine cache of the tail left unsealed; it will be rebuilt next start");
+        }
+        Ok(tail)
+    }
+
+    pub fn structure(&self) -> &str {
+        &self.structure
+    }
+
+    pub fn provider(&self) -> ProviderKind {
+        self.session.provider
+    }
+
+    /// Serves `network`'s parameters from now on; `network` must have this tail's structure.
+    pub fn bind(&mut self, network: &Network, gpu_device: i32) -> Result<(), String> {
+        let mut bound = Vec::with_capacity(self.graph.params.len());
+        for input in &self.graph.params {
+            let array = TailGraph::feed(network, input)?;
+            let value = Tensor::from_array(array).map_err(|e| e.to_string())?;
+            let value = if self.session.provider.is_gpu() {
+                value.to(ort::memory::AllocationDevice::CUDA, gpu_device).map_err(|e| e.to_string())?
+            } else {
+                value
+            };
+            bound.push(value.into_dyn());
+        }
+        self.bound = bound;
+        Ok(())
+    }
+
+    /// Logits (before calibration) of split tensors `[N, ...]`.
+    pub fn logits(&mut self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, String> {
+        let split = split.as_standard_layout();
+        let split = TensorRef::from_array_view(split.view()).map_err(|e| e.to_string())?;
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(1 + self.bound.len());
+        inputs.push((SPLIT.into(), split.into()));
+        for (input, value) in self.graph.params.iter().zip(&self.bound) {
+            inputs.push((input.name.as_str().into(), value.into()));
+        }
+        let outputs = self.session.session.run(inputs).map_err(|e| e.to_string())?;
+        let logits = outputs
+            .get(LOGITS)
+            .ok_or("the tail graph returned no logits")?
+            .try_extract_array::<f32>()
+            .map_err(|e| e.to_string())?;
+        logits.into_dimensionality::<Ix2>().map(|l| l.to_owned()).map_err(|e| e.to_string())
+    }
+}
