@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use edgeadapt::imaging::{self, DecodeLimits};
-use edgeadapt::inference::{Classifier, collect_image_files, prepare_files};
+use edgeadapt::inference::{Calibration, Classifier, collect_image_files, prepare_files};
 use edgeadapt::model::Bundle;
 use edgeadapt::model::onnx::{decode_model, encode_model, export};
 use edgeadapt::runtime::{self, RuntimeOptions, TailPlacement};
@@ -155,7 +155,7 @@ fn main() {
                 &mut || bare_run(&batches[next(&cursors[2], batches.len())]),
             ],
         );
-        let auto = match classifier.tail_provider(batch) {
+        let auto = match classifier.tail_provider() {
             Some(provider) => format!("ONNX Runtime ({provider})"),
             None => "Rust".to_string(),
         };
@@ -173,4 +173,37 @@ fn main() {
         );
     }
     let _ = std::fs::remove_file(&full_path);
+    print_swap_times(&mut classifier);
+}
+
+/// How long serving another version takes (`Classifier::set_model`), alternating between the
+/// source and a version of the same structure, then one with an adapter.
+fn print_swap_times(classifier: &mut Classifier) {
+    let source = classifier.model().0.clone();
+    let mut same_structure = source.clone();
+    same_structure.params[source.head.1].mapv_inplace(|v| v + 0.1);
+    let with_adapter = source.with_adapter(8, 1);
+    println!(
+        "\nserving another version (`set_model`), {} tail, 20 swaps each:\n",
+        match classifier.tail_provider() {
+            Some(provider) => format!("ONNX Runtime ({provider})"),
+            None => "Rust".into(),
+        }
+    );
+    println!("| swap | median ms | max ms |");
+    println!("|---|---|---|");
+    for (name, version) in [
+        ("source <-> version of the same structure", &same_structure),
+        ("source <-> version with an adapter", &with_adapter),
+    ] {
+        let mut times = Vec::new();
+        for round in 0..20 {
+            let network = if round % 2 == 0 { version } else { &source };
+            let started = Instant::now();
+            classifier.set_model(network.clone(), Calibration::default());
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        println!("| {name} | {:.2} | {:.2} |", (times[9] + times[10]) / 2.0, times[19]);
+    }
 }

@@ -66,14 +66,14 @@ fn assert_paths_agree(in_rust: &mut Classifier, in_onnx: &mut Classifier, what: 
 fn check_bundle(bundle: &Bundle) {
     let mut in_rust = open(bundle, TailPlacement::Rust);
     let mut in_onnx = open(bundle, TailPlacement::Onnx);
-    assert_eq!(in_rust.tail_provider(1), None);
-    assert_eq!(in_onnx.tail_provider(1), Some(ProviderKind::Cpu));
+    assert_eq!(in_rust.tail_provider(), None);
+    assert_eq!(in_onnx.tail_provider(), Some(ProviderKind::Cpu));
     let source_logits = assert_paths_agree(&mut in_rust, &mut in_onnx, "source");
 
     let (network, calibration) = adapted(in_rust.model().0, bundle.head.num_classes());
     in_rust.set_model(network.clone(), calibration.clone());
     in_onnx.set_model(network.clone(), calibration.clone());
-    assert_eq!(in_onnx.tail_provider(1), Some(ProviderKind::Cpu), "the adapted version runs in ONNX Runtime");
+    assert_eq!(in_onnx.tail_provider(), Some(ProviderKind::Cpu), "the adapted version runs in ONNX Runtime");
     let adapted_logits = assert_paths_agree(&mut in_rust, &mut in_onnx, "adapted version");
     assert!(max_diff(&adapted_logits, &source_logits) > 0.1, "the ONNX tail serves the new version, not the old");
 

@@ -1,6 +1,6 @@
-//! Classification with a bundle: the trunk runs in ONNX Runtime; the tail and head run there
-//! too, on the trunk's execution provider, or in Rust, whichever is faster
-//! ([`tail_runs_in_onnx`]).
+//! Classification with a bundle: the trunk runs in ONNX Runtime, and the tail and head run there
+//! too, on the trunk's execution provider ([`onnx_tail`]), or in Rust where they cannot or where
+//! `runtime.tail = "rust"`.
 
 pub mod import_check;
 pub mod onnx_tail;
@@ -110,7 +110,7 @@ impl Classifier {
             match self.tails.iter().position(|tail| tail.structure() == structure) {
                 Some(index) => {
                     let mut tail = self.tails.remove(index);
-                    let bound = tail.bind(&self.network, self.options.gpu_device);
+                    let bound = tail.bind(&self.network);
                     self.tails.push(tail);
                     bound
                 }
@@ -142,11 +142,9 @@ impl Classifier {
         }
     }
 
-    /// Where the tail and head of a batch of `samples` run now: `Some(provider)` in ONNX Runtime,
-    /// `None` in Rust.
-    pub fn tail_provider(&self, samples: usize) -> Option<ProviderKind> {
-        let onnx = self.tail_ready && tail_runs_in_onnx(self.options.tail, self.trunk.provider, samples);
-        onnx.then(|| self.tails.last().map(OnnxTail::provider)).flatten()
+    /// Where the tail and head run now: `Some(provider)` in ONNX Runtime, `None` in Rust.
+    pub fn tail_provider(&self) -> Option<ProviderKind> {
+        self.tail_ready.then(|| self.tails.last().map(OnnxTail::provider)).flatten()
     }
 
     /// Opens the bundle and runs it once, so that a TensorRT engine is built (or loaded from its
@@ -235,8 +233,7 @@ impl Classifier {
 
     /// Logits of split tensors with the served version's calibration.
     pub fn logits_from_split(&mut self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, InferenceError> {
-        let samples = split.shape().first().copied().unwrap_or(0);
-        let mut logits = match self.tail_provider(samples) {
+        let mut logits = match self.tail_provider() {
             Some(_) => self.onnx_logits(split)?,
             None => self.rust_logits(split)?,
         };
@@ -330,17 +327,6 @@ impl Classifier {
             progress(chunk.len());
         }
         Ok(results)
-    }
-}
-
-/// Whether the tail and head of a batch of `samples` run in ONNX Runtime (`true`) or in Rust,
-/// by measurement (docs/performance.md, "Where the tail runs").
-pub fn tail_runs_in_onnx(placement: TailPlacement, provider: ProviderKind, samples: usize) -> bool {
-    let _ = (provider, samples);
-    match placement {
-        TailPlacement::Onnx => true,
-        TailPlacement::Rust => false,
-        TailPlacement::Auto => true,
     }
 }
 

@@ -1,9 +1,13 @@
-//! The tail and head in ONNX Runtime, on the trunk's execution provider. Their parameters are
-//! graph inputs ([`crate::network::graph`]), bound once per version on the session's device, so
-//! serving a new version of the same structure swaps tensors: no new session, no engine build.
+//! The tail and head in ONNX Runtime, on the trunk's execution provider.
+//!
+//! On GPU providers the parameters are graph inputs ([`crate::network::graph`]), bound once per
+//! version on the device, so serving a new version of the same structure swaps tensors: no new
+//! session, no engine build. On the CPU they are constants of a session opened per version
+//! (milliseconds), since ONNX Runtime packs constant weights once and then runs the tail's
+//! matrix products faster than with weights as inputs ([`weights_are_constants`]).
 
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayViewD, Ix2};
 use ort::session::SessionInputValue;
@@ -18,10 +22,24 @@ use crate::runtime::{self, InputShape, ModelSession, ProviderKind, RuntimeOption
 pub struct OnnxTail {
     session: ModelSession,
     graph: TailGraph,
-    /// SHA-256 of the encoded graph: equal for every network of one structure.
+    /// SHA-256 of the encoded graph with parameters as inputs: equal for every network of one
+    /// structure.
     structure: String,
-    /// The served parameters, one per graph parameter input, on the session's device.
+    split_shape: Vec<usize>,
+    /// The runtime settings with the trunk's provider as the only one.
+    options: RuntimeOptions,
+    label: PathBuf,
+    /// The served parameters, one per graph parameter input, on the session's device; empty
+    /// where they are constants of the session.
     bound: Vec<DynValue>,
+}
+
+/// Whether tail sessions on `provider` hold the parameters as constants (a session per version)
+/// rather than as inputs (one session per structure). On the CPU, constants run the default
+/// bundle's tail at batch 8 in 0.21 ms instead of 0.31 ms, and a session opens in a few
+/// milliseconds. On GPU providers a new session could mean a new TensorRT engine: minutes.
+pub fn weights_are_constants(provider: ProviderKind) -> bool {
+    !provider.is_gpu()
 }
 
 /// The structure key of `network` on split tensors of `split_shape`, with its graph; fails
@@ -43,25 +61,36 @@ impl OnnxTail {
         bundle_dir: &Path,
     ) -> Result<OnnxTail, String> {
         let (structure, graph) = structure_of(network, split_shape)?;
-        let bytes = crate::model::onnx::encode_model(&graph.model);
         let options = RuntimeOptions { providers: vec![provider], require_gpu: provider.is_gpu(), ..options.clone() };
-        let input = InputShape { name: SPLIT.into(), sample: split_shape.to_vec() };
         let label = bundle_dir.join("tail-and-head.onnx");
-        let session = runtime::open_session_from_memory(&label, &bytes, &structure, Some(&input), &options)
-            .map_err(|e| e.to_string())?;
-        let mut tail = OnnxTail { session, graph, structure, bound: Vec::new() };
-        tail.bind(network, options.gpu_device)?;
-        let batch = if provider.is_gpu() { options.gpu_batch.max(1) } else { 1 };
-        let zeros = ndarray::ArrayD::<f32>::zeros(
-            std::iter::once(batch).chain(split_shape.iter().copied()).collect::<Vec<_>>(),
-        );
-        tail.logits(zeros.view())?;
+        let model = if weights_are_constants(provider) { graph.with_weights_of(network)? } else { graph.model.clone() };
+        let session = open_session(&model, &structure, split_shape, &options, &label)?;
+        let mut tail = OnnxTail {
+            session,
+            graph,
+            structure,
+            split_shape: split_shape.to_vec(),
+            options,
+            label,
+            bound: Vec::new(),
+        };
+        if !weights_are_constants(provider) {
+            tail.bind_inputs(network)?;
+        }
+        tail.warm_up()?;
         if let Some(cache) = tail.session.engine_cache.take()
             && let Err(problem) = cache.seal()
         {
             tracing::warn!(%problem, "TensorRT engine cache of the tail left unsealed; it will be rebuilt next start");
         }
         Ok(tail)
+    }
+
+    /// One run, so that the first live image does not pay for kernel selection.
+    fn warm_up(&mut self) -> Result<(), String> {
+        let batch = if self.session.provider.is_gpu() { self.options.gpu_batch.max(1) } else { 1 };
+        let shape: Vec<usize> = std::iter::once(batch).chain(self.split_shape.iter().copied()).collect();
+        self.logits(ndarray::ArrayD::<f32>::zeros(shape).view()).map(|_| ())
     }
 
     pub fn structure(&self) -> &str {
@@ -73,7 +102,23 @@ impl OnnxTail {
     }
 
     /// Serves `network`'s parameters from now on; `network` must have this tail's structure.
-    pub fn bind(&mut self, network: &Network, gpu_device: i32) -> Result<(), String> {
+    /// On a failure the tail keeps serving the version it served.
+    pub fn bind(&mut self, network: &Network) -> Result<(), String> {
+        if !weights_are_constants(self.session.provider) {
+            return self.bind_inputs(network);
+        }
+        let model = self.graph.with_weights_of(network)?;
+        let session = open_session(&model, &self.structure, &self.split_shape, &self.options, &self.label)?;
+        let served = std::mem::replace(&mut self.session, session);
+        if let Err(problem) = self.warm_up() {
+            self.session = served;
+            return Err(problem);
+        }
+        Ok(())
+    }
+
+    fn bind_inputs(&mut self, network: &Network) -> Result<(), String> {
+        let gpu_device = self.options.gpu_device;
         let mut bound = Vec::with_capacity(self.graph.params.len());
         for input in &self.graph.params {
             let array = TailGraph::feed(network, input)?;
@@ -106,4 +151,16 @@ impl OnnxTail {
             .map_err(|e| e.to_string())?;
         logits.into_dimensionality::<Ix2>().map(|l| l.to_owned()).map_err(|e| e.to_string())
     }
+}
+
+fn open_session(
+    model: &crate::model::onnx::proto::ModelProto,
+    structure: &str,
+    split_shape: &[usize],
+    options: &RuntimeOptions,
+    label: &Path,
+) -> Result<ModelSession, String> {
+    let bytes = crate::model::onnx::encode_model(model);
+    let input = InputShape { name: SPLIT.into(), sample: split_shape.to_vec() };
+    runtime::open_session_from_memory(label, &bytes, structure, Some(&input), options).map_err(|e| e.to_string())
 }

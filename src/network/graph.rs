@@ -44,6 +44,20 @@ impl TailGraph {
     }
 }
 
+impl TailGraph {
+    /// The same graph with `network`'s parameters as constants (initializers) instead of inputs:
+    /// ONNX Runtime's CPU provider packs constant weights once, at session creation.
+    pub fn with_weights_of(&self, network: &Network) -> Result<ModelProto, String> {
+        let mut model = self.model.clone();
+        let graph = model.graph.as_mut().expect("tail graphs have a graph");
+        for input in &self.params {
+            graph.input.retain(|i| i.name.as_deref() != Some(input.name.as_str()));
+            graph.initializer.push(tensor::from_f32(&input.name, &TailGraph::feed(network, input)?));
+        }
+        Ok(model)
+    }
+}
+
 /// The graph computing `network` from split tensors of `split_shape` (one sample, ONNX layout:
 /// `[C, H, W]` or `[D]`). Fails, naming the layer, where the network's layers and shapes do not
 /// describe a computation ONNX can express the same way.
@@ -266,6 +280,10 @@ mod tests {
         let before = tail_graph(&network, &[4, 2, 2]).unwrap();
         network.params[0].fill(3.0);
         assert_eq!(tail_graph(&network, &[4, 2, 2]).unwrap(), before);
+        let constant = before.with_weights_of(&network).unwrap();
+        let graph = constant.graph.unwrap();
+        assert_eq!(graph.input.len(), 1, "only the split is an input");
+        assert_eq!(graph.initializer.len(), 2 + network.params.len(), "Clip's bounds and every slot");
         let without_adapter = Network { layers: network.layers[..4].to_vec(), ..network.clone() };
         assert_ne!(tail_graph(&without_adapter, &[4, 2, 2]).unwrap().model, before.model);
     }
