@@ -1,6 +1,7 @@
 //! GPU execution providers on the default bundle and real images: CUDA and TensorRT (fp16)
-//! agree with the CPU within stated tolerances, and the TensorRT engine cache is reused across
-//! starts and rebuilt when it no longer matches.
+//! agree with the CPU within stated tolerances, the TensorRT engine cache is reused across
+//! starts and rebuilt when it no longer matches, and the tail on the GPU agrees with the Rust
+//! tail and takes a new version without building an engine.
 //!
 //! They need an NVIDIA GPU and a GPU build of ONNX Runtime (ORT_DYLIB_PATH); elsewhere each
 //! test prints why it skips. `EDGEADAPT_GPU_TESTS=require` turns those skips into failures, for
@@ -14,10 +15,10 @@ use std::time::Instant;
 
 use common::gpu::{missing, skip};
 use edgeadapt::imaging::{self, DecodeLimits};
-use edgeadapt::inference::{Classifier, Warmup, collect_image_files, prepare_files};
+use edgeadapt::inference::{Calibration, Classifier, Warmup, collect_image_files, prepare_files};
 use edgeadapt::metrics::argmax_rows;
 use edgeadapt::model::Bundle;
-use edgeadapt::runtime::{ConvAlgoSearch, CudaOptions, ProviderKind, RuntimeOptions};
+use edgeadapt::runtime::{ConvAlgoSearch, CudaOptions, ProviderKind, RuntimeOptions, TailPlacement};
 use ndarray::{Array2, Axis};
 
 /// Top-1 agreement with the CPU, at least.
@@ -104,8 +105,13 @@ fn node_providers(options: &RuntimeOptions, files: &[PathBuf]) -> BTreeMap<Strin
     let dir = tempfile::tempdir().unwrap();
     let options = RuntimeOptions { profile_dir: Some(dir.path().to_path_buf()), ..options.clone() };
     drop(classify(&options, files));
-    let profile = std::fs::read_dir(dir.path()).unwrap().next().expect("a profile is written").unwrap().path();
-    let events: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    // One profile per session: the trunk's and the tail's.
+    let profiles: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!profiles.is_empty(), "a profile is written");
+    let events: Vec<serde_json::Value> = profiles
+        .iter()
+        .flat_map(|p| serde_json::from_slice::<Vec<serde_json::Value>>(&std::fs::read(p).unwrap()).unwrap())
+        .collect();
     let mut nodes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut summary: BTreeMap<String, (BTreeMap<String, usize>, f64)> = BTreeMap::new();
     for event in events.iter().filter(|e| e["cat"] == "Node") {
@@ -201,7 +207,7 @@ fn tensorrt_engine_cache_is_reused_and_rebuilt_when_it_does_not_match() {
     assert_eq!(reused.warmup.engine_cache.as_deref(), Some("reused"));
 
     // The same folder presented as built by another TensorRT: not trusted.
-    let folder = std::fs::read_dir(cache.path()).unwrap().next().unwrap().unwrap().path();
+    let folder = cache.path().join(bundle().trunk_sha256().chars().take(16).collect::<String>());
     let seal_path = folder.join("cache.json");
     let mut seal: serde_json::Value = serde_json::from_slice(&std::fs::read(&seal_path).unwrap()).unwrap();
     seal["key"]["tensorrt"] = "0.0.0".into();
@@ -218,4 +224,88 @@ fn tensorrt_engine_cache_is_reused_and_rebuilt_when_it_does_not_match() {
     report("tensorrt fp16", &rebuilt, Some(compare(&cpu.probabilities, &rebuilt.probabilities)));
     assert!(agreement >= MIN_AGREEMENT, "top-1 agreement {agreement}");
     assert!(diff <= MAX_PROBABILITY_DIFF, "probability difference {diff}");
+}
+
+/// Per tail path, images/s of `classifier.logits` at batch 1, 8 and 32 (padded to the GPU batch).
+fn rates(classifier: &mut Classifier, batch: &ndarray::Array4<f32>) -> Vec<f64> {
+    [1usize, 8, 32]
+        .iter()
+        .map(|&size| {
+            let part = batch.slice_axis(Axis(0), ndarray::Slice::from(0..size));
+            classifier.logits(part).unwrap();
+            let started = Instant::now();
+            let mut images = 0;
+            while started.elapsed().as_secs_f64() < 2.0 {
+                classifier.logits(part).unwrap();
+                images += size;
+            }
+            images as f64 / started.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
+    walkdir::WalkDir::new(dir).into_iter().filter_map(Result::ok).map(|e| e.into_path()).collect()
+}
+
+/// The tail and head on the GPU (parameters bound as inputs) give the Rust tail's predictions,
+/// and serving a new version swaps tensors: no new session, no new TensorRT engine. Prints the
+/// rates of both tail paths per batch size and the swap time.
+#[test]
+fn the_tail_on_the_gpu_agrees_with_rust_and_a_version_swap_builds_no_engine() {
+    eprintln!(
+        "| provider | tail in | batch 1 img/s | batch 8 img/s | batch 32 img/s | top-1 = rust | max abs dp | swap ms |"
+    );
+    for kind in [ProviderKind::Cuda, ProviderKind::Tensorrt] {
+        if let Some(reason) = missing(kind) {
+            skip(&reason);
+            continue;
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let mut options = gpu_options(kind);
+        options.tensorrt.cache_dir = Some(cache.path().to_path_buf());
+        let (mut on_gpu, _) = Classifier::open_warm(bundle(), &options, &|_| {}).expect("classifier opens");
+        assert_eq!(on_gpu.tail_provider(), Some(kind), "the tail runs on {kind}");
+        let rust_options = RuntimeOptions { tail: TailPlacement::Rust, ..options.clone() };
+        let mut in_rust = Classifier::open(bundle(), &rust_options).expect("classifier opens");
+        assert_eq!(in_rust.tail_provider(), None);
+
+        let prepared: Vec<_> = prepare_files(&images()[..32], &bundle().manifest.input, &DecodeLimits::default())
+            .into_iter()
+            .map(|p| p.unwrap())
+            .collect();
+        let batch = imaging::stack(&prepared.iter().map(|p| p.view()).collect::<Vec<_>>());
+        let split = on_gpu.split(batch.view()).unwrap();
+        let agree = |on_gpu: &mut Classifier, in_rust: &mut Classifier| {
+            let gpu = softmax(on_gpu.logits_from_split(split.view()).unwrap());
+            let rust = softmax(in_rust.logits_from_split(split.view()).unwrap());
+            compare(&rust, &gpu)
+        };
+        let (agreement, diff) = agree(&mut on_gpu, &mut in_rust);
+        assert!(agreement >= MIN_AGREEMENT && diff <= MAX_PROBABILITY_DIFF, "source: {agreement} {diff}");
+
+        let mut version = on_gpu.model().0.clone();
+        let head = version.head.0;
+        version.params[head].mapv_inplace(|w| w * 1.5);
+        let engines = files_under(cache.path());
+        let started = Instant::now();
+        on_gpu.set_model(version.clone(), Calibration::default());
+        let swap_ms = started.elapsed().as_secs_f64() * 1000.0;
+        in_rust.set_model(version, Calibration::default());
+        assert_eq!(on_gpu.tail_provider(), Some(kind), "the new version runs on {kind}");
+        assert_eq!(files_under(cache.path()), engines, "a version swap builds no engine");
+        let (agreement, diff) = agree(&mut on_gpu, &mut in_rust);
+        assert!(agreement >= MIN_AGREEMENT && diff <= MAX_PROBABILITY_DIFF, "new version: {agreement} {diff}");
+
+        for (path, classifier) in [("onnx", &mut on_gpu), ("rust", &mut in_rust)] {
+            let r = rates(classifier, &batch);
+            eprintln!(
+                "| {kind} | {path} | {:.0} | {:.0} | {:.0} | {:.2}% | {diff:.2e} | {swap_ms:.2} |",
+                r[0],
+                r[1],
+                r[2],
+                agreement * 100.0
+            );
+        }
+    }
 }

@@ -6,10 +6,11 @@ mod common;
 
 use common::{fixture, repo};
 use edgeadapt::inference::import_check::import_onnx;
+use edgeadapt::inference::onnx_tail::{OnnxTail, ParamsAs};
 use edgeadapt::inference::{Calibration, Classifier};
 use edgeadapt::model::Bundle;
 use edgeadapt::model::onnx::import::ImportOptions;
-use edgeadapt::network::Network;
+use edgeadapt::network::{Batch, Network};
 use edgeadapt::runtime::{ProviderKind, RuntimeOptions, TailPlacement};
 use ndarray::{Array2, ArrayD, IxDyn};
 
@@ -123,4 +124,32 @@ fn images_classify_alike_on_both_paths() {
         assert_eq!(rust.class, onnx.class, "{}", onnx.class);
         assert!((rust.confidence - onnx.confidence).abs() < 1e-4);
     }
+}
+
+/// The parameters-as-inputs path that GPU providers take, run on the CPU: one session serves
+/// every version of its structure by rebinding tensors.
+#[test]
+fn parameters_bound_as_inputs_serve_each_version_of_a_structure_in_one_session() {
+    let bundle = Bundle::load(&repo().join("models/efficientnet-lite0-fonts36")).expect("default bundle");
+    let source = Network::from_bundle(&bundle);
+    let split_shape = bundle.manifest.trunk.output_shape.clone();
+    let options = RuntimeOptions::default();
+    let (version, _) = adapted(&source, bundle.head.num_classes());
+    let mut tail =
+        OnnxTail::open(&version, &split_shape, ProviderKind::Cpu, ParamsAs::Inputs, &options, &bundle.dir).unwrap();
+    let structure = tail.structure().to_string();
+    let mut second = version.clone();
+    second.params[version.head.0].mapv_inplace(|v| -v);
+    for network in [&version, &second, &version] {
+        tail.bind(network).unwrap();
+        for samples in [1, 8] {
+            let split = splits(&bundle, samples, 7);
+            let rust = network.logits(Batch::from_onnx(split.view()).unwrap());
+            let diff = max_diff(&rust, &tail.logits(split.view()).unwrap());
+            assert!(diff < TOLERANCE, "batch {samples}: the paths differ by {diff}");
+        }
+    }
+    assert_eq!(tail.structure(), structure);
+    let error = tail.bind(&source).unwrap_err();
+    assert!(error.contains("not this tail session's"), "a network of another structure is refused: {error}");
 }

@@ -115,10 +115,12 @@ impl Classifier {
                     bound
                 }
                 None => {
+                    let provider = self.trunk.provider;
                     let tail = OnnxTail::open(
                         &self.network,
                         &split_shape,
-                        self.trunk.provider,
+                        provider,
+                        onnx_tail::ParamsAs::for_provider(provider),
                         &self.options,
                         &self.bundle.dir,
                     )?;

@@ -4,7 +4,7 @@
 //! version on the device, so serving a new version of the same structure swaps tensors: no new
 //! session, no engine build. On the CPU they are constants of a session opened per version
 //! (milliseconds), since ONNX Runtime packs constant weights once and then runs the tail's
-//! matrix products faster than with weights as inputs ([`weights_are_constants`]).
+//! matrix products faster than with weights as inputs ([`ParamsAs::for_provider`]).
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ pub struct OnnxTail {
     /// structure.
     structure: String,
     split_shape: Vec<usize>,
+    params_as: ParamsAs,
     /// The runtime settings with the trunk's provider as the only one.
     options: RuntimeOptions,
     label: PathBuf,
@@ -34,12 +35,22 @@ pub struct OnnxTail {
     bound: Vec<DynValue>,
 }
 
-/// Whether tail sessions on `provider` hold the parameters as constants (a session per version)
-/// rather than as inputs (one session per structure). On the CPU, constants run the default
-/// bundle's tail at batch 8 in 0.21 ms instead of 0.31 ms, and a session opens in a few
-/// milliseconds. On GPU providers a new session could mean a new TensorRT engine: minutes.
-pub fn weights_are_constants(provider: ProviderKind) -> bool {
-    !provider.is_gpu()
+/// How a tail session holds the parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamsAs {
+    /// Constants of the session: a session per version.
+    Constants,
+    /// Graph inputs: one session per structure, tensors rebound per version.
+    Inputs,
+}
+
+impl ParamsAs {
+    /// Constants on the CPU: they run the default bundle's tail at batch 8 in 0.21 ms instead
+    /// of 0.31 ms as inputs, and a session opens in a few milliseconds. Inputs on GPU
+    /// providers, where a new session could mean a new TensorRT engine: minutes.
+    pub fn for_provider(provider: ProviderKind) -> ParamsAs {
+        if provider.is_gpu() { ParamsAs::Inputs } else { ParamsAs::Constants }
+    }
 }
 
 /// The structure key of `network` on split tensors of `split_shape`, with its graph; fails
@@ -57,24 +68,29 @@ impl OnnxTail {
         network: &Network,
         split_shape: &[usize],
         provider: ProviderKind,
+        params_as: ParamsAs,
         options: &RuntimeOptions,
         bundle_dir: &Path,
     ) -> Result<OnnxTail, String> {
         let (structure, graph) = structure_of(network, split_shape)?;
         let options = RuntimeOptions { providers: vec![provider], require_gpu: provider.is_gpu(), ..options.clone() };
         let label = bundle_dir.join("tail-and-head.onnx");
-        let model = if weights_are_constants(provider) { graph.with_weights_of(network)? } else { graph.model.clone() };
+        let model = match params_as {
+            ParamsAs::Constants => graph.with_weights_of(network)?,
+            ParamsAs::Inputs => graph.model.clone(),
+        };
         let session = open_session(&model, &structure, split_shape, &options, &label)?;
         let mut tail = OnnxTail {
             session,
             graph,
             structure,
             split_shape: split_shape.to_vec(),
+            params_as,
             options,
             label,
             bound: Vec::new(),
         };
-        if !weights_are_constants(provider) {
+        if params_as == ParamsAs::Inputs {
             tail.bind_inputs(network)?;
         }
         tail.warm_up()?;
@@ -101,10 +117,13 @@ impl OnnxTail {
         self.session.provider
     }
 
-    /// Serves `network`'s parameters from now on; `network` must have this tail's structure.
+    /// Serves `network`'s parameters from now on; a network of another structure is refused.
     /// On a failure the tail keeps serving the version it served.
     pub fn bind(&mut self, network: &Network) -> Result<(), String> {
-        if !weights_are_constants(self.session.provider) {
+        if structure_of(network, &self.split_shape)?.0 != self.structure {
+            return Err("the network's layers or shapes are not this tail session's".into());
+        }
+        if self.params_as == ParamsAs::Inputs {
             return self.bind_inputs(network);
         }
         let model = self.graph.with_weights_of(network)?;
