@@ -1,10 +1,12 @@
-//! Inference throughput of edgeadapt (trunk in ONNX Runtime, tail and head in Rust) against a
-//! bare ONNX Runtime session of the same model (the bundle exported as one ONNX file), on the
-//! same library, tensors and threads. Also the process's peak RSS after loading the bundle.
+//! Inference throughput of edgeadapt (trunk in ONNX Runtime; tail and head in a second ONNX
+//! Runtime session or in Rust) against a bare ONNX Runtime session of the same model (the bundle
+//! exported as one ONNX file), on the same library, tensors and threads; the time to serve a new
+//! version; the process's peak RSS after loading the bundle.
 //!
 //! `cargo bench --bench inference` (after `tools/setup.sh`). Environment: EDGEADAPT_BENCH_BUNDLE
-//! (default models/efficientnet-lite0-fonts36), EDGEADAPT_BENCH_DATA (default
-//! target/data/fonts36/target/test), EDGEADAPT_BENCH_SECONDS per table cell (default 6).
+//! (default models/efficientnet-lite0-fonts36; tools/bench/two-layer-tail.sh makes the second
+//! bundle of docs/performance.md), EDGEADAPT_BENCH_DATA (default target/data/fonts36/target/test),
+//! EDGEADAPT_BENCH_SECONDS per table cell (default 6).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
