@@ -85,7 +85,7 @@ fn folders_are_walked_and_a_table_is_printed() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.starts_with("| file"), "{stdout}");
     assert!(stdout.contains("a.png") && stdout.contains("b.jpg") && !stdout.contains("notes.txt"), "{stdout}");
-    assert!(stderr.contains("2 images, 0 failed; provider cpu"), "{stderr}");
+    assert!(stderr.contains("2 images, 0 failed; provider cpu, tail and head on cpu"), "{stderr}");
 }
 
 #[test]

@@ -80,7 +80,13 @@ pub fn run(args: ClassifyArgs, config: Option<&DeviceConfig>) -> anyhow::Result<
             }
         }
         println!("{}", table.render());
-        eprintln!("{} images, {} failed; provider {}", results.len(), failures, classifier.provider());
+        let tail = classifier.tail_provider().map_or("in Rust".to_string(), |p| format!("on {p}"));
+        eprintln!(
+            "{} images, {} failed; provider {}, tail and head {tail}",
+            results.len(),
+            failures,
+            classifier.provider()
+        );
     }
     Ok(if failures > 0 { 2 } else { 0 })
 }

@@ -58,6 +58,8 @@ pub struct Classifier {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Warmup {
     pub provider: ProviderKind,
+    /// Where the tail and head run: the provider of their ONNX Runtime session, `None` in Rust.
+    pub tail_provider: Option<ProviderKind>,
     /// Opening the model and the first run, TensorRT engine build included.
     pub seconds: f64,
     /// What happened to the TensorRT engine cache (`None` without one).
@@ -171,12 +173,18 @@ impl Classifier {
             }
             cache.verdict.describe()
         });
-        let warmup = Warmup { provider: classifier.provider(), seconds: started.elapsed().as_secs_f64(), engine_cache };
+        let warmup = Warmup {
+            provider: classifier.provider(),
+            tail_provider: classifier.tail_provider(),
+            seconds: started.elapsed().as_secs_f64(),
+            engine_cache,
+        };
+        let tail = warmup.tail_provider.map_or("rust".to_string(), |p| p.to_string());
         match &warmup.engine_cache {
             Some(cache) => {
-                tracing::info!(provider = %warmup.provider, seconds = warmup.seconds, engine_cache = %cache, "model warmed up")
+                tracing::info!(provider = %warmup.provider, %tail, seconds = warmup.seconds, engine_cache = %cache, "model warmed up")
             }
-            None => tracing::info!(provider = %warmup.provider, seconds = warmup.seconds, "model warmed up"),
+            None => tracing::info!(provider = %warmup.provider, %tail, seconds = warmup.seconds, "model warmed up"),
         }
         Ok((classifier, warmup))
     }
