@@ -11,8 +11,19 @@ pub struct Daemon {
     pub port: u16,
 }
 
+/// A port nothing listens on now, never handed out before in this test process: the system may
+/// give a just-closed port again, and two tests running at once (or one test's HTTP port and its
+/// broker's) would then race for it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// Writes a config for a daemon on `port` with its data in `dir/data`.
