@@ -2,15 +2,20 @@
 //! too, on the trunk's execution provider ([`onnx_tail`]), or in Rust where they cannot or where
 //! `runtime.tail = "rust"`.
 
+mod files;
 pub mod import_check;
 pub mod onnx_tail;
+mod predict;
 
-use std::path::{Path, PathBuf};
+pub use files::{collect_image_files, is_image_name, prepare_bytes, prepare_files};
+pub use predict::{FileResult, Prediction, predict};
 
-use ndarray::{Array2, ArrayD, ArrayView2, ArrayView4, ArrayViewD, Axis};
+use std::path::PathBuf;
+
+use ndarray::{Array2, ArrayD, ArrayView4, ArrayViewD, Axis};
 use serde::Serialize;
 
-use crate::imaging::{self, DecodeLimits, ImageInputError};
+use crate::imaging::{self, DecodeLimits};
 use crate::model::Bundle;
 use crate::network::{Batch, Network};
 use crate::runtime::{self, ModelSession, ProviderKind, RuntimeError, RuntimeOptions, TailPlacement};
@@ -432,152 +437,9 @@ fn check_names<'a>(
     }
 }
 
-/// Decodes and prepares files on all cores; order is preserved.
-pub fn prepare_files(
-    files: &[PathBuf],
-    contract: &crate::model::manifest::InputContract,
-    limits: &DecodeLimits,
-) -> Vec<Result<ndarray::Array3<f32>, ImageInputError>> {
-    parallel_map(files, |path| {
-        imaging::decode_file(path, limits).map(|image| imaging::to_model_input(&image, contract))
-    })
-}
-
-/// Decodes and prepares encoded images (`(name for messages, bytes)`) on all cores.
-pub fn prepare_bytes(
-    images: &[(&str, &[u8])],
-    contract: &crate::model::manifest::InputContract,
-    limits: &DecodeLimits,
-) -> Vec<Result<ndarray::Array3<f32>, ImageInputError>> {
-    parallel_map(images, |(name, bytes)| {
-        imaging::decode_bytes(name, bytes, limits).map(|image| imaging::to_model_input(&image, contract))
-    })
-}
-
-/// `f` over `items` in contiguous parts, one per core; order is preserved.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len().max(1));
-    if workers <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let per_worker = items.len().div_ceil(workers);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            items.chunks(per_worker).map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<_>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().expect("image preparation does not panic")).collect()
-    })
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-pub struct Prediction {
-    pub class_index: usize,
-    pub class: String,
-    /// Softmax probability of the predicted class.
-    pub confidence: f32,
-    /// The `k` most probable classes with their probabilities, best first.
-    pub top: Vec<(String, f32)>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FileResult {
-    pub file: PathBuf,
-    #[serde(serialize_with = "serialize_outcome")]
-    pub outcome: Result<Prediction, String>,
-}
-
-fn serialize_outcome<S: serde::Serializer>(
-    outcome: &Result<Prediction, String>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut map = serializer.serialize_map(Some(1))?;
-    match outcome {
-        Ok(prediction) => map.serialize_entry("prediction", prediction)?,
-        Err(error) => map.serialize_entry("error", error)?,
-    }
-    map.end()
-}
-
-/// Softmax and top-k over each row of logits.
-pub fn predict(logits: ArrayView2<'_, f32>, classes: &[String], k: usize) -> Vec<Prediction> {
-    logits
-        .axis_iter(Axis(0))
-        .map(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = row.iter().map(|&z| (z - max).exp()).collect();
-            let total: f32 = exps.iter().sum();
-            let mut order: Vec<usize> = (0..exps.len()).collect();
-            order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]).then(a.cmp(&b)));
-            let top = order.iter().take(k.max(1)).map(|&i| (classes[i].clone(), exps[i] / total)).collect::<Vec<_>>();
-            Prediction {
-                class_index: order[0],
-                class: classes[order[0]].clone(),
-                confidence: exps[order[0]] / total,
-                top,
-            }
-        })
-        .collect()
-}
-
-/// Image files under `paths` (folders are walked recursively, in sorted order). Files named
-/// explicitly are kept whatever their extension so that a wrong file gets a clear error.
-/// Links to folders are followed, but a link back into a folder being walked (a loop) is
-/// skipped with a warning, and a file reached by several paths is listed once.
-pub fn collect_image_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for path in paths {
-        if !path.is_dir() {
-            files.push(path.clone());
-            continue;
-        }
-        let walk = walkdir::WalkDir::new(path).follow_links(true).sort_by_file_name();
-        for entry in walk {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(error) if error.loop_ancestor().is_some() => {
-                    let at = error.path().map(|p| p.display().to_string()).unwrap_or_default();
-                    tracing::warn!(link = %at, "skipped: a link back into a folder being walked");
-                    continue;
-                }
-                // walkdir's message names the path.
-                Err(error) => return Err(std::io::Error::other(error.to_string())),
-            };
-            if entry.file_type().is_file() && is_image_name(entry.path()) {
-                let identity = std::fs::canonicalize(entry.path()).unwrap_or_else(|_| entry.path().to_path_buf());
-                if seen.insert(identity) {
-                    files.push(entry.into_path());
-                }
-            }
-        }
-    }
-    Ok(files)
-}
-
-pub fn is_image_name(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::array;
-
-    #[test]
-    fn predictions_rank_classes_by_probability() {
-        let classes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let predictions = predict(array![[1.0, 3.0, 2.0], [0.0, 0.0, 0.0]].view(), &classes, 2);
-        assert_eq!(predictions[0].class, "b");
-        assert_eq!(predictions[0].top.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), vec!["b", "c"]);
-        let expected = 3f32.exp() / (1f32.exp() + 2f32.exp() + 3f32.exp());
-        assert!((predictions[0].confidence - expected).abs() < 1e-6);
-        // Ties go to the lower class index, and probabilities of a uniform row are equal.
-        assert_eq!(predictions[1].class_index, 0);
-        assert!((predictions[1].confidence - 1.0 / 3.0).abs() < 1e-6);
-    }
 
     #[test]
     fn the_ticker_stops_when_the_work_it_watches_panics() {
@@ -604,12 +466,5 @@ mod tests {
         );
         assert_eq!(value, 7);
         assert!(ticks.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-    }
-
-    #[test]
-    fn large_logits_do_not_overflow() {
-        let classes: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
-        let prediction = &predict(array![[1000.0, 990.0]].view(), &classes, 1)[0];
-        assert!(prediction.confidence.is_finite() && prediction.confidence > 0.99);
     }
 }
