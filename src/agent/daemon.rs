@@ -165,7 +165,7 @@ fn start_embedded_broker(config: &DeviceConfig, config_path: Option<&Path>) -> a
     if mqtt.broker != "embedded" {
         return Ok(None);
     }
-    let address: std::net::SocketAddr = mqtt.embedded_listen.parse()?;
+    let address = crate::config::listen_address(&mqtt.embedded_listen, "127.0.0.1:1883").map_err(anyhow::Error::msg)?;
     crate::fleet::broker::start(address, mqtt.max_packet_bytes).map_err(|error| match error
         .downcast_ref::<crate::fleet::broker::ListenError>(
     ) {

@@ -39,16 +39,21 @@ impl Default for HttpConfig {
 }
 
 impl HttpConfig {
-    /// The address to listen on; `localhost` stands for 127.0.0.1.
+    /// The address to listen on.
     pub fn address(&self) -> Result<std::net::SocketAddr, String> {
-        let text = self.listen.trim();
-        let text = match text.strip_prefix("localhost:") {
-            Some(port) => format!("127.0.0.1:{port}"),
-            None => text.to_string(),
-        };
-        text.parse()
-            .map_err(|_| format!("\"{}\" is not an IP address with a port, e.g. \"127.0.0.1:8470\"", self.listen))
+        listen_address(&self.listen, "127.0.0.1:8470")
     }
+}
+
+/// A listening address from the config: an IP address with a port, `localhost` standing for
+/// 127.0.0.1. The error quotes the text and gives `example`.
+pub fn listen_address(text: &str, example: &str) -> Result<std::net::SocketAddr, String> {
+    let trimmed = text.trim();
+    let resolved = match trimmed.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => trimmed.to_string(),
+    };
+    resolved.parse().map_err(|_| format!("\"{text}\" is not an IP address with a port, e.g. \"{example}\""))
 }
 
 /// The on-site console: a page on the device where staff label recent traffic, adapt, judge
@@ -101,10 +106,7 @@ impl ConsoleConfig {
     /// The site-network address, if one is set.
     pub fn site_address(&self) -> Result<Option<std::net::SocketAddr>, String> {
         let Some(text) = &self.listen else { return Ok(None) };
-        text.trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("\"{text}\" is not an IP address with a port, e.g. \"0.0.0.0:8443\""))
+        listen_address(text, "0.0.0.0:8443").map(Some)
     }
 }
 
@@ -256,5 +258,20 @@ impl Default for MqttConfig {
             reconnect_min_ms: 500,
             reconnect_max_ms: 30_000,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listening_address_takes_localhost_and_names_the_text_it_refuses() {
+        assert_eq!(listen_address(" localhost:8470 ", "x").unwrap(), "127.0.0.1:8470".parse().unwrap());
+        assert_eq!(listen_address("[::1]:1883", "x").unwrap(), "[::1]:1883".parse().unwrap());
+        let error = listen_address("example.org:80", "0.0.0.0:8443").unwrap_err();
+        assert_eq!(error, "\"example.org:80\" is not an IP address with a port, e.g. \"0.0.0.0:8443\"");
+        let console = ConsoleConfig { listen: Some("localhost:8443".into()), ..ConsoleConfig::default() };
+        assert_eq!(console.site_address().unwrap(), Some("127.0.0.1:8443".parse().unwrap()));
     }
 }

@@ -14,7 +14,10 @@ mod agent;
 pub mod search;
 
 pub use crate::adapt::gate::GateConfig;
-pub use agent::{AdaptationConfig, AfterClassify, ConsoleConfig, HttpConfig, LabellingConfig, MqttConfig, WatchConfig};
+pub use agent::{
+    AdaptationConfig, AfterClassify, ConsoleConfig, HttpConfig, LabellingConfig, MqttConfig, WatchConfig,
+    listen_address,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,7 +243,7 @@ impl DeviceConfig {
             Err(problem) => return Err(invalid("mqtt.broker", &problem)),
         }
         if mqtt.broker == "embedded" {
-            match mqtt.embedded_listen.parse::<std::net::SocketAddr>() {
+            match agent::listen_address(&mqtt.embedded_listen, "127.0.0.1:1883") {
                 Ok(address) if address.ip().is_loopback() => {}
                 _ => {
                     return Err(invalid(
