@@ -89,9 +89,11 @@ fn a_bundle_that_fails_on_the_canary_reaches_no_other_device_and_a_healthy_one_s
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("canary: switched after shadowing on"), "progress is shown: {stderr}");
+    let healthy_id = Bundle::load(&healthy).unwrap().id();
     for daemon in [&canary, &second] {
         let now = status(daemon);
         assert_eq!(now["bundle"], "fonts36-v2");
+        assert_eq!(now["bundle_id"], healthy_id.as_str(), "the status names the exact bundle served");
         // Its source, or already the version its adaptation with the re-read samples made.
         let served = &now["serving"];
         assert!(now["versions"].as_array().unwrap().iter().any(|v| &v["id"] == served), "{now}");

@@ -10,7 +10,12 @@ use crate::store::VersionStatus;
 impl AgentPort for Shared {
     fn served(&self) -> Option<Served> {
         let status = self.status().ok()?;
-        Some(Served { version: status.serving, bundle: status.bundle, provider: status.provider })
+        Some(Served {
+            version: status.serving,
+            bundle: status.bundle,
+            bundle_id: status.bundle_id,
+            provider: status.provider,
+        })
     }
 
     fn metrics(&self, device: &str) -> Option<MetricsMessage> {

@@ -30,7 +30,10 @@ pub struct VersionSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub device_id: String,
+    /// The served bundle's name, and its id: the name and a hash of what the bundle means, which
+    /// tells two bundles of one name apart.
     pub bundle: String,
+    pub bundle_id: String,
     pub provider: String,
     /// The version being served.
     pub serving: i64,
@@ -78,6 +81,7 @@ fn store_status(
     Ok(Status {
         device_id: config.device_id.clone(),
         bundle: bundle.manifest.name.clone(),
+        bundle_id: bundle.id(),
         provider,
         serving: 0,
         versions,

@@ -343,7 +343,7 @@ pub(super) fn status_text(status: &Status, live: bool) -> String {
         out,
         "device {} · bundle {} · provider {} · {}",
         status.device_id,
-        status.bundle,
+        status.bundle_id,
         status.provider,
         if live { "agent running" } else { "agent not running (read from the store)" }
     );

@@ -77,9 +77,11 @@ pub fn status_message(
     reason: &str,
     served: Option<Served>,
 ) -> StatusMessage {
-    let (version, bundle, provider) = match served {
-        Some(Served { version, bundle, provider }) => (Some(version), Some(bundle), Some(provider)),
-        None => (None, None, None),
+    let (version, bundle, bundle_id, provider) = match served {
+        Some(Served { version, bundle, bundle_id, provider }) => {
+            (Some(version), Some(bundle), Some(bundle_id), Some(provider))
+        }
+        None => (None, None, None, None),
     };
     StatusMessage {
         schema: STATUS_SCHEMA.into(),
@@ -89,6 +91,7 @@ pub fn status_message(
         reason: reason.into(),
         version,
         bundle,
+        bundle_id,
         provider,
         agent: env!("CARGO_PKG_VERSION").into(),
         at_ms: crate::store::now_ms(),

@@ -10,6 +10,7 @@ use crate::store::PendingEvent;
 pub struct Served {
     pub version: i64,
     pub bundle: String,
+    pub bundle_id: String,
     pub provider: String,
 }
 

@@ -61,7 +61,8 @@ impl SimDevice {
             online,
             reason: reason.into(),
             version: online.then_some(0),
-            bundle: online.then(|| self.bundle.clone()),
+            bundle: online.then(|| self.bundle.split('@').next().unwrap_or_default().to_string()),
+            bundle_id: online.then(|| self.bundle.clone()),
             provider: online.then(|| "simulated".into()),
             agent: env!("CARGO_PKG_VERSION").into(),
             at_ms: now_ms,
@@ -228,7 +229,8 @@ mod tests {
         assert_eq!(deployed.response.result.unwrap()["state"], "switched");
         assert_eq!(deployed.in_service_at.unwrap().0, 3000);
         assert_eq!(deployed.events[0].kind, "deployment");
-        assert_eq!(device.status(true, "started", 0).bundle.as_deref(), Some("b@1"));
+        let status = device.status(true, "started", 0);
+        assert_eq!((status.bundle.as_deref(), status.bundle_id.as_deref()), (Some("b"), Some("b@1")));
         let adapt = device.on_command(&command("c4", "adapt", json!({})), 0);
         assert!(adapt.response.error.unwrap().contains("not simulated"));
         let args =

@@ -24,8 +24,12 @@ pub struct StatusMessage {
     /// The version served (absent in the Last Will, which is fixed at connect time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i64>,
+    /// The served bundle's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<String>,
+    /// The served bundle's id (`name@hash` of what it means): two bundles of one name differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     pub agent: String,
