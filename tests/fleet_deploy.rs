@@ -102,6 +102,15 @@ fn a_bundle_that_fails_on_the_canary_reaches_no_other_device_and_a_healthy_one_s
             (status(daemon)["samples"].as_object().map(|m| m.len()) == Some(6)).then_some(())
         });
     }
+    // Deploying it again sends nothing: both devices' statuses name the bundle.
+    let (output, summary) = fleet_deploy(&url, &healthy, "canary,second", &[]);
+    assert!(output.status.success(), "{}\n{summary}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for name in ["canary", "second"] {
+        assert_eq!(summary["devices"][name]["outcome"], "in_service", "{summary}");
+        assert!(stderr.contains(&format!("{name}: already serves {healthy_id}; nothing sent")), "{stderr}");
+    }
+    assert!(!stderr.contains(" holds "), "no chunk is offered: {stderr}");
     let doctor = canary.cli(&["doctor"]);
     assert!(String::from_utf8_lossy(&doctor.stdout).contains("deployed by the fleet"), "{doctor:?}");
     canary.stop();

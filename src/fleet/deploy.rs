@@ -17,7 +17,7 @@ use crate::deploy::health::Thresholds;
 use crate::deploy::rollout::{Outcome, Rollout};
 use crate::protocol::commands::DeployArgs;
 use crate::protocol::events::DeploymentState;
-use crate::protocol::messages::{EventMessage, ResponseMessage};
+use crate::protocol::messages::{EventMessage, ResponseMessage, StatusMessage};
 use crate::protocol::topics::{self, DeviceTopics};
 use crate::protocol::transfer::{ArtefactKind, make};
 
@@ -63,14 +63,23 @@ impl FleetClient {
         let mut rollout = Rollout::new(&options.devices, options.canaries, options.parallel, options.max_failures)
             .map_err(anyhow::Error::msg)?;
         let fleet = self.options.fleet.clone();
-        for leaf in ["response", "events"] {
+        for leaf in ["response", "events", "status"] {
             self.subscribe(topics::fleet_filter(&fleet, leaf)).await?;
         }
+        let mut serving = self.retained_bundles(&fleet).await?;
         report("", &format!("bundle {id}: {} bytes in {} chunks", packed.len(), chunks.len()));
         loop {
             let wave = rollout.next_wave();
             if wave.is_empty() {
                 return Ok(rollout);
+            }
+            // A device whose retained status names this bundle already serves it: nothing is
+            // sent (the status is published again on every deployment step and at each start).
+            let (already, wave): (Vec<String>, Vec<String>) =
+                wave.into_iter().partition(|device| serving.get(device) == Some(&id));
+            for device in already {
+                report(&device, &format!("already serves {id}; nothing sent"));
+                rollout.record(&device, Outcome::InService);
             }
             // Every device of the wave gets the bundle first, then every one is told to deploy
             // it: no answer to a deploy can arrive while a transfer's exchange is under way.
@@ -110,6 +119,10 @@ impl FleetClient {
                     && let Some((follow, ..)) = following.get_mut(&device)
                 {
                     let outcome = match leaf.as_str() {
+                        "status" => {
+                            note_serving(&mut serving, &device, &publish.payload);
+                            None
+                        }
                         "response" => match serde_json::from_slice::<ResponseMessage>(&publish.payload) {
                             Ok(response) if response.id == follow.command_id => {
                                 let result = response.result.clone().unwrap_or_default();
@@ -162,6 +175,41 @@ impl FleetClient {
     }
 }
 
+impl FleetClient {
+    /// The bundle each device serves by its retained status (online devices only), read until
+    /// the retained messages stop arriving.
+    async fn retained_bundles(&mut self, fleet: &str) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut serving = BTreeMap::new();
+        let started = Instant::now();
+        while started.elapsed() < RETAINED_WAIT_MAX {
+            let Some(publish) = self.next_publish(RETAINED_QUIET).await? else { break };
+            if let Some((device, leaf)) = topics::parse(fleet, &publish.topic)
+                && leaf == "status"
+            {
+                note_serving(&mut serving, &device, &publish.payload);
+            }
+        }
+        Ok(serving)
+    }
+}
+
+/// Retained statuses arrive right after subscribing; this long without one ends the wait.
+const RETAINED_QUIET: Duration = Duration::from_millis(500);
+const RETAINED_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Records the bundle a status says `device` serves; an offline status (the Last Will) says
+/// nothing about it.
+fn note_serving(serving: &mut BTreeMap<String, String>, device: &str, payload: &[u8]) {
+    match serde_json::from_slice::<StatusMessage>(payload) {
+        Ok(status) if status.online && status.bundle_id.is_some() => {
+            serving.insert(device.to_string(), status.bundle_id.unwrap_or_default());
+        }
+        _ => {
+            serving.remove(device);
+        }
+    }
+}
+
 /// The transfer and state of a `deployment` event.
 fn deployment_step(event: &EventMessage) -> Option<(String, DeploymentState)> {
     let transfer = event.payload["transfer"].as_str()?.to_string();
@@ -185,5 +233,27 @@ fn describe(outcome: &Outcome) -> String {
         Outcome::InService => "in service".into(),
         Outcome::Failed(reason) => format!("failed: {reason}"),
         Outcome::Skipped => "skipped".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_online_status_naming_a_bundle_says_what_a_device_serves() {
+        let mut serving = BTreeMap::new();
+        let status = |online: bool, id: Option<&str>| {
+            serde_json::to_vec(&json!({"schema": "edgeadapt.status/1", "device": "d", "fleet": "f",
+                "online": online, "reason": "started", "bundle_id": id, "agent": "0", "at_ms": 1}))
+            .unwrap()
+        };
+        note_serving(&mut serving, "d", &status(true, Some("b@1")));
+        assert_eq!(serving.get("d").map(String::as_str), Some("b@1"));
+        note_serving(&mut serving, "d", &status(false, None));
+        assert_eq!(serving.get("d"), None, "the Last Will forgets it");
+        note_serving(&mut serving, "d", &status(true, Some("b@1")));
+        note_serving(&mut serving, "d", b"not json");
+        assert_eq!(serving.get("d"), None, "an unreadable status forgets it");
     }
 }
