@@ -57,6 +57,14 @@ pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send 
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
 }
 
+/// Blocking agent work off the async threads, with its error as the answer: a panic is a 500,
+/// an agent error the status [`agent_error`] gives it. Handlers end their happy path with `?`.
+async fn agent_work<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, Response> {
+    blocking(work).await?.map_err(agent_error)
+}
+
 fn agent_error(e: AgentError) -> Response {
     match e {
         e @ AgentError::Store(StoreError::NoSuchVersion(_)) => error(StatusCode::NOT_FOUND, e),
@@ -75,22 +83,17 @@ struct TrafficQuery {
     unlabelled: bool,
 }
 
-async fn traffic(State(console): State<Console>, Query(query): Query<TrafficQuery>) -> Response {
+async fn traffic(State(console): State<Console>, Query(query): Query<TrafficQuery>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
     let limit = query.limit.unwrap_or(200).min(MAX_LISTED);
-    let found = blocking(move || {
+    let (all, kept_limit) = agent_work(move || {
         let mut agent = shared.lock();
         let kept_limit = agent.config().console.keep_images;
         agent.flush_images()?;
         let all = agent.store().traffic_images(MAX_LISTED)?;
-        Ok::<_, AgentError>((all, kept_limit))
+        Ok((all, kept_limit))
     })
-    .await;
-    let (all, kept_limit) = match found {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return agent_error(e),
-        Err(response) => return response,
-    };
+    .await?;
     let count = all.len();
     let images: Vec<TrafficImage> = all
         .into_iter()
@@ -99,7 +102,7 @@ async fn traffic(State(console): State<Console>, Query(query): Query<TrafficQuer
         .filter(|i| !query.unlabelled || (i.sample.is_none() && !i.skipped))
         .take(limit)
         .collect();
-    Json(json!({ "images": images, "kept": { "count": count, "limit": kept_limit } })).into_response()
+    Ok(Json(json!({ "images": images, "kept": { "count": count, "limit": kept_limit } })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -107,23 +110,18 @@ struct QueueQuery {
     limit: Option<usize>,
 }
 
-async fn label_queue(State(console): State<Console>, Query(query): Query<QueueQuery>) -> Response {
+async fn label_queue(State(console): State<Console>, Query(query): Query<QueueQuery>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
     let limit = query.limit.unwrap_or(50).min(MAX_LISTED);
-    let found = blocking(move || {
+    let (images, counts, min_samples) = agent_work(move || {
         let mut agent = shared.lock();
         let min_samples = agent.policy()?.min_samples_per_class;
         agent.flush_images()?;
         let counts = agent.store().sample_counts()?;
         let images = agent.store().traffic_images(MAX_LISTED)?;
-        Ok::<_, AgentError>((images, counts, min_samples))
+        Ok((images, counts, min_samples))
     })
-    .await;
-    let (images, counts, min_samples) = match found {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return agent_error(e),
-        Err(response) => return response,
-    };
+    .await?;
     let known = Known {
         per_class: counts.iter().map(|(class, (train, _))| (class.clone(), *train)).collect(),
         hashes: images.iter().filter(|i| i.sample.is_some()).filter_map(|i| i.dhash).collect(),
@@ -144,7 +142,7 @@ async fn label_queue(State(console): State<Console>, Query(query): Query<QueueQu
         .into_iter()
         .map(|pick: Pick| json!({ "image": by_id[&pick.id], "reason": pick.reason, "likely": pick.likely }))
         .collect();
-    Json(json!({ "rule": QUEUE_RULE, "queue": queue })).into_response()
+    Ok(Json(json!({ "rule": QUEUE_RULE, "queue": queue })).into_response())
 }
 
 fn gone(id: i64) -> Response {
@@ -164,9 +162,9 @@ fn image_response(bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "private, max-age=3600")], bytes).into_response()
 }
 
-async fn thumbnail(State(console): State<Console>, Path(id): Path<i64>) -> Response {
+async fn thumbnail(State(console): State<Console>, Path(id): Path<i64>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
-    let found = blocking(move || {
+    let found = agent_work(move || {
         let mut agent = shared.lock();
         match agent.store().traffic_thumbnail(id)? {
             Some(preview) if !preview.is_empty() => Ok(Some(preview)),
@@ -174,23 +172,14 @@ async fn thumbnail(State(console): State<Console>, Path(id): Path<i64>) -> Respo
             _ => Ok(agent.store().traffic_image(id)?.map(|(_, bytes)| bytes)),
         }
     })
-    .await;
-    match found {
-        Ok(Ok(Some(bytes))) => image_response(bytes),
-        Ok(Ok(None)) => gone(id),
-        Ok(Err(e)) => agent_error(e),
-        Err(response) => response,
-    }
+    .await?;
+    Ok(found.map_or_else(|| gone(id), image_response))
 }
 
-async fn image(State(console): State<Console>, Path(id): Path<i64>) -> Response {
+async fn image(State(console): State<Console>, Path(id): Path<i64>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
-    match blocking(move || shared.lock().store().traffic_image(id).map_err(AgentError::from)).await {
-        Ok(Ok(Some((_, bytes)))) => image_response(bytes),
-        Ok(Ok(None)) => gone(id),
-        Ok(Err(e)) => agent_error(e),
-        Err(response) => response,
-    }
+    let found = agent_work(move || Ok(shared.lock().store().traffic_image(id)?)).await?;
+    Ok(found.map_or_else(|| gone(id), |(_, bytes)| image_response(bytes)))
 }
 
 #[derive(Deserialize)]
@@ -205,13 +194,11 @@ async fn label(
     Extension(User(user)): Extension<User>,
     Path(id): Path<i64>,
     body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(LabelBody { class }) = match body {
-        Ok(body) => body,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body must be {{\"class\": NAME}}: {e}")),
-    };
+) -> Result<Response, Response> {
+    let Json(LabelBody { class }) =
+        body.map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body must be {{\"class\": NAME}}: {e}")))?;
     let shared = Arc::clone(&console.shared);
-    let outcome = blocking(move || {
+    let outcome = agent_work(move || {
         let mut agent = shared.lock();
         let Some((kept, bytes)) = agent.store().traffic_image(id)? else { return Ok(None) };
         let what = format!("recent image {id} ({})", kept.name);
@@ -223,50 +210,42 @@ async fn label(
             Err(IngestError::Duplicate { id: sample, .. }) => agent.store().mark_traffic_labelled(id, *sample)?,
             Err(_) => {}
         }
-        Ok::<_, AgentError>(Some(result))
+        Ok(Some(result))
     })
-    .await;
+    .await?;
     match outcome {
-        Ok(Ok(Some(Ok(ingested)))) => Json(json!({ "sample": ingested })).into_response(),
-        Ok(Ok(Some(Err(e)))) => {
+        Some(Ok(ingested)) => Ok(Json(json!({ "sample": ingested })).into_response()),
+        Some(Err(e)) => {
             let status = match e {
                 IngestError::Duplicate { .. } => StatusCode::CONFLICT,
                 IngestError::Failed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_REQUEST,
             };
-            error(status, e)
+            Err(error(status, e))
         }
-        Ok(Ok(None)) => gone(id),
-        Ok(Err(e)) => agent_error(e),
-        Err(response) => response,
+        None => Err(gone(id)),
     }
 }
 
-async fn skip(State(console): State<Console>, Path(id): Path<i64>) -> Response {
+async fn skip(State(console): State<Console>, Path(id): Path<i64>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
-    match blocking(move || shared.lock().store().skip_traffic_image(id).map_err(AgentError::from)).await {
-        Ok(Ok(true)) => Json(json!({ "skipped": id })).into_response(),
-        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("image {id} is no longer kept, or is labelled already")),
-        Ok(Err(e)) => agent_error(e),
-        Err(response) => response,
+    if agent_work(move || Ok(shared.lock().store().skip_traffic_image(id)?)).await? {
+        Ok(Json(json!({ "skipped": id })).into_response())
+    } else {
+        Err(error(StatusCode::NOT_FOUND, format!("image {id} is no longer kept, or is labelled already")))
     }
 }
 
-async fn classes(State(console): State<Console>) -> Response {
+async fn classes(State(console): State<Console>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
-    let found = blocking(move || {
+    let (min, classes, counts) = agent_work(move || {
         let mut agent = shared.lock();
         let min = agent.policy()?.min_samples_per_class;
         let classes = agent.classes().to_vec();
         let counts = agent.store().sample_counts()?;
-        Ok::<_, AgentError>((min, classes, counts))
+        Ok((min, classes, counts))
     })
-    .await;
-    let (min, classes, counts) = match found {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return agent_error(e),
-        Err(response) => return response,
-    };
+    .await?;
     let rows: Vec<serde_json::Value> = classes
         .iter()
         .map(|class| {
@@ -277,7 +256,7 @@ async fn classes(State(console): State<Console>) -> Response {
             })
         })
         .collect();
-    Json(json!({ "min_samples": min, "classes": rows })).into_response()
+    Ok(Json(json!({ "min_samples": min, "classes": rows })).into_response())
 }
 
 async fn adapt(State(console): State<Console>, Extension(User(user)): Extension<User>) -> Response {
@@ -337,20 +316,15 @@ async fn adapt_events(State(console): State<Console>) -> Response {
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
-async fn versions(State(console): State<Console>) -> Response {
+async fn versions(State(console): State<Console>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
-    let found = blocking(move || {
+    let (serving, records) = agent_work(move || {
         let mut agent = shared.lock();
         let serving = agent.serving();
         let records = agent.store().versions()?;
-        Ok::<_, AgentError>((serving, records))
+        Ok((serving, records))
     })
-    .await;
-    let (serving, records) = match found {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return agent_error(e),
-        Err(response) => return response,
-    };
+    .await?;
     let versions: Vec<serde_json::Value> = records
         .iter()
         .map(|v| {
@@ -362,7 +336,7 @@ async fn versions(State(console): State<Console>) -> Response {
             })
         })
         .collect();
-    Json(json!({ "serving": serving, "versions": versions })).into_response()
+    Ok(Json(json!({ "serving": serving, "versions": versions })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -374,43 +348,30 @@ async fn rollback(
     State(console): State<Console>,
     Extension(User(user)): Extension<User>,
     body: Result<Json<RollbackBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
+) -> Result<Response, Response> {
     let Ok(Json(RollbackBody { to })) = body else {
-        return error(StatusCode::BAD_REQUEST, "the body must be {\"to\": \"source\" | \"previous\" | N}");
+        return Err(error(StatusCode::BAD_REQUEST, "the body must be {\"to\": \"source\" | \"previous\" | N}"));
     };
-    let to = match to.parse::<VersionRef>() {
-        Ok(to) => to,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+    let to = to.parse::<VersionRef>().map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let shared = Arc::clone(&console.shared);
-    match blocking(move || shared.lock().rollback(to)).await {
-        Ok(Ok(serving)) => {
-            tracing::info!(%user, serving, "rolled back from the console");
-            Json(json!({ "serving": serving })).into_response()
-        }
-        Ok(Err(e)) => agent_error(e),
-        Err(response) => response,
-    }
+    let serving = agent_work(move || shared.lock().rollback(to)).await?;
+    tracing::info!(%user, serving, "rolled back from the console");
+    Ok(Json(json!({ "serving": serving })).into_response())
 }
 
-async fn device(State(console): State<Console>) -> Response {
+async fn device(State(console): State<Console>) -> Result<Response, Response> {
     let shared = Arc::clone(&console.shared);
-    let found = blocking(move || {
+    let (status, events, data_dir, mqtt) = agent_work(move || {
         let status = shared.status()?;
         let mut agent = shared.lock();
         let events = agent.store().recent_events(20)?;
         let data_dir = agent.config().data_dir.clone();
         let mqtt = agent.config().mqtt.clone();
-        Ok::<_, AgentError>((status, events, data_dir, mqtt))
+        Ok((status, events, data_dir, mqtt))
     })
-    .await;
-    let (status, events, data_dir, mqtt) = match found {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => return agent_error(e),
-        Err(response) => return response,
-    };
+    .await?;
     let data_bytes = data_dir.as_deref().map(folder_bytes);
-    Json(json!({
+    Ok(Json(json!({
         "device_id": status.device_id, "bundle": status.bundle, "provider": status.provider,
         "serving": status.serving, "data_bytes": data_bytes,
         "undelivered_events": status.undelivered_events,
@@ -421,7 +382,7 @@ async fn device(State(console): State<Console>) -> Response {
         },
         "classification": status.classification, "events": events,
     }))
-    .into_response()
+    .into_response())
 }
 
 /// Bytes of the regular files directly in `folder` and one level down (the store and its
