@@ -32,7 +32,8 @@ pub struct ErrorBody {
     pub detail: Option<serde_json::Value>,
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+/// A JSON `{"error": ...}` answer; the console's API answers errors the same way.
+pub(super) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(ErrorBody { error: message.to_string(), detail: None })).into_response()
 }
 
@@ -224,7 +225,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpConfig, tls: 
     }
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+/// Runs blocking agent work off the async threads; a panic becomes a 500.
+pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Console, User, error, signin};
+use super::{Console, User, blocking, error, signin};
 use crate::adapt::queue::{self, Candidate, Labelled as Known, Pick};
 use crate::agent::shared::{Origin, Shared, StartError};
 use crate::agent::{AgentError, IngestError, Labelled};
@@ -48,13 +48,6 @@ pub(super) fn routes() -> Router<Console> {
         .route("/console/api/versions", get(versions))
         .route("/console/api/rollback", post(rollback))
         .route("/console/api/device", get(device))
-}
-
-/// Runs blocking agent work off the async threads; a panic becomes a 500.
-pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
 }
 
 /// Blocking agent work off the async threads, with its error as the answer: a panic is a 500,

@@ -21,7 +21,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::http::ErrorBody;
 use super::shared::Shared;
 use sessions::{Refusal, Sessions};
 use users::{Lockout, Users};
@@ -103,9 +102,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-pub(super) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, axum::Json(ErrorBody { error: message.to_string(), detail: None })).into_response()
-}
+pub(super) use super::http::{blocking, error};
 
 /// The host a request names, without its port.
 fn host_name(headers: &HeaderMap) -> Option<String> {

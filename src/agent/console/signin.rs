@@ -10,7 +10,7 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api::blocking;
+use super::blocking;
 use super::sessions::Session;
 use super::{COOKIE, Console, Listener, error, session_token};
 
