@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use common::gpu::{missing, skip};
 use edgeadapt::imaging::{self, DecodeLimits};
+use edgeadapt::inference::onnx_tail::provider_beside;
 use edgeadapt::inference::{Calibration, Classifier, Warmup, collect_image_files, prepare_files};
 use edgeadapt::metrics::argmax_rows;
 use edgeadapt::model::Bundle;
@@ -248,9 +249,9 @@ fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
     walkdir::WalkDir::new(dir).into_iter().filter_map(Result::ok).map(|e| e.into_path()).collect()
 }
 
-/// The tail and head on the GPU (parameters bound as inputs) give the Rust tail's predictions,
-/// and serving a new version swaps tensors: no new session, no new TensorRT engine. Prints the
-/// rates of both tail paths per batch size and the swap time.
+/// The tail and head on the GPU (parameters bound as inputs; on CUDA beside a TensorRT trunk)
+/// give the Rust tail's predictions, and serving a new version swaps tensors: no new session, no
+/// new TensorRT engine. Prints the rates of both tail paths per batch size and the swap time.
 #[test]
 fn the_tail_on_the_gpu_agrees_with_rust_and_a_version_swap_builds_no_engine() {
     eprintln!(
@@ -265,7 +266,8 @@ fn the_tail_on_the_gpu_agrees_with_rust_and_a_version_swap_builds_no_engine() {
         let mut options = gpu_options(kind);
         options.tensorrt.cache_dir = Some(cache.path().to_path_buf());
         let (mut on_gpu, _) = Classifier::open_warm(bundle(), &options, &|_| {}).expect("classifier opens");
-        assert_eq!(on_gpu.tail_provider(), Some(kind), "the tail runs on {kind}");
+        let tail_kind = provider_beside(kind);
+        assert_eq!(on_gpu.tail_provider(), Some(tail_kind), "the tail runs on {tail_kind}");
         let rust_options = RuntimeOptions { tail: TailPlacement::Rust, ..options.clone() };
         let mut in_rust = Classifier::open(bundle(), &rust_options).expect("classifier opens");
         assert_eq!(in_rust.tail_provider(), None);
@@ -292,7 +294,7 @@ fn the_tail_on_the_gpu_agrees_with_rust_and_a_version_swap_builds_no_engine() {
         on_gpu.set_model(version.clone(), Calibration::default());
         let swap_ms = started.elapsed().as_secs_f64() * 1000.0;
         in_rust.set_model(version, Calibration::default());
-        assert_eq!(on_gpu.tail_provider(), Some(kind), "the new version runs on {kind}");
+        assert_eq!(on_gpu.tail_provider(), Some(tail_kind), "the new version runs on {tail_kind}");
         assert_eq!(files_under(cache.path()), engines, "a version swap builds no engine");
         let (agreement, diff) = agree(&mut on_gpu, &mut in_rust);
         assert!(agreement >= MIN_AGREEMENT && diff <= MAX_PROBABILITY_DIFF, "new version: {agreement} {diff}");

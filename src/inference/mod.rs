@@ -122,7 +122,7 @@ impl Classifier {
                     bound
                 }
                 None => {
-                    let provider = self.trunk.provider;
+                    let provider = onnx_tail::provider_beside(self.trunk.provider);
                     let tail = OnnxTail::open(
                         &self.network,
                         &split_shape,

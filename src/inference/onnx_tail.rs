@@ -1,4 +1,5 @@
-//! The tail and head in ONNX Runtime, on the trunk's execution provider.
+//! The tail and head in ONNX Runtime, on the trunk's execution provider (CUDA beside a
+//! TensorRT trunk: [`provider_beside`]).
 //!
 //! On GPU providers the parameters are graph inputs ([`crate::network::graph`]), bound once per
 //! version on the device, so serving a new version of the same structure swaps tensors: no new
@@ -44,6 +45,17 @@ pub enum ParamsAs {
     Inputs,
 }
 
+/// The provider the tail runs on beside a trunk on `trunk`: the same, except that a TensorRT
+/// trunk gets a CUDA tail on the same GPU. CUDA runs a convolution whose weights are inputs as
+/// it runs any other; TensorRT's support for that depends on its version, a miss would put the
+/// node on the CPU, and its gain on a graph of a few matrix products is small.
+pub fn provider_beside(trunk: ProviderKind) -> ProviderKind {
+    match trunk {
+        ProviderKind::Tensorrt => ProviderKind::Cuda,
+        other => other,
+    }
+}
+
 impl ParamsAs {
     /// Constants on the CPU: they run the default bundle's tail at batch 8 in 0.21 ms instead
     /// of 0.31 ms as inputs, and a session opens in a few milliseconds. Inputs on GPU
@@ -62,8 +74,8 @@ pub fn structure_of(network: &Network, split_shape: &[usize]) -> Result<(String,
 }
 
 impl OnnxTail {
-    /// Opens the tail of `network` on `provider` (the trunk's), binds its parameters and runs it
-    /// once, so that a TensorRT engine is built (or loaded from its cache) now.
+    /// Opens the tail of `network` on `provider`, binds its parameters and runs it once, so
+    /// that the first live image does not pay for kernel selection.
     pub fn open(
         network: &Network,
         split_shape: &[usize],
@@ -94,15 +106,9 @@ impl OnnxTail {
             tail.bind_inputs(network)?;
         }
         tail.warm_up()?;
-        if let Some(cache) = tail.session.engine_cache.take()
-            && let Err(problem) = cache.seal()
-        {
-            tracing::warn!(%problem, "TensorRT engine cache of the tail left unsealed; it will be rebuilt next start");
-        }
         Ok(tail)
     }
 
-    /// One run, so that the first live image does not pay for kernel selection.
     fn warm_up(&mut self) -> Result<(), String> {
         let batch = if self.session.provider.is_gpu() { self.options.gpu_batch.max(1) } else { 1 };
         let shape: Vec<usize> = std::iter::once(batch).chain(self.split_shape.iter().copied()).collect();
@@ -182,4 +188,18 @@ fn open_session(
     let bytes = crate::model::onnx::encode_model(model);
     let input = InputShape { name: SPLIT.into(), sample: split_shape.to_vec() };
     runtime::open_session_from_memory(label, &bytes, structure, Some(&input), options).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensorrt_trunk_gets_a_cuda_tail_and_gpu_tails_take_their_parameters_as_inputs() {
+        assert_eq!(provider_beside(ProviderKind::Tensorrt), ProviderKind::Cuda);
+        assert_eq!(provider_beside(ProviderKind::Cuda), ProviderKind::Cuda);
+        assert_eq!(provider_beside(ProviderKind::Cpu), ProviderKind::Cpu);
+        assert_eq!(ParamsAs::for_provider(ProviderKind::Cuda), ParamsAs::Inputs);
+        assert_eq!(ParamsAs::for_provider(ProviderKind::Cpu), ParamsAs::Constants);
+    }
 }
