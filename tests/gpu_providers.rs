@@ -286,16 +286,21 @@ fn the_tail_on_the_gpu_agrees_with_rust_and_a_version_swap_builds_no_engine() {
         let (agreement, diff) = agree(&mut on_gpu, &mut in_rust);
         assert!(agreement >= MIN_AGREEMENT && diff <= MAX_PROBABILITY_DIFF, "source: {agreement} {diff}");
 
+        let before = on_gpu.logits_from_split(split.view()).unwrap();
         let mut version = on_gpu.model().0.clone();
         let head = version.head.0;
         version.params[head].mapv_inplace(|w| w * 1.5);
-        let engines = files_under(cache.path());
+        let (engines, opened) = (files_under(cache.path()), on_gpu.tail_sessions_opened());
         let started = Instant::now();
         on_gpu.set_model(version.clone(), Calibration::default());
         let swap_ms = started.elapsed().as_secs_f64() * 1000.0;
         in_rust.set_model(version, Calibration::default());
         assert_eq!(on_gpu.tail_provider(), Some(tail_kind), "the new version runs on {tail_kind}");
-        assert_eq!(files_under(cache.path()), engines, "a version swap builds no engine");
+        assert_eq!(on_gpu.tail_sessions_opened(), opened, "a version swap opens no session");
+        assert_eq!(files_under(cache.path()), engines, "nor writes to the engine cache");
+        let after = on_gpu.logits_from_split(split.view()).unwrap();
+        let moved = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(moved > 0.1, "the GPU tail serves the new version's weights (logits moved by {moved})");
         let (agreement, diff) = agree(&mut on_gpu, &mut in_rust);
         assert!(agreement >= MIN_AGREEMENT && diff <= MAX_PROBABILITY_DIFF, "new version: {agreement} {diff}");
 

@@ -1,6 +1,7 @@
-//! The tail and head give the same logits in ONNX Runtime (parameters bound as graph inputs)
-//! and in Rust: on the default bundle, on an imported model whose tail has two weighted
-//! layers, and after swapping in versions with an adapter and a calibration.
+//! The tail and head give the same logits in ONNX Runtime (on the CPU a session per version with
+//! the parameters as constants; the inputs path GPUs take is run here too) and in Rust: on the
+//! default bundle, on an imported model whose tail has two weighted layers, in fixed batches, and
+//! after swapping in versions with an adapter and a calibration.
 
 mod common;
 
@@ -78,12 +79,19 @@ fn check_bundle(bundle: &Bundle) {
     let adapted_logits = assert_paths_agree(&mut in_rust, &mut in_onnx, "adapted version");
     assert!(max_diff(&adapted_logits, &source_logits) > 0.1, "the ONNX tail serves the new version, not the old");
 
-    // A second version of the same structure swaps tensors in the same session.
+    // A second version of the same structure: on the CPU a new session with its constants.
+    let opened = in_onnx.tail_sessions_opened();
     let mut second = network.clone();
     second.params[network.head.1].mapv_inplace(|v| v + 0.5);
     in_rust.set_model(second.clone(), calibration.clone());
     in_onnx.set_model(second, calibration);
     assert_paths_agree(&mut in_rust, &mut in_onnx, "second version");
+    assert_eq!(in_onnx.tail_sessions_opened(), opened + 1);
+
+    // In fixed batches (as on GPU providers): the last part padded, its padding cut off.
+    in_onnx.set_fixed_batch(Some(8));
+    assert_paths_agree(&mut in_rust, &mut in_onnx, "fixed batches of 8");
+    in_onnx.set_fixed_batch(None);
 
     // Back to the source: the kept session of the source's structure serves it again.
     let source = Network::from_bundle(bundle);

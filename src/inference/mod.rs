@@ -57,6 +57,7 @@ pub struct Classifier {
     tails: Vec<OnnxTail>,
     /// Whether the last of `tails` serves `network` (false where it could not be opened).
     tail_ready: bool,
+    tail_sessions_opened: usize,
 }
 
 /// How the start-up warm-up went.
@@ -96,6 +97,7 @@ impl Classifier {
             options: options.clone(),
             tails: Vec::new(),
             tail_ready: false,
+            tail_sessions_opened: 0,
         };
         if let Err(problem) = classifier.serve_tail_in_onnx()
             && options.tail == TailPlacement::Onnx
@@ -113,42 +115,53 @@ impl Classifier {
             return Ok(());
         }
         let split_shape = self.bundle.manifest.trunk.output_shape.clone();
+        let provider = onnx_tail::provider_beside(self.trunk.provider);
+        let params_as = onnx_tail::ParamsAs::for_provider(provider);
+        // Constants mean a session per version: keeping others would only hold their memory.
+        let kept = if params_as == onnx_tail::ParamsAs::Constants { 1 } else { KEPT_TAIL_SESSIONS };
         let outcome = onnx_tail::structure_of(&self.network, &split_shape).and_then(|(structure, _)| {
             match self.tails.iter().position(|tail| tail.structure() == structure) {
                 Some(index) => {
                     let mut tail = self.tails.remove(index);
                     let bound = tail.bind(&self.network);
                     self.tails.push(tail);
+                    if bound.is_ok() && params_as == onnx_tail::ParamsAs::Constants {
+                        self.tail_sessions_opened += 1;
+                    }
                     bound
                 }
                 None => {
-                    let provider = onnx_tail::provider_beside(self.trunk.provider);
-                    let tail = OnnxTail::open(
-                        &self.network,
-                        &split_shape,
-                        provider,
-                        onnx_tail::ParamsAs::for_provider(provider),
-                        &self.options,
-                        &self.bundle.dir,
-                    )?;
-                    if self.tails.len() >= KEPT_TAIL_SESSIONS {
-                        self.tails.remove(0);
-                    }
+                    let network = &self.network;
+                    let tail =
+                        OnnxTail::open(network, &split_shape, provider, params_as, &self.options, &self.bundle.dir)?;
+                    self.tail_sessions_opened += 1;
                     self.tails.push(tail);
                     Ok(())
                 }
             }
         });
+        let excess = self.tails.len().saturating_sub(kept);
+        self.tails.drain(..excess);
         match outcome {
             Ok(()) => {
                 self.tail_ready = true;
                 Ok(())
+            }
+            Err(problem) if self.options.tail == TailPlacement::Onnx => {
+                tracing::error!(%problem, "runtime.tail = \"onnx\", but the tail and head run in Rust: they cannot run in ONNX Runtime");
+                Err(problem)
             }
             Err(problem) => {
                 tracing::warn!(%problem, "the tail and head run in Rust: they cannot run in ONNX Runtime");
                 Err(problem)
             }
         }
+    }
+
+    /// Tail sessions opened so far: once per structure on GPU providers, once per version
+    /// served on the CPU.
+    pub fn tail_sessions_opened(&self) -> usize {
+        self.tail_sessions_opened
     }
 
     /// Where the tail and head run now: `Some(provider)` in ONNX Runtime, `None` in Rust.
@@ -286,9 +299,13 @@ impl Classifier {
             .step_by(per_worker)
             .map(|start| split.slice_axis(Axis(0), ndarray::Slice::from(start..(start + per_worker).min(samples))))
             .collect();
+        // The classifier's sessions are not shared with threads: only the network and the shape.
+        let (network, expected) = (&self.network, &self.bundle.manifest.trunk.output_shape);
         let results: Vec<Result<Array2<f32>, InferenceError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> =
-                parts.into_iter().map(|part| scope.spawn(move || Ok(self.network.logits(self.batch(part)?)))).collect();
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| scope.spawn(move || Ok(network.logits(network_batch(part, expected)?))))
+                .collect();
             handles.into_iter().map(|h| h.join().expect("tail workers do not panic")).collect()
         });
         let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -297,12 +314,7 @@ impl Classifier {
     }
 
     fn batch(&self, split: ArrayViewD<'_, f32>) -> Result<Batch, InferenceError> {
-        let expected = &self.bundle.manifest.trunk.output_shape;
-        let got = split.shape().get(1..).unwrap_or(&[]).to_vec();
-        if &got != expected {
-            return Err(InferenceError::SplitShape { got, expected: expected.clone() });
-        }
-        Batch::from_onnx(split).map_err(|_| InferenceError::SplitShape { got, expected: expected.clone() })
+        network_batch(split, &self.bundle.manifest.trunk.output_shape)
     }
 
     pub fn logits(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, InferenceError> {
@@ -345,6 +357,15 @@ impl Classifier {
     }
 }
 
+/// Split tensors `[N, ...]` of the `expected` per-sample shape as the network's batch.
+fn network_batch(split: ArrayViewD<'_, f32>, expected: &[usize]) -> Result<Batch, InferenceError> {
+    let got = split.shape().get(1..).unwrap_or(&[]).to_vec();
+    if got != expected {
+        return Err(InferenceError::SplitShape { got, expected: expected.to_vec() });
+    }
+    Batch::from_onnx(split).map_err(|_| InferenceError::SplitShape { got, expected: expected.to_vec() })
+}
+
 /// `run` on parts of `batch` of exactly `size` samples (the last padded with zeros and its
 /// result cut back), concatenated; with no size, on the whole batch.
 fn in_fixed_batches(
@@ -352,10 +373,10 @@ fn in_fixed_batches(
     size: Option<usize>,
     mut run: impl FnMut(ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, InferenceError>,
 ) -> Result<ArrayD<f32>, InferenceError> {
-    let Some(size) = size else {
+    let samples = batch.shape()[0];
+    let Some(size) = size.filter(|_| samples > 0) else {
         return run(batch);
     };
-    let samples = batch.shape()[0];
     let mut parts = Vec::with_capacity(samples.div_ceil(size));
     for start in (0..samples).step_by(size) {
         let end = (start + size).min(samples);

@@ -7,12 +7,12 @@
 //! (milliseconds), since ONNX Runtime packs constant weights once and then runs the tail's
 //! matrix products faster than with weights as inputs ([`ParamsAs::for_provider`]).
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayViewD, Ix2};
-use ort::session::SessionInputValue;
-use ort::value::{DynValue, Tensor, TensorRef};
+use ort::memory::MemoryInfo;
+use ort::session::IoBinding;
+use ort::value::{Tensor, TensorRef};
 use sha2::{Digest, Sha256};
 
 use crate::network::Network;
@@ -31,9 +31,9 @@ pub struct OnnxTail {
     /// The runtime settings with the trunk's provider as the only one.
     options: RuntimeOptions,
     label: PathBuf,
-    /// The served parameters, one per graph parameter input, on the session's device; empty
-    /// where they are constants of the session.
-    bound: Vec<DynValue>,
+    /// The served parameters bound to the session's inputs (on its device) and the logits to
+    /// host memory; `None` where the parameters are constants of the session.
+    binding: Option<IoBinding>,
 }
 
 /// How a tail session holds the parameters.
@@ -100,7 +100,7 @@ impl OnnxTail {
             params_as,
             options,
             label,
-            bound: Vec::new(),
+            binding: None,
         };
         if params_as == ParamsAs::Inputs {
             tail.bind_inputs(network)?;
@@ -142,38 +142,37 @@ impl OnnxTail {
         Ok(())
     }
 
+    /// A binding of the session with `network`'s parameters: ONNX Runtime copies them to the
+    /// session's device here, once, and every run reads them there.
     fn bind_inputs(&mut self, network: &Network) -> Result<(), String> {
-        let gpu_device = self.options.gpu_device;
-        let mut bound = Vec::with_capacity(self.graph.params.len());
+        let text = |e: ort::Error| e.to_string();
+        let mut binding = self.session.session.create_binding().map_err(text)?;
         for input in &self.graph.params {
-            let array = TailGraph::feed(network, input)?;
-            let value = Tensor::from_array(array).map_err(|e| e.to_string())?;
-            let value = if self.session.provider.is_gpu() {
-                value.to(ort::memory::AllocationDevice::CUDA, gpu_device).map_err(|e| e.to_string())?
-            } else {
-                value
-            };
-            bound.push(value.into_dyn());
+            let value = Tensor::from_array(TailGraph::feed(network, input)?).map_err(text)?;
+            binding.bind_input(input.name.as_str(), &value).map_err(text)?;
         }
-        self.bound = bound;
+        binding.bind_output_to_device(LOGITS, &MemoryInfo::default()).map_err(text)?;
+        self.binding = Some(binding);
         Ok(())
     }
 
     /// Logits (before calibration) of split tensors `[N, ...]`.
     pub fn logits(&mut self, split: ArrayViewD<'_, f32>) -> Result<Array2<f32>, String> {
-        let split = split.as_standard_layout();
-        let split = TensorRef::from_array_view(split.view()).map_err(|e| e.to_string())?;
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(1 + self.bound.len());
-        inputs.push((SPLIT.into(), split.into()));
-        for (input, value) in self.graph.params.iter().zip(&self.bound) {
-            inputs.push((input.name.as_str().into(), value.into()));
-        }
-        let outputs = self.session.session.run(inputs).map_err(|e| e.to_string())?;
-        let logits = outputs
-            .get(LOGITS)
-            .ok_or("the tail graph returned no logits")?
-            .try_extract_array::<f32>()
-            .map_err(|e| e.to_string())?;
+        let text = |e: ort::Error| e.to_string();
+        let outputs = match &mut self.binding {
+            Some(binding) => {
+                let split = Tensor::from_array(split.as_standard_layout().into_owned()).map_err(text)?;
+                binding.bind_input(SPLIT, &split).map_err(text)?;
+                self.session.session.run_binding(binding).map_err(text)?
+            }
+            None => {
+                let split = split.as_standard_layout();
+                let split = TensorRef::from_array_view(split.view()).map_err(text)?;
+                self.session.session.run(ort::inputs![SPLIT => split]).map_err(text)?
+            }
+        };
+        let logits =
+            outputs.get(LOGITS).ok_or("the tail graph returned no logits")?.try_extract_array::<f32>().map_err(text)?;
         logits.into_dimensionality::<Ix2>().map(|l| l.to_owned()).map_err(|e| e.to_string())
     }
 }
