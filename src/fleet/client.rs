@@ -130,6 +130,20 @@ impl FleetClient {
         }
     }
 
+    /// Drops the subscription to `filter` and makes it again, so that the broker sends its
+    /// retained messages again (not every broker does for a repeated subscription).
+    pub(super) async fn resubscribe(&mut self, filter: String) -> anyhow::Result<()> {
+        self.client.unsubscribe(filter.clone()).await?;
+        loop {
+            match self.eventloop.poll().await? {
+                Event::Incoming(Packet::UnsubAck(_)) => break,
+                Event::Incoming(Packet::Publish(publish)) => self.buffered.push_back(publish),
+                _ => {}
+            }
+        }
+        self.subscribe(filter).await
+    }
+
     /// The next message, buffered ones first; `None` when `wait` passes without one.
     pub(super) async fn next_publish(&mut self, wait: Duration) -> anyhow::Result<Option<rumqttc::Publish>> {
         if let Some(publish) = self.buffered.pop_front() {

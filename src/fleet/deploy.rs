@@ -63,11 +63,11 @@ impl FleetClient {
         let mut rollout = Rollout::new(&options.devices, options.canaries, options.parallel, options.max_failures)
             .map_err(anyhow::Error::msg)?;
         let fleet = self.options.fleet.clone();
-        for leaf in ["response", "events", "status"] {
+        for leaf in ["response", "events"] {
             self.subscribe(topics::fleet_filter(&fleet, leaf)).await?;
         }
-        let mut serving = self.retained_bundles(&fleet).await?;
         report("", &format!("bundle {id}: {} bytes in {} chunks", packed.len(), chunks.len()));
+        let mut subscribed = false;
         loop {
             let wave = rollout.next_wave();
             if wave.is_empty() {
@@ -75,6 +75,8 @@ impl FleetClient {
             }
             // A device whose retained status names this bundle already serves it: nothing is
             // sent (the status is published again on every deployment step and at each start).
+            let serving = self.retained_bundles(&fleet, subscribed).await?;
+            subscribed = true;
             let (already, wave): (Vec<String>, Vec<String>) =
                 wave.into_iter().partition(|device| serving.get(device) == Some(&id));
             for device in already {
@@ -119,10 +121,6 @@ impl FleetClient {
                     && let Some((follow, ..)) = following.get_mut(&device)
                 {
                     let outcome = match leaf.as_str() {
-                        "status" => {
-                            note_serving(&mut serving, &device, &publish.payload);
-                            None
-                        }
                         "response" => match serde_json::from_slice::<ResponseMessage>(&publish.payload) {
                             Ok(response) if response.id == follow.command_id => {
                                 let result = response.result.clone().unwrap_or_default();
@@ -177,8 +175,15 @@ impl FleetClient {
 
 impl FleetClient {
     /// The bundle each device serves by its retained status (online devices only), read until
-    /// the retained messages stop arriving.
-    async fn retained_bundles(&mut self, fleet: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    /// the retained messages stop arriving. A new subscription makes the broker send them
+    /// again, so each wave judges by the newest statuses.
+    async fn retained_bundles(&mut self, fleet: &str, again: bool) -> anyhow::Result<BTreeMap<String, String>> {
+        let filter = topics::fleet_filter(fleet, "status");
+        if again {
+            self.resubscribe(filter).await?
+        } else {
+            self.subscribe(filter).await?
+        }
         let mut serving = BTreeMap::new();
         let started = Instant::now();
         while started.elapsed() < RETAINED_WAIT_MAX {
