@@ -44,7 +44,7 @@ pub struct RuntimeOptions {
 }
 
 /// Where the tail and head run: in ONNX Runtime on the trunk's execution provider, with the
-/// served version's parameters bound as inputs, or in Rust on the CPU.
+/// served version's parameters as constants (CPU) or bound inputs (GPU), or in Rust on the CPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TailPlacement {
@@ -308,7 +308,7 @@ fn build_session(
         ProviderKind::Cpu => ort::ep::CPU::default().build().error_on_failure(),
     };
     // Idle ONNX Runtime workers would otherwise spin after each run and take the cores from the
-    // tail and head, which run in Rust right after the trunk.
+    // tail's session (or the Rust tail), which runs right after the trunk.
     let mut builder = Session::builder(&runtime.environment)
         .map_err(|e| e.to_string())?
         .with_intra_op_spinning(false)
