@@ -151,7 +151,6 @@ impl OnnxTail {
             let value = Tensor::from_array(TailGraph::feed(network, input)?).map_err(text)?;
             binding.bind_input(input.name.as_str(), &value).map_err(text)?;
         }
-        binding.bind_output_to_device(LOGITS, &MemoryInfo::default()).map_err(text)?;
         self.binding = Some(binding);
         Ok(())
     }
@@ -163,6 +162,8 @@ impl OnnxTail {
             Some(binding) => {
                 let split = Tensor::from_array(split.as_standard_layout().into_owned()).map_err(text)?;
                 binding.bind_input(SPLIT, &split).map_err(text)?;
+                // Bound anew each run: a run leaves its output bound, with that run's batch size.
+                binding.bind_output_to_device(LOGITS, &MemoryInfo::default()).map_err(text)?;
                 self.session.session.run_binding(binding).map_err(text)?
             }
             None => {
