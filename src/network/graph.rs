@@ -5,9 +5,8 @@
 use ndarray::{ArrayD, IxDyn};
 
 use super::{Activation, Layer, Network};
-use crate::model::onnx::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, attribute_proto::AttributeType,
-};
+use crate::model::onnx::export::int_attribute;
+use crate::model::onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use crate::model::onnx::{tensor, trunk::float_value_info};
 
 /// Name of the split tensor input.
@@ -220,15 +219,6 @@ impl Builder {
             self.op("Flatten", vec![], vec![int_attribute("axis", 1)]);
             *shape = vec![shape.iter().product()];
         }
-    }
-}
-
-fn int_attribute(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(value),
-        ..Default::default()
     }
 }
 

@@ -13,7 +13,8 @@ use crate::model::{Head, Tail, TailLayer};
 /// Name of the logits output of exported models.
 pub const LOGITS: &str = "logits";
 
-fn int_attribute(name: &str, value: i64) -> AttributeProto {
+/// An integer node attribute; the tail graph (`network::graph`) builds its nodes with it too.
+pub(crate) fn int_attribute(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Int as i32),
